@@ -1,0 +1,201 @@
+"""Where decoder layers, MLP output projections, final norms and output heads live in each model family.
+
+This is the only module that knows module names and weight layouts. Everything else asks a
+:class:`ModelLayout` for "the projection of layer 7" or "the weight of that projection as a
+``d_model × d_ff`` matrix" and never spells a module path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+WeightLayout = Literal["linear", "conv1d"]
+
+
+@dataclass(frozen=True)
+class ArchitectureFamily:
+    """Module paths shared by a family of transformer implementations."""
+
+    name: str
+    layers: str  # path of the ModuleList of decoder layers
+    projection: str  # path of the MLP output projection inside one decoder layer
+    final_norm: str
+    model_types: tuple[str, ...]
+
+
+FAMILIES: tuple[ArchitectureFamily, ...] = (
+    ArchitectureFamily(
+        name="llama",
+        layers="model.layers",
+        projection="mlp.down_proj",
+        final_norm="model.norm",
+        model_types=(
+            "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
+            "olmo", "olmo2", "phi3", "granite", "smollm3", "cohere", "stablelm",
+        ),
+    ),
+    ArchitectureFamily(
+        name="gpt2", layers="transformer.h", projection="mlp.c_proj", final_norm="transformer.ln_f",
+        model_types=("gpt2",),
+    ),
+    ArchitectureFamily(
+        name="gptj", layers="transformer.h", projection="mlp.fc_out", final_norm="transformer.ln_f",
+        model_types=("gptj",),
+    ),
+    ArchitectureFamily(
+        name="gpt_neox", layers="gpt_neox.layers", projection="mlp.dense_4h_to_h",
+        final_norm="gpt_neox.final_layer_norm", model_types=("gpt_neox",),
+    ),
+)
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model does not expose decoder layers and MLP output projections where nse-hub looks for them."""
+
+
+def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Everything nse-hub needs to know about a loaded causal LM's structure.
+
+    Weights of the MLP output projection are always exposed to the algorithm as ``d_model × d_ff``
+    (the ``nn.Linear`` orientation); GPT-2's ``Conv1D`` stores the transpose, which
+    :meth:`weight_view` and :meth:`set_weight` hide.
+    """
+
+    family: str
+    model_type: str
+    layers_path: str
+    projection_path: str
+    final_norm_path: str
+    weight_layout: WeightLayout
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    logit_softcap: float | None = None
+    layer_returns_tuple: bool = False
+
+    @classmethod
+    def detect(cls, model: nn.Module) -> ModelLayout:
+        """Find the decoder layers, MLP output projection, final norm and output head of ``model``.
+
+        Raises:
+            UnsupportedArchitectureError: naming what was looked for and not found.
+        """
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", type(model).__name__)
+        # Known model types first, then every family in turn (fine-tunes with renamed model_type).
+        ordered = sorted(FAMILIES, key=lambda f: model_type not in f.model_types)
+        tried: list[str] = []
+        for family in ordered:
+            layers = _get_submodule(model, family.layers)
+            if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+                tried.append(f"decoder layers at '{family.layers}'")
+                continue
+            projection = _get_submodule(layers[0], family.projection)
+            if projection is None:
+                tried.append(f"MLP output projection at '{family.layers}.0.{family.projection}'")
+                continue
+            final_norm = _get_submodule(model, family.final_norm)
+            if final_norm is None:
+                tried.append(f"final norm at '{family.final_norm}'")
+                continue
+            if model.get_output_embeddings() is None:
+                raise UnsupportedArchitectureError(
+                    f"{type(model).__name__} has no output head (get_output_embeddings() is None); "
+                    "load the model with AutoModelForCausalLM."
+                )
+            layout, out_features, in_features = _projection_shape(projection)
+            text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            return cls(
+                family=family.name,
+                model_type=model_type,
+                layers_path=family.layers,
+                projection_path=family.projection,
+                final_norm_path=family.final_norm,
+                weight_layout=layout,
+                num_layers=len(layers),
+                hidden_size=out_features,
+                intermediate_size=in_features,
+                logit_softcap=getattr(text_config, "final_logit_softcapping", None),
+                layer_returns_tuple=_layer_returns_tuple(model, layers[0]),
+            )
+        raise UnsupportedArchitectureError(
+            f"nse-hub does not know where to edit {type(model).__name__} (model_type '{model_type}'): "
+            f"looked for {'; '.join(tried)}. Supported families: "
+            f"{', '.join(f.name for f in FAMILIES)}."
+        )
+
+    # --- module access -------------------------------------------------------------------------
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers_path)
+
+    def layer(self, model: nn.Module, index: int) -> nn.Module:
+        return self.layers(model)[index]
+
+    def projection_name(self, index: int) -> str:
+        """Full module name of layer ``index``'s MLP output projection, as PEFT and state dicts spell it."""
+        return f"{self.layers_path}.{index}.{self.projection_path}"
+
+    def projection(self, model: nn.Module, index: int) -> nn.Module:
+        return model.get_submodule(self.projection_name(index))
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.final_norm_path)
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The base model whose forward runs embeddings, decoder layers and the final norm."""
+        return model.get_submodule(self.layers_path.rsplit(".", 1)[0])
+
+    # --- weights -------------------------------------------------------------------------------
+
+    def weight_view(self, module: nn.Module) -> torch.Tensor:
+        """The projection weight as ``d_model × d_ff`` (a view, no copy)."""
+        return module.weight.T if self.weight_layout == "conv1d" else module.weight
+
+    def to_stored_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Turn a ``d_model × d_ff`` matrix into the orientation the module stores."""
+        return matrix.T.contiguous() if self.weight_layout == "conv1d" else matrix
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Output-head logits for final hidden states (after the final norm)."""
+        logits = model.get_output_embeddings()(hidden)
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+
+def _layer_returns_tuple(model: nn.Module, layer: nn.Module) -> bool:
+    """Run one token through the model to see whether decoder layers return a tuple (GPT-J) or a tensor."""
+    seen: list[bool] = []
+    handle = layer.register_forward_hook(lambda _m, _a, out: seen.append(isinstance(out, tuple)))
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        handle.remove()
+    return bool(seen and seen[0])
+
+
+def _projection_shape(module: nn.Module) -> tuple[WeightLayout, int, int]:
+    """Return (layout, out_features, in_features) of an MLP output projection."""
+    if isinstance(module, nn.Linear):
+        return "linear", module.out_features, module.in_features
+    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight is (in, out)
+        fan_in, fan_out = module.weight.shape
+        return "conv1d", fan_out, fan_in
+    raise UnsupportedArchitectureError(
+        f"the MLP output projection is a {type(module).__name__}; nse-hub edits nn.Linear and GPT-2 Conv1D."
+    )

@@ -1,0 +1,210 @@
+"""The folder layout of a saved edit (identical locally and on the Hub).
+
+::
+
+    adapter_config.json, adapter_model.safetensors   cumulative adapter of the latest round (stock PEFT)
+    README.md                                         model card
+    edits.jsonl                                       manifest: one line per edit request
+    rounds/001/adapter_config.json, …safetensors      each round's increment as its own adapter
+    rounds/001/keys.safetensors                       that round's key memory contribution
+    rounds/001/report.json                            that round's RoundReport
+    nse_session/session.json                          base model, hyperparameters, context templates,
+                                                      statistics reference, number of rounds
+
+Saving writes the new round folders first, then the root files, ``session.json`` last, and removes
+round folders beyond the saved version only after that; every file is replaced atomically. A save
+that stops half-way leaves the previous one readable through ``session.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nse_hub.adapters import ADAPTER_WEIGHTS, AdapterError, no_update, read_adapter, save_adapter
+from nse_hub.architectures import ModelLayout
+from nse_hub.config import EditConfig
+from nse_hub.deltas import Factors
+from nse_hub.io import atomic_directory, atomic_path, atomic_write_json, atomic_write_text
+from nse_hub.report import RoundReport
+
+FORMAT_VERSION = 1
+SESSION_FILE = "nse_session/session.json"
+MANIFEST_FILE = "edits.jsonl"
+CARD_FILE = "README.md"
+ROUNDS_DIR = "rounds"
+KEYS_FILE = "keys.safetensors"
+REPORT_FILE = "report.json"
+
+
+class CheckpointError(ValueError):
+    """A saved edit that cannot be read; names the file and what to do."""
+
+
+def round_dir(index: int) -> str:
+    return f"{ROUNDS_DIR}/{index:03d}"
+
+
+@dataclass
+class BaseModelInfo:
+    """The base model an edit belongs to.
+
+    Attributes:
+        name_or_path: what ``from_pretrained`` loads (a Hub id or a local folder).
+        revision: the Hub revision of the base, if any.
+        embedded: the embedded model's short name (``smollm2-135m``), if it is one.
+        upstream_id: the Hub repository the weights come from, for model cards.
+        architecture: the model class.
+        model_sha256: fingerprint of all original weights (keys the statistics cache).
+        module_sha256: per edited module, fingerprint of its original weight.
+    """
+
+    name_or_path: str
+    revision: str | None
+    embedded: str | None
+    upstream_id: str | None
+    architecture: str
+    model_sha256: str
+    module_sha256: dict[str, str]
+
+
+@dataclass
+class SessionMeta:
+    """Everything in ``session.json``."""
+
+    base: BaseModelInfo
+    config: EditConfig
+    context_templates: list[list[str]]
+    stats: dict[str, Any]
+    rounds: int
+    nse_hub_version: str = ""
+    format: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "nse_hub_version": self.nse_hub_version, "rounds": self.rounds,
+                "base": asdict(self.base), "config": self.config.to_dict(),
+                "context_templates": self.context_templates, "stats": self.stats, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SessionMeta:
+        known = {"format", "nse_hub_version", "rounds", "base", "config", "context_templates", "stats"}
+        return cls(base=BaseModelInfo(**data["base"]), config=EditConfig.from_dict(data["config"]),
+                   context_templates=data["context_templates"], stats=data["stats"], rounds=int(data["rounds"]),
+                   nse_hub_version=data.get("nse_hub_version", ""), format=int(data.get("format", 1)),
+                   extra={k: v for k, v in data.items() if k not in known})
+
+
+@dataclass
+class RoundData:
+    """One round as saved: its increment, its keys and its report."""
+
+    factors: dict[int, Factors]
+    keys: dict[int, torch.Tensor]
+    report: RoundReport
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / SESSION_FILE).is_file()
+
+
+def manifest_lines(reports: list[RoundReport]) -> str:
+    lines = []
+    for report in reports:
+        for r in report.requests:
+            lines.append(json.dumps({
+                "round": report.round, "method": report.method, **r.request.to_dict(),
+                "p_new_before": r.p_new_before, "p_new_after": r.p_new_after,
+                "p_true_before": r.p_true_before, "p_true_after": r.p_true_after,
+                "success_after": r.success_after,
+            }, ensure_ascii=False))
+    return "".join(line + "\n" for line in lines)
+
+
+def write_checkpoint(folder: str | Path, layout: ModelLayout, meta: SessionMeta, rounds: list[RoundData],
+                     cumulative: dict[int, Factors], card: str | None = None,
+                     adapter_metadata: dict[str, Any] | None = None) -> None:
+    """Write (or update) a saved edit at version ``len(rounds)``.
+
+    Args:
+        folder: the target folder; an earlier save in it is updated in place, crash-safely.
+        layout: the model's layout (for module names).
+        meta: ``session.json``'s content; ``meta.rounds`` must equal ``len(rounds)``.
+        rounds: every round up to the saved version.
+        cumulative: the stored form of the cumulative delta (see :func:`nse_hub.adapters.pack`).
+        card: the model card text.
+        adapter_metadata: extra entries for the adapters' safetensors headers.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = meta.base
+    header = {"base_model": base.name_or_path, "module_sha256": base.module_sha256, **(adapter_metadata or {})}
+    first_layer = meta.config.layers[0]
+    for index, data in enumerate(rounds, start=1):
+        target = folder / round_dir(index)
+        if _round_is_current(target, data):
+            continue
+        with atomic_directory(target) as tmp:
+            save_adapter(tmp, layout, data.factors or no_update(layout, first_layer), base.name_or_path,
+                         base.revision, {**header, "round": index, "increment": True})
+            save_file({f"layer_{layer}": k.contiguous() for layer, k in data.keys.items()}, str(tmp / KEYS_FILE))
+            atomic_write_json(tmp / REPORT_FILE, data.report.to_dict())
+    save_adapter(folder, layout, cumulative or no_update(layout, first_layer), base.name_or_path, base.revision,
+                 {**header, "round": len(rounds), "increment": False})
+    atomic_write_text(folder / MANIFEST_FILE, manifest_lines([d.report for d in rounds]))
+    if card is not None:
+        atomic_write_text(folder / CARD_FILE, card)
+    atomic_write_json(folder / SESSION_FILE, meta.to_dict())
+    rounds_root = folder / ROUNDS_DIR
+    for stale in sorted(rounds_root.iterdir()) if rounds_root.is_dir() else []:
+        if stale.name.isdigit() and int(stale.name) > len(rounds):
+            shutil.rmtree(stale)
+
+
+def _round_is_current(target: Path, data: RoundData) -> bool:
+    """A round folder already holding this round (same report) is left as it is."""
+    report = target / REPORT_FILE
+    if not (report.is_file() and (target / ADAPTER_WEIGHTS).is_file() and (target / KEYS_FILE).is_file()):
+        return False
+    try:
+        return json.loads(report.read_text()) == json.loads(json.dumps(data.report.to_dict()))
+    except json.JSONDecodeError:
+        return False
+
+
+def read_meta(folder: str | Path) -> SessionMeta:
+    path = Path(folder) / SESSION_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a saved nse-hub edit: {SESSION_FILE} is missing")
+    try:
+        return SessionMeta.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path} is damaged ({error}); restore it from a backup or the Hub") from None
+
+
+def read_round(folder: str | Path, layout: ModelLayout, index: int) -> RoundData:
+    path = Path(folder) / round_dir(index)
+    try:
+        factors, _ = read_adapter(path, layout)
+    except AdapterError as error:
+        raise CheckpointError(str(error)) from None
+    try:
+        keys = {int(name.split("_")[1]): k for name, k in load_file(str(path / KEYS_FILE)).items()}
+        report = RoundReport.from_dict(json.loads((path / REPORT_FILE).read_text()))
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{path} is incomplete: {Path(error.filename).name} is missing") from None
+    except (SafetensorError, OSError, json.JSONDecodeError, KeyError, ValueError) as error:
+        raise CheckpointError(f"{path} is damaged ({error}); restore it from a backup or the Hub") from None
+    return RoundData(factors, keys, report)
+
+
+def save_keys_only(path: Path, keys: dict[int, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({f"layer_{layer}": k.contiguous() for layer, k in keys.items()}, str(tmp))

@@ -1,0 +1,185 @@
+"""Hyperparameters of an edit session, presets measured on the embedded models, and automatic defaults.
+
+Field names follow the NSE/MEMIT reference configurations (``v_lr``, ``mom2_update_weight``, …) so
+that a reference ``hparams/*.json`` reads with :meth:`EditConfig.from_reference`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from nse_hub.architectures import ModelLayout
+
+Method = Literal["nse", "memit"]
+METHODS: tuple[str, ...] = ("nse", "memit")
+
+
+@dataclass
+class EditConfig:
+    """Everything that determines what an edit round writes.
+
+    Attributes:
+        method: ``"nse"`` (values on the original weights, neuron selection, iterative passes with
+            the residual filter) or ``"memit"`` (values on the current weights, all neurons, one pass).
+        layers: the consecutive decoder layers whose MLP output projection is rewritten; the last
+            one is the z-layer where value targets live.
+        v_lr, v_num_grad_steps, v_weight_decay, clamp_norm_factor, kl_factor, v_early_stop_loss:
+            the Adam optimisation of each value target ``z = h + δ`` (see NSE.md).
+        mom2_update_weight: λ, the weight of the corpus second moment ``C`` in the solve.
+        neuron_threshold: share ``p`` of the summed key magnitude that the selected neurons cover.
+        alpha, upper_bound: requests whose residual norm is at most ``alpha`` or at least
+            ``upper_bound`` are left out of an update pass.
+        thresholds: ``"relative"`` reads ``alpha``/``upper_bound`` as multiples of each request's
+            hidden-state norm ‖h‖ at the z-layer (scale-free); ``"absolute"`` as plain norms, as the
+            reference configurations do.
+        max_iterations: the reference's loop bound; its loop exits at the top of the last
+            iteration, so at most ``max_iterations - 1`` update passes run.
+        context_prefixes, context_length: the context templates are ``"{}"`` plus one generation
+            of ``context_length`` tokens from each prefix, made by the unedited model.
+        mom2_dataset, mom2_n_samples, mom2_sample_length: the corpus for ``C = E[k kᵀ]``:
+            ``"model"`` (text sampled from the model itself), local text files, or a Hub dataset id.
+        seed: seeds context templates and model-sampled corpora.
+        batch_size: sequences per forward pass outside the value optimisation.
+    """
+
+    method: Method = "nse"
+    layers: tuple[int, ...] = ()
+    v_lr: float = 0.5
+    v_num_grad_steps: int = 25
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    v_early_stop_loss: float = 0.05
+    mom2_update_weight: float = 1e4
+    neuron_threshold: float = 1.0
+    alpha: float = 0.1
+    upper_bound: float = 3.0
+    thresholds: Literal["relative", "absolute"] = "relative"
+    max_iterations: int = 3
+    context_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+    context_length: int = 10
+    mom2_dataset: str = "model"
+    mom2_n_samples: int = 320
+    mom2_sample_length: int = 64
+    seed: int = 0
+    batch_size: int = 64
+    preset: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(x) for x in self.layers)
+        self.context_prefixes = tuple(self.context_prefixes)
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid edit configuration: " + "; ".join(problems))
+
+    def problems(self, num_layers: int | None = None) -> list[str]:
+        """Everything wrong with these settings (empty when they are usable)."""
+        out = []
+        if self.method not in METHODS:
+            out.append(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.layers and list(self.layers) != list(range(self.layers[0], self.layers[-1] + 1)):
+            out.append(f"layers must be consecutive and increasing, got {list(self.layers)}")
+        if self.layers and min(self.layers) < 0:
+            out.append("layers must be non-negative")
+        if num_layers is not None and self.layers and max(self.layers) >= num_layers:
+            out.append(f"layer {max(self.layers)} does not exist: "
+                       f"the model has {num_layers} layers (0–{num_layers - 1})")
+        if not 0 < self.neuron_threshold <= 1:
+            out.append(f"neuron_threshold must be in (0, 1], got {self.neuron_threshold}")
+        if self.thresholds not in ("relative", "absolute"):
+            out.append("thresholds must be 'relative' or 'absolute'")
+        if not 0 <= self.alpha < self.upper_bound:
+            out.append(f"need 0 <= alpha < upper_bound, got {self.alpha} and {self.upper_bound}")
+        for name in ("v_num_grad_steps", "max_iterations", "mom2_n_samples", "mom2_sample_length", "batch_size"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be at least 1")
+        for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name} must be positive")
+        return out
+
+    @property
+    def z_layer(self) -> int:
+        return self.layers[-1]
+
+    @property
+    def update_passes(self) -> int:
+        """How many update passes a round may run (MEMIT: always one)."""
+        return 1 if self.method == "memit" else max(1, self.max_iterations - 1)
+
+    def replace(self, **changes: Any) -> EditConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["layers"] = list(self.layers)
+        data["context_prefixes"] = list(self.context_prefixes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EditConfig:
+        check_names(data)
+        return cls(**data)
+
+    @classmethod
+    def from_reference(cls, path: str | Path, **overrides: Any) -> EditConfig:
+        """Read an NSE/MEMIT reference ``hparams`` JSON (module templates and unknown keys are ignored)."""
+        data = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in data.items() if k in names}
+        kept.setdefault("thresholds", "absolute")
+        return cls(**{**kept, **overrides})
+
+
+def check_names(hparams: Mapping[str, Any]) -> None:
+    """Refuse unknown hyperparameter names, suggesting the closest known one."""
+    names = [f.name for f in dataclasses.fields(EditConfig)]
+    for name in hparams:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(names)}"
+            raise ValueError(f"unknown hyperparameter '{name}'; {hint}")
+
+
+# Measured on the embedded models; see README "Presets" for the numbers behind each choice.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {"layers": (3, 4, 5, 6, 7), "mom2_update_weight": 1e4, "alpha": 0.1, "upper_bound": 3.0},
+    "gemma3-270m": {"layers": (2, 3, 4, 5, 6), "mom2_update_weight": 1e4, "alpha": 0.1, "upper_bound": 3.0},
+}
+
+
+def preset_for(layout: ModelLayout, embedded_name: str | None) -> str | None:
+    """The preset that applies to a model: the embedded model's own, else one matching its shape."""
+    if embedded_name in PRESETS:
+        return embedded_name
+    shapes = {
+        ("llama", 30, 576, 1536): "smollm2-135m",
+        ("gemma3_text", 18, 640, 2048): "gemma3-270m",
+    }
+    return shapes.get((layout.model_type, layout.num_layers, layout.hidden_size, layout.intermediate_size))
+
+
+def automatic_layers(num_layers: int) -> tuple[int, ...]:
+    """Five consecutive layers ending a quarter of the way up (Llama3-8B: 4–8 of 32; SmolLM2: 3–7 of 30)."""
+    z = min(num_layers - 1, max(0, num_layers // 4))
+    first = max(0 if num_layers < 8 else 1, z - 4)
+    return tuple(range(first, z + 1))
+
+
+def make_config(layout: ModelLayout, embedded_name: str | None = None, method: str = "nse",
+                **hparams: Any) -> EditConfig:
+    """Preset or automatic settings for ``layout``, overridden by ``hparams``; checked against the model."""
+    check_names(hparams)
+    preset = preset_for(layout, embedded_name)
+    base: dict[str, Any] = dict(PRESETS[preset]) if preset else {"layers": automatic_layers(layout.num_layers)}
+    config = EditConfig(**{**base, "method": method, "preset": preset, **hparams})
+    problems = config.problems(num_layers=layout.num_layers)
+    if problems:
+        raise ValueError("invalid edit configuration: " + "; ".join(problems))
+    return config

@@ -1,0 +1,104 @@
+"""Teacher-forced scores of target continuations and batched greedy generation.
+
+Scores run the decoder once per batch and apply the output head only at the positions that predict
+target tokens, which on small models with large vocabularies is most of the saving.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from nse_hub.architectures import ModelLayout
+from nse_hub.tokens import continuation_ids, encode, pad_id, pad_right
+
+
+def target_text(target: str) -> str:
+    """Targets are scored with a leading space, as the field does (``" English"``)."""
+    return target if target.startswith(" ") else " " + target
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """Per-token results of feeding ``prompt + target`` and reading the target's tokens."""
+
+    token_logprobs: tuple[float, ...]
+    token_correct: tuple[bool, ...]  # the argmax at each position is the target token
+
+    @property
+    def mean_nll(self) -> float:
+        """Mean negative log-likelihood per target token (the field's comparison of two targets)."""
+        return -sum(self.token_logprobs) / len(self.token_logprobs)
+
+    @property
+    def prob(self) -> float:
+        """Joint probability of the whole target."""
+        return math.exp(sum(self.token_logprobs))
+
+    @property
+    def token_accuracy(self) -> float:
+        return sum(self.token_correct) / len(self.token_correct)
+
+
+@torch.no_grad()
+def score_targets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
+                  prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> list[TargetScore]:
+    """Teacher-forced log-probabilities of each ``target`` after its ``prompt``."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    device = next(model.parameters()).device
+    decoder = layout.decoder(model)
+    items = []
+    for prompt, target in zip(prompts, targets):
+        prompt_ids = encode(tokenizer, prompt)
+        target_ids = continuation_ids(tokenizer, prompt, target_text(target))
+        items.append((prompt_ids + target_ids[:-1], len(prompt_ids) - 1, target_ids))
+    # Longest first keeps padding low within each batch.
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    scores: dict[int, TargetScore] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = pad_right([items[i][0] for i in chunk], pad_id(tokenizer), device)
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        rows, cols, labels = [], [], []
+        for row, i in enumerate(chunk):
+            _, first, target_ids = items[i]
+            rows += [row] * len(target_ids)
+            cols += range(first, first + len(target_ids))
+            labels += target_ids
+        logits = layout.logits(model, hidden[rows, cols]).float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        labels_t = torch.tensor(labels, device=device)
+        picked = logprobs.gather(1, labels_t[:, None]).squeeze(1).tolist()
+        correct = (logits.argmax(-1) == labels_t).tolist()
+        offset = 0
+        for i in chunk:
+            n = len(items[i][2])
+            scores[i] = TargetScore(tuple(picked[offset:offset + n]), tuple(correct[offset:offset + n]))
+            offset += n
+    return [scores[i] for i in range(len(items))]
+
+
+@torch.no_grad()
+def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                    max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of each prompt (the continuation only, decoded)."""
+    device = next(model.parameters()).device
+    pad = pad_id(tokenizer)
+    encoded = [encode(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    outputs: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, top_p=None, top_k=None, temperature=None)
+        for row, i in enumerate(chunk):
+            outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+    return [outputs[i] for i in range(len(prompts))]

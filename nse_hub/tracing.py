@@ -1,0 +1,113 @@
+"""Forward hooks that read, replace, skip and stop parts of a model's forward pass.
+
+The algorithm never re-implements a transformer: it runs the model's own ``forward`` and uses
+these hooks to read a module's input or output, add a vector to a layer's output, start the
+forward at a given decoder layer from cached hidden states, or stop it once the layer of
+interest has run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early; caught by :func:`run_forward`."""
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden states in a decoder layer's output (a tensor, or a tuple whose first item they are)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextmanager
+def read_input(module: nn.Module, fn: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Call ``fn`` with the first positional input of ``module`` on every forward."""
+    handle = module.register_forward_pre_hook(lambda _m, args: fn(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def read_output(module: nn.Module, fn: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Call ``fn`` with the hidden states ``module`` returns on every forward."""
+    handle = module.register_forward_hook(lambda _m, _args, out: fn(hidden_of(out)))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the hidden states ``module`` returns by ``fn(hidden)``."""
+
+    def hook(_m: nn.Module, _args: Any, out: Any) -> Any:
+        return _with_hidden(out, fn(hidden_of(out)))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """End the forward pass as soon as ``module`` has run (hooks registered earlier still fire)."""
+
+    def hook(*_: Any) -> None:
+        raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def start_at(layers: Sequence[nn.Module], index: int, hidden: torch.Tensor,
+             layer_returns_tuple: bool) -> Iterator[None]:
+    """Run the forward from decoder layer ``index`` on, feeding it ``hidden`` as its input.
+
+    Layers before ``index`` are bypassed (they return their input without computing anything),
+    which is exact because their output is replaced anyway. Embeddings, masks and position
+    encodings are still computed by the model's own forward, so every architecture keeps its
+    own conventions for them.
+    """
+
+    def bypass(hidden_states: torch.Tensor, *_: Any, **__: Any) -> Any:
+        return (hidden_states, None) if layer_returns_tuple else hidden_states
+
+    def feed(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    with ExitStack() as stack:
+        for layer in layers[:index]:
+            layer.forward = bypass  # instance attribute shadows the class method
+            stack.callback(delattr, layer, "forward")
+        handle = layers[index].register_forward_pre_hook(feed, with_kwargs=True)
+        stack.callback(handle.remove)
+        yield
+
+
+def run_forward(module: nn.Module, **inputs: Any) -> Any:
+    """Call ``module(**inputs)``; return its output, or ``None`` when a hook stopped it early."""
+    try:
+        return module(**inputs)
+    except StopForward:
+        return None

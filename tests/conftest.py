@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny random models of every supported family, the real SmolLM2, the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The Hub must never be reached from tests (the loopback Hub server sets its own endpoint).
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoTokenizer,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+COUNTERFACT = SHARED_DATA / "counterfact_easyedit" / "counterfact-edit.json"
+
+TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma3", "gpt2", "gptj", "gpt_neox")
+
+
+def tiny_tokenizer():
+    return AutoTokenizer.from_pretrained(FIXTURES / "tiny-tokenizer")
+
+
+def tiny_model(family: str = "llama", layers: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised model of ``family`` with hidden size 32, small enough for unit tests."""
+    vocab = len(tiny_tokenizer())
+    torch.manual_seed(seed)
+    common = {"vocab_size": vocab, "max_position_embeddings": 256}
+    llama_like = {**common, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
+    builders = {
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**llama_like)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**llama_like)),
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**llama_like)),
+        "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**llama_like, head_dim=8, sliding_window=16)),
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4,
+                                                   n_positions=256)),
+        "gptj": lambda: GPTJForCausalLM(GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4,
+                                                   rotary_dim=4, n_positions=256)),
+        "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=32,
+                                                             num_hidden_layers=layers, num_attention_heads=4,
+                                                             intermediate_size=64, max_position_embeddings=256)),
+    }
+    model = builders[family]().eval()
+    # Random init leaves the output scale tiny; a larger head makes edits measurable in tests.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def save_tiny(folder: Path, family: str = "llama", seed: int = 0) -> Path:
+    model = tiny_model(family, seed=seed)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+# Small settings that keep tiny-model sessions fast.
+TINY_HPARAMS = {"mom2_n_samples": 16, "mom2_sample_length": 16, "v_num_grad_steps": 8, "context_length": 6}
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Statistics caches go to a per-run folder; the converted embedded models stay shared."""
+    stats_root = tmp_path_factory.getbasetemp() / "nse-hub-cache"
+    models = Path(os.environ.get("NSE_HUB_CACHE", Path.home() / ".cache" / "nse-hub")) / "models"
+    stats_root.mkdir(exist_ok=True)
+    models.mkdir(parents=True, exist_ok=True)
+    link = stats_root / "models"
+    if not link.exists():
+        link.symlink_to(models, target_is_directory=True)
+    monkeypatch.setenv("NSE_HUB_CACHE", str(stats_root))
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    return save_tiny(tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from nse_hub.models import fetch_model
+
+    return fetch_model("smollm2-135m")
+
+
+def needs_shared_data() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not COUNTERFACT.is_file(),
+                              reason=f"the shared evaluation data is not beside this checkout ({SHARED_DATA})")

@@ -1,0 +1,188 @@
+"""The algorithm's math on small inputs and tiny models, against dense or straightforward references."""
+
+import pytest
+import torch
+from conftest import FIXTURES, tiny_model, tiny_tokenizer
+
+from nse_hub.adapters import compress
+from nse_hub.algorithm.batches import build_key_batch, build_value_batch
+from nse_hub.algorithm.keys import KeyProbe
+from nse_hub.algorithm.update import neuron_update, select_neurons, solve_spd
+from nse_hub.algorithm.values import optimize_values, optimize_values_reference
+from nse_hub.architectures import ModelLayout
+from nse_hub.config import EditConfig
+from nse_hub.deltas import Factors, KeyMemory, WeightDeltas
+from nse_hub.requests import load_requests
+from nse_hub.tokens import pad_id
+
+TEMPLATES = [["{}"], ["Once upon a time. {}", "I think. {}"]]
+
+
+def random_spd(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
+    return x @ x.T / (3 * n)
+
+
+def test_select_neurons_takes_the_smallest_prefix_reaching_the_share() -> None:
+    keys = torch.tensor([[4.0, -4.0], [1.0, 0.0], [0.0, -0.5], [2.0, 1.0], [0.0, 0.0]])
+    # scores: 8, 1, 0.5, 3, 0 (total 12.5) → sorted: n0 (8), n3 (11), n1 (12), n2 (12.5)
+    assert select_neurons(keys, 0.6).tolist() == [0]
+    assert select_neurons(keys, 0.8).tolist() == [0, 3]
+    assert select_neurons(keys, 0.9).tolist() == [0, 1, 3]
+    assert select_neurons(keys, 0.999).tolist() == [0, 1, 2, 3]
+    assert select_neurons(keys, 1.0).tolist() == [0, 1, 2, 3]  # the zero-score neuron is never selected
+
+
+def test_solve_spd_matches_the_dense_inverse() -> None:
+    matrix = random_spd(40)
+    rhs = torch.randn(40, 5, dtype=torch.float64)
+    assert torch.allclose(solve_spd(matrix, rhs), torch.linalg.inv(matrix) @ rhs, atol=1e-10)
+
+
+def test_solve_spd_falls_back_when_not_positive_definite() -> None:
+    matrix = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
+    rhs = torch.ones(3, 1, dtype=torch.float64)
+    assert torch.allclose(solve_spd(matrix, rhs).squeeze(), torch.tensor([0.5, -1.0, 1 / 3], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.7])
+def test_neuron_update_matches_the_dense_formula(threshold: float) -> None:
+    d_model, d_ff, n, lam = 6, 10, 3, 50.0
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(d_ff, n, generator=g)
+    residual = torch.randn(d_model, n, generator=g)
+    second_moment, memory = random_spd(d_ff, 2).float(), random_spd(d_ff, 3)
+    selected = select_neurons(keys, threshold)
+    factors = neuron_update(keys, residual, second_moment, memory, lam, selected, spread=2)
+
+    s = selected
+    k_s = keys.double()[s]
+    lhs = lam * second_moment.double()[s][:, s] + memory[s][:, s] + k_s @ k_s.T
+    expected = torch.zeros(d_model, d_ff, dtype=torch.float64)
+    expected[:, s] = (residual.double() / 2) @ k_s.T @ torch.linalg.inv(lhs)
+    assert factors.rank == n
+    assert torch.allclose(factors.dense().double(), expected, atol=1e-5)
+    unselected = sorted(set(range(d_ff)) - set(s.tolist()))
+    assert torch.count_nonzero(factors.dense()[:, unselected]) == 0
+
+
+def test_compress_is_exact_and_truncation_reports_its_error() -> None:
+    g = torch.Generator().manual_seed(0)
+    factors = Factors(torch.randn(8, 20, generator=g), torch.randn(20, 12, generator=g))  # rank 8 stored as 20
+    exact, error = compress(factors)
+    assert exact.rank == 8 and error < 1e-6
+    assert torch.allclose(exact.dense(), factors.dense(), atol=1e-4)
+    truncated, error = compress(factors, max_rank=3)
+    measured = torch.linalg.norm(truncated.dense() - factors.dense()) / torch.linalg.norm(factors.dense())
+    assert truncated.rank == 3 and error == pytest.approx(float(measured), rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_weights_are_w0_plus_the_factors_and_original_restores_w0(family: str) -> None:
+    model = tiny_model(family)
+    layout = ModelLayout.detect(model)
+    deltas = WeightDeltas(model, layout, (1, 2))
+    module = layout.projection(model, 1)
+    w0 = module.weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    updates = [Factors(torch.randn(32, 2, generator=g), torch.randn(2, layout.intermediate_size, generator=g))
+               for _ in range(3)]
+    deltas.add(1, updates[0])
+    deltas.commit_round()
+    deltas.add(1, updates[1])
+    deltas.add(1, updates[2])
+    deltas.commit_round()
+    total = Factors.stack(updates).dense()
+    assert torch.equal(module.weight, w0 + layout.to_stored_layout(total))
+    with deltas.original():
+        assert torch.equal(module.weight, w0)
+    assert torch.equal(module.weight, w0 + layout.to_stored_layout(total))
+    deltas.truncate(1)
+    assert torch.equal(module.weight, w0 + layout.to_stored_layout(updates[0].dense()))
+
+
+def test_key_memory_rolls_back_exactly() -> None:
+    memory = KeyMemory((0,), 5, "cpu")
+    keys = [torch.randn(5, 2) for _ in range(3)]
+    for k in keys:
+        memory.add_round({0: k})
+    after_two = KeyMemory((0,), 5, "cpu")
+    for k in keys[:2]:
+        after_two.add_round({0: k})
+    memory.truncate(2)
+    assert torch.equal(memory.P(0), after_two.P(0))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gemma3", "gpt_neox"])
+def test_batched_values_equal_the_per_request_reference(family: str) -> None:
+    model = tiny_model(family).requires_grad_(False)
+    tokenizer = tiny_tokenizer()
+    layout = ModelLayout.detect(model)
+    requests = load_requests(FIXTURES / "requests.json")
+    batch = build_value_batch(tokenizer, requests, [t for group in TEMPLATES for t in group])
+    config = EditConfig(layers=(0, 1), v_num_grad_steps=6, v_lr=0.3)
+    fast = optimize_values(model, layout, batch, config, pad_id(tokenizer))
+    reference = optimize_values_reference(model, layout, batch, config, pad_id(tokenizer))
+    assert torch.allclose(fast.hidden, reference.hidden, atol=1e-5)
+    moved = (reference.targets - reference.hidden).norm(dim=1)
+    assert bool((moved > 0).all())
+    assert torch.allclose(fast.targets, reference.targets, atol=1e-4 * float(moved.max()) + 1e-6)
+    assert fast.steps == reference.steps
+
+
+def test_requests_below_the_early_stop_loss_leave_the_batch() -> None:
+    model = tiny_model("llama").requires_grad_(False)
+    tokenizer = tiny_tokenizer()
+    layout = ModelLayout.detect(model)
+    requests = load_requests(FIXTURES / "requests.json")
+    batch = build_value_batch(tokenizer, requests, ["{}"])
+    # With two steps the only loss measured is the one at δ = 0.
+    first = optimize_values(model, layout, batch, EditConfig(layers=(0, 1), v_num_grad_steps=2), pad_id(tokenizer))
+    # A threshold between those losses: requests below it stop at once, the others keep going.
+    initial = sorted(first.loss)
+    threshold = (initial[1] + initial[2]) / 2
+    config = EditConfig(layers=(0, 1), v_num_grad_steps=4, v_early_stop_loss=threshold)
+    result = optimize_values(model, layout, batch, config, pad_id(tokenizer))
+    reference = optimize_values_reference(model, layout, batch, config, pad_id(tokenizer))
+    assert 0 in result.steps and max(result.steps) > 0
+    assert result.steps == reference.steps
+    assert torch.allclose(result.targets, reference.targets, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj", "gpt2"])
+def test_key_probe_matches_a_plain_forward(family: str) -> None:
+    model = tiny_model(family)
+    tokenizer = tiny_tokenizer()
+    layout = ModelLayout.detect(model)
+    requests = load_requests(FIXTURES / "requests.json")
+    batch = build_key_batch(tokenizer, requests, TEMPLATES)
+    probe = KeyProbe(model, layout, batch, first_layer=1, z_layer=2, pad=pad_id(tokenizer), batch_size=5)
+    keys, z_out = probe.read([1, 2], requests=[0, 2])
+
+    expected_keys = {1: [], 2: []}
+    expected_z = []
+    for request in (0, 2):
+        per_row = {1: [], 2: []}
+        for row, owner in enumerate(batch.request_of):
+            if owner != request:
+                continue
+            seen = {}
+            hooks = [layout.projection(model, layer).register_forward_pre_hook(
+                lambda _m, args, layer=layer: seen.__setitem__(layer, args[0])) for layer in (1, 2)]
+            hooks.append(layout.layer(model, 2).register_forward_hook(
+                lambda _m, _a, out: seen.__setitem__("z", out[0] if isinstance(out, tuple) else out)))
+            with torch.no_grad():
+                model(input_ids=torch.tensor([batch.sequences[row]]))
+            for h in hooks:
+                h.remove()
+            position = batch.lookup[row]
+            for layer in (1, 2):
+                per_row[layer].append(batch.weight[row] * seen[layer][0, position])
+            if row == batch.plain_row[request]:
+                expected_z.append(seen["z"][0, position])
+        for layer in (1, 2):
+            expected_keys[layer].append(torch.stack(per_row[layer]).sum(0))
+    for layer in (1, 2):
+        assert torch.allclose(keys[layer], torch.stack(expected_keys[layer]).T, atol=1e-5)
+    assert torch.allclose(z_out, torch.stack(expected_z), atol=1e-5)

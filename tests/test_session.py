@@ -1,0 +1,147 @@
+"""EditSession on a tiny model: validation, reports, rollback, merge, save → load → continue."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES, TINY_HPARAMS, save_tiny
+
+from nse_hub import EditSession, load_requests
+from nse_hub.adapters import BaseModelMismatchError
+from nse_hub.requests import RequestError
+
+REQUESTS = load_requests(FIXTURES / "requests.json")
+
+
+def session_for(folder: Path, **hparams) -> EditSession:
+    return EditSession.from_pretrained(str(folder), device="cpu", **{**TINY_HPARAMS, "layers": (1, 2), **hparams})
+
+
+def weights(session: EditSession) -> dict[int, torch.Tensor]:
+    return {layer: session.layout.projection(session.model, layer).weight.detach().clone()
+            for layer in session.config.layers}
+
+
+def test_a_round_reports_and_changes_only_the_edit_layers(tiny_dir: Path) -> None:
+    session = session_for(tiny_dir)
+    before = {name: p.detach().clone() for name, p in session.model.named_parameters()}
+    report = session.edit(REQUESTS[:2], progress=False)
+    assert report.round == 1 and len(session.rounds) == 1
+    assert [r.request for r in report.requests] == REQUESTS[:2]
+    for r in report.requests:
+        assert 0 <= r.p_new_before <= 1 and 0 <= r.p_new_after <= 1
+        assert r.residual_before > 0 and r.value_steps > 0
+        assert len(r.paraphrases) == 1 and len(r.neighbors) == 1
+    assert set(report.seconds) >= {"values", "keys", "solve", "scoring", "stats", "templates", "total"}
+    assert set(report.selected_neurons) == {1, 2}
+    edited = {session.layout.projection_name(layer) + ".weight" for layer in (1, 2)}
+    for name, param in session.model.named_parameters():
+        assert torch.equal(param, before[name]) != (name in edited), name
+
+
+def test_nothing_is_edited_when_a_request_is_bad(tiny_dir: Path) -> None:
+    session = session_for(tiny_dir)
+    start = weights(session)
+    with pytest.raises(RequestError, match="record 1"):
+        session.edit([REQUESTS[0], {"prompt": "no placeholder", "subject": "x", "target_new": "y"}])
+    assert session.rounds == []
+    assert all(torch.equal(w, start[layer]) for layer, w in weights(session).items())
+
+
+def test_save_load_continue_equals_an_uninterrupted_session(tiny_dir: Path, tmp_path: Path) -> None:
+    uninterrupted = session_for(tiny_dir)
+    for chunk in (REQUESTS[:2], REQUESTS[2:3], REQUESTS[3:]):
+        uninterrupted.edit(chunk, progress=False)
+
+    first = session_for(tiny_dir)
+    first.edit(REQUESTS[:2], progress=False)
+    first.edit(REQUESTS[2:3], progress=False)
+    first.save(tmp_path / "saved")
+    resumed = EditSession.load(tmp_path / "saved", device="cpu")
+    assert len(resumed.rounds) == 2 and resumed.context_templates == first.context_templates
+    resumed.edit(REQUESTS[3:], progress=False)
+
+    for layer in (1, 2):
+        a, b = uninterrupted.deltas.rounds[2][layer], resumed.deltas.rounds[2][layer]
+        assert torch.equal(a.B, b.B) and torch.equal(a.A, b.A)
+    assert all(torch.equal(w, weights(resumed)[layer]) for layer, w in weights(uninterrupted).items())
+    assert torch.equal(uninterrupted.memory.P(2), resumed.memory.P(2))
+
+
+def test_resume_at_an_earlier_round(tiny_dir: Path, tmp_path: Path) -> None:
+    session = session_for(tiny_dir)
+    session.edit(REQUESTS[:2], progress=False)
+    after_one = weights(session)
+    session.edit(REQUESTS[2:], progress=False)
+    session.save_pretrained(tmp_path / "saved")
+    earlier = EditSession.from_pretrained(str(tmp_path / "saved"), round=1, device="cpu")
+    assert len(earlier.rounds) == 1
+    assert all(torch.equal(w, after_one[layer]) for layer, w in weights(earlier).items())
+    with pytest.raises(ValueError, match="rounds 0–2"):
+        EditSession.from_pretrained(str(tmp_path / "saved"), round=5, device="cpu")
+
+
+def test_rollback_then_redo_gives_the_same_round(tiny_dir: Path) -> None:
+    session = session_for(tiny_dir)
+    original = weights(session)
+    session.edit(REQUESTS[:2], progress=False)
+    after_one = weights(session)
+    session.edit(REQUESTS[2:], progress=False)
+    after_two = weights(session)
+    session.rollback(1)
+    assert len(session.rounds) == 1
+    assert all(torch.equal(w, after_one[layer]) for layer, w in weights(session).items())
+    session.edit(REQUESTS[2:], progress=False)
+    assert all(torch.equal(w, after_two[layer]) for layer, w in weights(session).items())
+    session.rollback(0)
+    assert all(torch.equal(w, original[layer]) for layer, w in weights(session).items())
+    with pytest.raises(ValueError, match="rounds 0–0"):
+        session.rollback(3)
+
+
+def test_merge_is_exactly_w0_plus_delta(tiny_dir: Path) -> None:
+    session = session_for(tiny_dir)
+    session.edit(REQUESTS[:2], progress=False)
+    merged = session.merge()
+    assert merged is not session.model
+    for layer in (1, 2):
+        w0 = session.deltas.originals[layer]
+        delta = session.deltas.cumulative(layer).dense()
+        assert torch.equal(session.layout.projection(merged, layer).weight, w0 + delta)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(merged(input_ids=ids).logits, session.model(input_ids=ids).logits)
+
+
+def test_memit_runs_one_pass_over_all_neurons(tiny_dir: Path) -> None:
+    session = session_for(tiny_dir, method="memit")
+    report = session.edit(REQUESTS, progress=False)
+    assert report.method == "memit"
+    assert report.selected_neurons == {1: [64], 2: [64]}
+    assert all(r.edited_in_passes == [True] for r in report.requests)
+
+
+def test_residual_filter_can_leave_everything_alone(tiny_dir: Path) -> None:
+    session = session_for(tiny_dir, alpha=0.0, upper_bound=1e-6)
+    start = weights(session)
+    report = session.edit(REQUESTS[:2], progress=False)
+    assert all(r.edited_in_passes == [False] for r in report.requests)
+    assert all(torch.equal(w, start[layer]) for layer, w in weights(session).items())
+
+
+def test_invalid_settings_are_refused(tiny_dir: Path) -> None:
+    with pytest.raises(ValueError, match="layer 9 does not exist"):
+        session_for(tiny_dir, layers=(8, 9))
+    with pytest.raises(ValueError, match="consecutive"):
+        session_for(tiny_dir, layers=(0, 2))
+    with pytest.raises(ValueError, match="unknown hyperparameter 'v_lrr'; did you mean 'v_lr'"):
+        session_for(tiny_dir, v_lrr=3)
+
+
+def test_a_different_base_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    session = session_for(tiny_dir)
+    session.edit(REQUESTS[:1], progress=False)
+    session.save_pretrained(tmp_path / "saved")
+    other = save_tiny(tmp_path / "other", seed=1)
+    with pytest.raises(BaseModelMismatchError) as error:
+        EditSession.from_pretrained(str(tmp_path / "saved"), base_model=str(other), device="cpu")
+    assert "fingerprint" in str(error.value)
