@@ -26,10 +26,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nse_hub._version import __version__
-from nse_hub.adapters import BaseModelMismatchError, CompressionReport, pack
+from nse_hub.adapters import BaseModelMismatchError, CompressionReport, no_update, pack, save_adapter
 from nse_hub.algorithm import RoundInputs, generate_context_templates, run_round
 from nse_hub.architectures import ModelLayout
 from nse_hub.checkpoint import (
+    CARD_FILE,
     BaseModelInfo,
     RoundData,
     SessionMeta,
@@ -41,6 +42,7 @@ from nse_hub.checkpoint import (
 from nse_hub.config import EditConfig, make_config
 from nse_hub.deltas import KeyMemory, WeightDeltas
 from nse_hub.fingerprint import model_sha256, tensor_sha256
+from nse_hub.io import atomic_write_text
 from nse_hub.models import embedded_model_of, is_embedded, resolve_model
 from nse_hub.report import ProbeResult, RequestReport, RoundReport, compare
 from nse_hub.requests import EditRequest, RequestLike, parse_requests
@@ -346,6 +348,29 @@ class EditSession:
         write_checkpoint(save_directory, self.layout, meta, rounds, stored, card=self._card(upto),
                          adapter_metadata={"layers": list(self.config.layers)})
         return compression
+
+    def export_adapter(self, save_directory: str | Path, round: int | None = None,
+                       max_rank: int | None = None) -> list[CompressionReport]:
+        """Write the version after ``round`` as a standalone PEFT adapter (no rounds, no session state)."""
+        upto = len(self.rounds) if round is None else round
+        if not 1 <= upto <= len(self.rounds):
+            raise ValueError(f"round={round} cannot be exported: the session has rounds 1–{len(self.rounds)}")
+        cumulative = {layer: f for layer in self.config.layers if (f := self.deltas.cumulative(layer, upto))}
+        stored, compression = pack(self.layout, cumulative or no_update(self.layout, self.config.layers[0]),
+                                   max_rank)
+        header = {"base_model": self.base.name_or_path, "module_sha256": self.base.module_sha256, "round": upto,
+                  "increment": False, "layers": list(self.config.layers)}
+        save_adapter(save_directory, self.layout, stored, self.base.name_or_path, self.base.revision, header)
+        card = self._card(upto)
+        if card is not None:
+            atomic_write_text(Path(save_directory) / CARD_FILE, card)
+        return compression
+
+    def save_merged(self, save_directory: str | Path, round: int | None = None) -> None:
+        """Write a full model with the deltas up to ``round`` merged in (safetensors), and its tokenizer."""
+        merged = self.merge(round)
+        merged.save_pretrained(save_directory)
+        self.tokenizer.save_pretrained(save_directory)
 
     def save(self, save_directory: str | Path) -> None:
         """Save the session to resume it later (same as :meth:`save_pretrained`)."""

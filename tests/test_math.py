@@ -169,9 +169,9 @@ def test_key_probe_matches_a_plain_forward(family: str) -> None:
                 continue
             seen = {}
             hooks = [layout.projection(model, layer).register_forward_pre_hook(
-                lambda _m, args, layer=layer: seen.__setitem__(layer, args[0])) for layer in (1, 2)]
+                lambda _m, args, layer=layer, seen=seen: seen.__setitem__(layer, args[0])) for layer in (1, 2)]
             hooks.append(layout.layer(model, 2).register_forward_hook(
-                lambda _m, _a, out: seen.__setitem__("z", out[0] if isinstance(out, tuple) else out)))
+                lambda _m, _a, out, seen=seen: seen.__setitem__("z", out[0] if isinstance(out, tuple) else out)))
             with torch.no_grad():
                 model(input_ids=torch.tensor([batch.sequences[row]]))
             for h in hooks:

