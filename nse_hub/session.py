@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -23,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nse_hub._version import __version__
 from nse_hub.adapters import BaseModelMismatchError, CompressionReport, no_update, pack, save_adapter
 from nse_hub.algorithm import RoundInputs, generate_context_templates, run_round
 from nse_hub.architectures import ModelLayout
+from nse_hub.card import Metric, build_card
 from nse_hub.checkpoint import (
     CARD_FILE,
     BaseModelInfo,
@@ -42,6 +45,7 @@ from nse_hub.checkpoint import (
 from nse_hub.config import EditConfig, make_config
 from nse_hub.deltas import KeyMemory, WeightDeltas
 from nse_hub.fingerprint import model_sha256, tensor_sha256
+from nse_hub.hub import PushedRound, download_saved_edit, push_versions
 from nse_hub.io import atomic_write_text
 from nse_hub.models import embedded_model_of, is_embedded, resolve_model
 from nse_hub.report import ProbeResult, RequestReport, RoundReport, compare
@@ -115,6 +119,8 @@ class EditSession:
         self._second_moments: dict[int, torch.Tensor] | None = None
         self._stats_sha256: dict[str, str] = {}
         self.base = base or self._describe_base(model)
+        # Metrics per version, set by the evaluation harness; cards report them for that version.
+        self.evaluations: dict[int, list[Metric]] = {}
 
     # --- construction ------------------------------------------------------------------------------
 
@@ -330,13 +336,14 @@ class EditSession:
 
     # --- persistence ----------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | Path, round: int | None = None, max_rank: int | None = None
-                        ) -> list[CompressionReport]:
+    def save_pretrained(self, save_directory: str | Path, round: int | None = None, max_rank: int | None = None,
+                        repo_id: str | None = None) -> list[CompressionReport]:
         """Save the edit at ``round`` (default: the latest): PEFT adapters, manifest, card and session state.
 
         The folder loads with stock ``peft``/``transformers`` and resumes with
         ``EditSession.from_pretrained(save_directory)``. ``max_rank`` truncates the cumulative adapter
         (lossy; the returned reports give the error per module); increments are always exact.
+        ``repo_id`` names the Hub repository in the card's loading code.
         """
         upto = len(self.rounds) if round is None else round
         if not 0 <= upto <= len(self.rounds):
@@ -345,7 +352,7 @@ class EditSession:
         rounds = [RoundData(self.deltas.rounds[i], self.memory.rounds[i], self.rounds[i]) for i in range(upto)]
         cumulative = {layer: f for layer in self.config.layers if (f := self.deltas.cumulative(layer, upto))}
         stored, compression = pack(self.layout, cumulative, max_rank)
-        write_checkpoint(save_directory, self.layout, meta, rounds, stored, card=self._card(upto),
+        write_checkpoint(save_directory, self.layout, meta, rounds, stored, card=self._card(upto, repo_id),
                          adapter_metadata={"layers": list(self.config.layers)})
         return compression
 
@@ -372,6 +379,22 @@ class EditSession:
         merged.save_pretrained(save_directory)
         self.tokenizer.save_pretrained(save_directory)
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    branch: str = "main", max_rank: int | None = None) -> list[PushedRound]:
+        """Push every round not yet on the Hub as one commit (adapters, increment, manifest, state, card)
+        followed by a tag ``round-N`` on it.
+
+        Creates the repository if needed; pushing again is a no-op; a failed push leaves the Hub at its
+        last complete round and the session untouched, and the next push resumes. ``branch`` pushes to
+        that branch instead of ``main``.
+        """
+        return push_versions(
+            repo_id, len(self.rounds),
+            write_version=lambda version, folder: self.save_pretrained(folder, round=version, max_rank=max_rank,
+                                                                       repo_id=repo_id),
+            report_of=lambda version: json.loads(json.dumps(self.rounds[version - 1].to_dict())),
+            private=private, token=token, branch=branch)
+
     def save(self, save_directory: str | Path) -> None:
         """Save the session to resume it later (same as :meth:`save_pretrained`)."""
         self.save_pretrained(save_directory)
@@ -391,8 +414,19 @@ class EditSession:
         return SessionMeta(base=self.base, config=self.config, context_templates=self.context_templates,
                            stats=stats, rounds=upto, nse_hub_version=__version__)
 
-    def _card(self, upto: int) -> str | None:
-        return None
+    def card(self, round: int | None = None, repo_id: str | None = None) -> ModelCard:
+        """The model card of the version after ``round`` (default: the latest)."""
+        upto = len(self.rounds) if round is None else round
+        return build_card(self._meta(upto), self.rounds[:upto], repo_id=repo_id,
+                          metrics=self.evaluations.get(upto), compressed=self._compressed(upto))
+
+    def _card(self, upto: int, repo_id: str | None = None) -> str:
+        return str(self.card(upto, repo_id))
+
+    def _compressed(self, upto: int) -> bool:
+        cumulative = [f for layer in self.config.layers if (f := self.deltas.cumulative(layer, upto))]
+        _, reports = pack(self.layout, dict(enumerate(cumulative)))
+        return any(r.stored_rank != r.stacked_rank for r in reports)
 
     def __repr__(self) -> str:
         return (f"EditSession({self.base.name_or_path!r}, method={self.config.method!r}, "
@@ -455,5 +489,7 @@ def _locate_saved_edit(name: str, revision: str | None, token: str | None) -> Pa
     path = Path(name).expanduser()
     if path.is_dir():
         return path if is_checkpoint(path) else None
-    return None
+    if is_embedded(name) or path.exists():
+        return None
+    return download_saved_edit(name, revision, token)
 

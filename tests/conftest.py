@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
 from pathlib import Path
 
-# The Hub must never be reached from tests (the loopback Hub server sets its own endpoint).
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# huggingface_hub reads these when it is first imported, so they are set before anything imports it:
+# every Hub call of the test session (ours, peft's, transformers') goes to the loopback Hub server of
+# tests/hub_server.py, never to the real Hub, and caches go to a throw-away folder.
+HUB_PORT = _free_port()
+HUB_TOKEN = "hf_nse_hub_test_token"
+if not os.environ.get("NSE_HUB_LIVE_TESTS"):
+    os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="nse-hub-tests-hf-")
+    os.environ["HF_TOKEN"] = HUB_TOKEN
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest
-import torch
-from transformers import (
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     AutoTokenizer,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -94,6 +112,15 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 @pytest.fixture
 def tiny_dir(tmp_path: Path) -> Path:
     return save_tiny(tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def hub():
+    """The loopback Hub every client of this test session talks to (see HF_ENDPOINT above)."""
+    from hub_server import HubServer
+
+    with HubServer(token=HUB_TOKEN, port=HUB_PORT) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

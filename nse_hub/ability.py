@@ -1,0 +1,140 @@
+"""General ability before and after editing: the NSE authors' GLUE-style suite and perplexity.
+
+The suite (SST-2, MRPC, CoLA, RTE, MMLU, NLI; files ``<task>.json`` as in the NSE repository's
+``glue_eval/dataset``) is read from a folder or a Hub dataset repository holding the same files; it
+is not shipped with nse-hub. Each example is a zero-shot prompt in the authors' format, answered by
+comparing the mean per-token likelihood of the options (" positive"/" negative", " Yes"/" No",
+" True"/" False", " A"…" D"), as their likelihood-based prediction does. RTE uses GLUE's labels
+(0 = entailment → "True"); the authors' script maps them the other way round.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from nse_hub.architectures import ModelLayout
+from nse_hub.scoring import score_targets
+from nse_hub.tokens import encode, pad_id, pad_right
+
+
+@dataclass(frozen=True)
+class Task:
+    """A classification task: how to prompt an example, its options, and its gold option."""
+
+    prompt: Callable[[dict[str, Any]], str]
+    options: tuple[str, ...]
+    gold: Callable[[dict[str, Any]], int]
+
+
+def _mmlu_prompt(example: dict[str, Any]) -> str:
+    choices = _choices(example)
+    lines = [f"Question: {example['question']}"] + [f"({letter}) {c}" for letter, c in zip("ABCD", choices)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def _choices(example: dict[str, Any]) -> list[str]:
+    choices = example["choices"]
+    return ast.literal_eval(choices) if isinstance(choices, str) else list(choices)
+
+
+TASKS: dict[str, Task] = {
+    "sst2": Task(lambda e: f"Review :{e['sentence']}\nSentiment :", ("positive", "negative"),
+                 lambda e: 0 if int(e["label"]) == 1 else 1),
+    "mrpc": Task(lambda e: ("Are the sentences paraphrases of each other.\n"
+                            f"Sentence 1: {e['sentence1']}\nSentence 2: {e['sentence2']}\nAnswer:"),
+                 ("Yes", "No"), lambda e: 0 if int(e["label"]) == 1 else 1),
+    "cola": Task(lambda e: f"Is this sentence linguistically acceptable?\nSentence: {e['sentence']}\nAnswer:",
+                 ("Yes", "No"), lambda e: 0 if int(e["label"]) == 1 else 1),
+    "rte": Task(lambda e: f"{e['sentence1']}\nquestion: {e['sentence2']} True or False?\nanswer:",
+                ("True", "False"), lambda e: 0 if int(e["label"]) == 0 else 1),
+    "mmlu": Task(_mmlu_prompt, ("A", "B", "C", "D"), lambda e: int(e["answer"])),
+    "nli": Task(lambda e: f"{e['sentence1']} entails the {e['sentence2']} True or False? Answer:",
+                ("True", "False"), lambda e: 0 if e["label"] == "entailment" else 1),
+}
+
+
+def suite_folder(source: str | Path) -> Path:
+    """A local folder of ``<task>.json`` files, or a Hub dataset repository downloaded to one."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(source), repo_type="dataset", allow_patterns=["*.json"]))
+
+
+def load_task(folder: Path, name: str) -> list[dict[str, Any]]:
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the suite folder needs {', '.join(f'{t}.json' for t in TASKS)}")
+    return json.loads(path.read_text())
+
+
+def _mcc(gold: list[int], predicted: list[int]) -> float:
+    """Matthews correlation for a binary task whose positive class is option 0."""
+    tp = sum(g == 0 and p == 0 for g, p in zip(gold, predicted))
+    tn = sum(g == 1 and p == 1 for g, p in zip(gold, predicted))
+    fp = sum(g == 1 and p == 0 for g, p in zip(gold, predicted))
+    fn = sum(g == 0 and p == 1 for g, p in zip(gold, predicted))
+    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denominator if denominator else 0.0
+
+
+def suite_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
+                   source: str | Path, examples_per_task: int = 100, tasks: Sequence[str] = tuple(TASKS),
+                   batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """Zero-shot accuracy (and MCC for CoLA) on the first ``examples_per_task`` examples of each task."""
+    folder = suite_folder(source)
+    results = {}
+    for name in tasks:
+        task = TASKS[name]
+        examples = load_task(folder, name)[:examples_per_task]
+        prompts = [task.prompt(e) for e in examples for _ in task.options]
+        options = [option for _ in examples for option in task.options]
+        scores = score_targets(model, tokenizer, layout, prompts, options, batch_size)
+        k = len(task.options)
+        predicted = [min(range(k), key=lambda j, i=i: scores[i * k + j].mean_nll) for i in range(len(examples))]
+        gold = [task.gold(e) for e in examples]
+        result = {"accuracy": 100 * sum(p == g for p, g in zip(predicted, gold)) / len(examples),
+                  "examples": len(examples)}
+        if name == "cola":
+            result["mcc"] = 100 * _mcc(gold, predicted)
+        results[name] = result
+    return results
+
+
+def perplexity_texts(source: str | Path, count: int = 200, skip: int = 100) -> list[str]:
+    """Held-out English text from the suite: MRPC and RTE first sentences after the evaluated examples."""
+    folder = suite_folder(source)
+    texts = [e["sentence1"] for name in ("mrpc", "rte") for e in load_task(folder, name)[skip:]]
+    return texts[:count]
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
+               texts: Sequence[str], batch_size: int = 32) -> float:
+    """exp(total NLL / total predicted tokens), each text scored on its own."""
+    device = next(model.parameters()).device
+    decoder = layout.decoder(model)
+    total, count = 0.0, 0
+    encoded = [ids for ids in (encode(tokenizer, t) for t in texts) if len(ids) > 1]
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        ids, mask = pad_right(chunk, pad_id(tokenizer), device)
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        rows = [r for r, seq in enumerate(chunk) for _ in range(len(seq) - 1)]
+        cols = [c for seq in chunk for c in range(len(seq) - 1)]
+        labels = torch.tensor([t for seq in chunk for t in seq[1:]], device=device)
+        logprobs = torch.log_softmax(layout.logits(model, hidden[rows, cols]).float(), dim=-1)
+        total -= float(logprobs.gather(1, labels[:, None]).sum())
+        count += len(labels)
+    return math.exp(total / count)
