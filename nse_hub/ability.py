@@ -22,8 +22,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nse_hub.architectures import ModelLayout
-from nse_hub.scoring import score_targets
-from nse_hub.tokens import encode, pad_id, pad_right
+from nse_hub.scoring import next_token_logprobs, score_targets, target_text
+from nse_hub.tokens import continuation_ids, encode, pad_id, pad_right
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,7 @@ def suite_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, l
     for name in tasks:
         task = TASKS[name]
         examples = load_task(folder, name)[:examples_per_task]
-        prompts = [task.prompt(e) for e in examples for _ in task.options]
-        options = [option for _ in examples for option in task.options]
-        scores = score_targets(model, tokenizer, layout, prompts, options, batch_size)
-        k = len(task.options)
-        predicted = [min(range(k), key=lambda j, i=i: scores[i * k + j].mean_nll) for i in range(len(examples))]
+        predicted = _predict(model, tokenizer, layout, [task.prompt(e) for e in examples], task.options, batch_size)
         gold = [task.gold(e) for e in examples]
         result = {"accuracy": 100 * sum(p == g for p, g in zip(predicted, gold)) / len(examples),
                   "examples": len(examples)}
@@ -110,6 +106,21 @@ def suite_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, l
             result["mcc"] = 100 * _mcc(gold, predicted)
         results[name] = result
     return results
+
+
+def _predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
+             prompts: list[str], options: tuple[str, ...], batch_size: int) -> list[int]:
+    """The option with the lowest mean per-token NLL after each prompt."""
+    option_ids = [[continuation_ids(tokenizer, p, target_text(o)) for o in options] for p in prompts]
+    if all(len(ids) == 1 for per_prompt in option_ids for ids in per_prompt):
+        # One token each: one forward per prompt scores every option (same ranking as mean NLL).
+        logprobs = next_token_logprobs(model, tokenizer, layout, prompts,
+                                       [[ids[0] for ids in per_prompt] for per_prompt in option_ids], batch_size)
+        return [max(range(len(options)), key=row.__getitem__) for row in logprobs]
+    k = len(options)
+    scores = score_targets(model, tokenizer, layout, [p for p in prompts for _ in options],
+                           list(options) * len(prompts), batch_size)
+    return [min(range(k), key=lambda j, i=i: scores[i * k + j].mean_nll) for i in range(len(prompts))]
 
 
 def perplexity_texts(source: str | Path, count: int = 200, skip: int = 100) -> list[str]:

@@ -103,6 +103,75 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from nse_hub import EditSession
+
+    session = EditSession.from_pretrained(args.dir, device=args.device)
+    pushed = session.push_to_hub(args.repo_id, private=args.private, branch=args.branch)
+    for p in pushed:
+        console.print(f"round {p.round}: commit {p.commit[:10]}, tag {p.tag}")
+    console.print(f"{args.repo_id} is at round {len(session.rounds)}" + ("" if pushed else " (nothing to push)"))
+    return 0
+
+
+def _print_evaluation(title: str, evaluation: Any) -> None:
+    from rich.table import Table
+
+    from nse_hub.evaluation import METRIC_NAMES
+
+    table = Table(title=f"{title} — {evaluation.protocol} protocol, {evaluation.edits} edits")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, name in METRIC_NAMES.items():
+        if key in evaluation.metrics:
+            table.add_row(name, f"{evaluation.metrics[key]:.1f}")
+    for task, result in evaluation.general.get("tasks", {}).items():
+        table.add_row(f"{task} accuracy", f"{result['accuracy']:.1f}")
+    if "perplexity" in evaluation.general:
+        table.add_row("perplexity", f"{evaluation.general['perplexity']:.2f}")
+    console.print(table)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from nse_hub import EditSession, load_requests
+    from nse_hub.checkpoint import is_checkpoint
+    from nse_hub.evaluation import EvalOptions, evaluate_session, plot_curves, run_sequential, write_results
+
+    options = EvalOptions(generation=not args.no_generation, fluency_records=args.fluency_records)
+    requests = load_requests(args.data, limit=args.limit, offset=args.offset) if args.data else None
+    out = Path(args.out) if args.out else None
+    hparams = {} if is_checkpoint(args.model) else _hparams(args.set)
+    session = EditSession.from_pretrained(args.model, device=args.device, **hparams)
+    if session.rounds:  # a saved edit: evaluate it as it is
+        evaluation = evaluate_session(session, requests, options=options, suite=args.suite,
+                                      suite_examples=args.suite_examples)
+        _print_evaluation(str(session), evaluation)
+        if out:
+            write_results(out / "results.json", evaluation, [], {"model": args.model, "data": args.data})
+        return 0
+    if requests is None:
+        raise ValueError("--data is needed to edit a base model and evaluate the edits")
+    base = evaluate_session(session, requests, options=options, suite=args.suite, suite_examples=args.suite_examples)
+    _print_evaluation("unedited", base)
+    runs = []
+    for method in args.methods:
+        session = EditSession.from_pretrained(args.model, method=method, device=args.device, **hparams)
+        run = run_sequential(session, requests, args.batch_size, running=args.protocol != "final", options=options,
+                             suite=args.suite, suite_examples=args.suite_examples)
+        _print_evaluation(f"{method.upper()} after {len(requests)} edits in rounds of {args.batch_size}", run.final)
+        runs.append(run)
+        if out:
+            session.save_pretrained(out / f"{method}-session")
+    if out:
+        settings = {"model": args.model, "data": args.data, "limit": args.limit, "offset": args.offset,
+                    "batch_size": args.batch_size, "hparams": hparams, "options": vars(options)}
+        write_results(out / "results.json", base, runs, settings)
+        if args.protocol != "final":
+            plot_curves(runs, out / "curves.png", base)
+        console.print(f"Wrote {out / 'results.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nse-hub", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -144,6 +213,35 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device")
     merge.set_defaults(func=cmd_merge)
 
+    push = sub.add_parser("push", help="push a saved edit to the Hub: one commit and one round-N tag per round",
+                          description="The token comes from HF_TOKEN or the stored login (hf auth login).")
+    push.add_argument("dir", help="a saved edit")
+    push.add_argument("repo_id", help="namespace/name; created if missing")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--branch", default="main", help="push to this branch instead of main")
+    push.add_argument("--device")
+    push.set_defaults(func=cmd_push)
+
+    evaluate = sub.add_parser("eval", help="edit metrics, sequential-editing curves and general ability")
+    evaluate.add_argument("model", help="a saved edit (evaluated as it is), or a base model to edit --data into")
+    evaluate.add_argument("--data", help="requests to evaluate on (CounterFact, zsRE or nse-hub format)")
+    evaluate.add_argument("--limit", type=int)
+    evaluate.add_argument("--offset", type=int, default=0)
+    evaluate.add_argument("--methods", nargs="+", choices=["nse", "memit"], default=["nse"],
+                          help="with a base model: the methods to run (default: nse)")
+    evaluate.add_argument("--batch-size", type=int, default=10, help="edits per round (default 10)")
+    evaluate.add_argument("--protocol", choices=["final", "running", "both"], default="both",
+                          help="final: every edit after the last round; running: after each round")
+    evaluate.add_argument("--suite", help="folder (or Hub dataset) of the GLUE-style suite, for general ability")
+    evaluate.add_argument("--suite-examples", type=int, default=100, help="examples per suite task")
+    evaluate.add_argument("--no-generation", action="store_true", help="skip the generation-based figures")
+    evaluate.add_argument("--fluency-records", type=int, default=0,
+                          help="records whose ~100-token generations measure fluency (default 0)")
+    evaluate.add_argument("--out", help="folder for results.json, curves.png and the sessions")
+    evaluate.add_argument("--device")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.set_defaults(func=cmd_eval)
+
     demo = sub.add_parser("demo", help="the main job end to end on the embedded default model")
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--out", default="nse-hub-demo")
@@ -158,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, PermissionError) as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
 

@@ -84,6 +84,26 @@ def score_targets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, la
 
 
 @torch.no_grad()
+def next_token_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
+                        prompts: Sequence[str], candidates: Sequence[Sequence[int]],
+                        batch_size: int = 32) -> list[list[float]]:
+    """Log-probabilities of candidate next tokens after each prompt: one forward pass per prompt."""
+    device = next(model.parameters()).device
+    decoder = layout.decoder(model)
+    encoded = [encode(tokenizer, p) for p in prompts]
+    out: list[list[float]] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        ids, mask = pad_right(chunk, pad_id(tokenizer), device)
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        last = hidden[torch.arange(len(chunk), device=device), torch.tensor([len(c) - 1 for c in chunk])]
+        logprobs = torch.log_softmax(layout.logits(model, last).float(), dim=-1)
+        for row, options in enumerate(candidates[start:start + batch_size]):
+            out.append(logprobs[row, list(options)].tolist())
+    return out
+
+
+@torch.no_grad()
 def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                     max_new_tokens: int, batch_size: int = 16) -> list[str]:
     """Greedy continuations of each prompt (the continuation only, decoded)."""

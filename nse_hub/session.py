@@ -29,7 +29,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from nse_hub._version import __version__
 from nse_hub.adapters import BaseModelMismatchError, CompressionReport, no_update, pack, save_adapter
-from nse_hub.algorithm import RoundInputs, generate_context_templates, run_round
+from nse_hub.algorithm import RoundInputs, generate_context_templates, optimize_values, run_round
+from nse_hub.algorithm.rounds import ValueOptimizer
 from nse_hub.architectures import ModelLayout
 from nse_hub.card import Metric, build_card
 from nse_hub.checkpoint import (
@@ -121,6 +122,8 @@ class EditSession:
         self.base = base or self._describe_base(model)
         # Metrics per version, set by the evaluation harness; cards report them for that version.
         self.evaluations: dict[int, list[Metric]] = {}
+        # How value targets are optimised; benchmarks swap in optimize_values_reference to compare.
+        self.value_optimizer: ValueOptimizer = optimize_values
 
     # --- construction ------------------------------------------------------------------------------
 
@@ -231,7 +234,7 @@ class EditSession:
         inputs = RoundInputs(self.model, self.tokenizer, self.layout, self.config, self.deltas, self.memory,
                              self._second_moments, self.context_templates)
         try:
-            outcome = run_round(inputs, parsed)
+            outcome = run_round(inputs, parsed, optimize=self.value_optimizer)
         except BaseException:
             self.deltas.discard_round()
             raise

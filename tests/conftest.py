@@ -96,17 +96,16 @@ def save_tiny(folder: Path, family: str = "llama", seed: int = 0) -> Path:
 TINY_HPARAMS = {"mom2_n_samples": 16, "mom2_sample_length": 16, "v_num_grad_steps": 8, "context_length": 6}
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Statistics caches go to a per-run folder; the converted embedded models stay shared."""
-    stats_root = tmp_path_factory.getbasetemp() / "nse-hub-cache"
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Statistics caches go to a per-run folder (inherited by subprocesses); converted models stay shared."""
     models = Path(os.environ.get("NSE_HUB_CACHE", Path.home() / ".cache" / "nse-hub")) / "models"
-    stats_root.mkdir(exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)
-    link = stats_root / "models"
-    if not link.exists():
-        link.symlink_to(models, target_is_directory=True)
-    monkeypatch.setenv("NSE_HUB_CACHE", str(stats_root))
+    root = tmp_path_factory.mktemp("nse-hub-cache")
+    (root / "models").symlink_to(models, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NSE_HUB_CACHE", str(root))
+        yield root
 
 
 @pytest.fixture

@@ -143,3 +143,15 @@ def test_session_state_on_the_hub_names_the_rounds(hub, session: EditSession) ->
     session.push_to_hub("tester/state")
     path = hf_hub_download("tester/state", "nse_session/session.json", revision="round-2")
     assert json.loads(Path(path).read_text())["rounds"] == 2
+
+
+def test_cli_push(hub, session: EditSession, tmp_path: Path, capsys) -> None:
+    from nse_hub.cli import main
+
+    session.save_pretrained(tmp_path / "saved")
+    assert main(["push", str(tmp_path / "saved"), "tester/from-cli", "--private", "--device", "cpu"]) == 0
+    assert set(hub.tags("tester/from-cli")) == {"round-1", "round-2", "round-3"}
+    assert hub.is_private("tester/from-cli")
+    assert main(["push", str(tmp_path / "saved"), "tester/from-cli", "--device", "cpu"]) == 0
+    assert "nothing to push" in capsys.readouterr().out
+    assert main(["push", str(tmp_path / "saved"), "not a repo id"]) == 2

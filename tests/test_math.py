@@ -186,3 +186,18 @@ def test_key_probe_matches_a_plain_forward(family: str) -> None:
     for layer in (1, 2):
         assert torch.allclose(keys[layer], torch.stack(expected_keys[layer]).T, atol=1e-5)
     assert torch.allclose(z_out, torch.stack(expected_z), atol=1e-5)
+
+
+def test_rows_are_grouped_by_suffix_width_to_cut_padding() -> None:
+    from nse_hub.algorithm.values import _group_rows
+
+    widths = [6, 1, 2, 5] * 15  # a round of 10 requests has about 70 rows of widths 1–6
+    groups = _group_rows(widths)
+    assert len(groups) > 1
+    assert sorted(r for g in groups for r in g) == list(range(len(widths)))
+    for group in groups:  # rows of equal width stay together
+        assert all(widths[r] in {widths[x] for x in group} for r in group)
+    padded = sum(len(g) * max(widths[r] for r in g) for g in groups)
+    assert padded < len(widths) * max(widths)
+    assert _group_rows([3, 3, 3]) == [[0, 1, 2]]
+    assert _group_rows(widths, overhead=10_000) == [list(range(len(widths)))]  # launches dominate: one group

@@ -19,6 +19,7 @@ for tests (the two must agree) and for benchmarks (to measure the difference).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class _LossIndex:
     kl_rows: torch.Tensor
     kl_cols: torch.Tensor
     kl_request: torch.Tensor  # request index (into all requests), for the initial distribution
+    kl_position: torch.Tensor  # position of the request in the active list
 
 
 def _loss_index(batch: ValueBatch, rows: Sequence[int], active: Sequence[int], cut: Sequence[int],
@@ -71,16 +73,18 @@ def _loss_index(batch: ValueBatch, rows: Sequence[int], active: Sequence[int], c
     """``cut[row]``: how many leading tokens of the row are not in the batch (served from the cache)."""
     position = {request: k for k, request in enumerate(active)}
     rewrite_rows = {request: 0 for request in active}
-    for row in rows:
-        if batch.labels[row]:
+    for row, labels in enumerate(batch.labels):  # all of a request's rows, whichever group runs them
+        if labels and batch.request_of[row] in rewrite_rows:
             rewrite_rows[batch.request_of[row]] += 1
-    t_rows, t_cols, t_labels, t_req, t_weight, kl_rows, kl_cols, kl_req = [], [], [], [], [], [], [], []
+    t_rows, t_cols, t_labels, t_req, t_weight = [], [], [], [], []
+    kl_rows, kl_cols, kl_req, kl_pos = [], [], [], []
     for local, row in enumerate(rows):
         request = batch.request_of[row]
         if not batch.labels[row]:
             kl_rows.append(local)
             kl_cols.append(batch.lookup[row] - cut[row])
             kl_req.append(request)
+            kl_pos.append(position[request])
             continue
         labels = batch.labels[row]
         for position_in_seq, label in zip(batch.target_positions[row], labels):
@@ -94,7 +98,8 @@ def _loss_index(batch: ValueBatch, rows: Sequence[int], active: Sequence[int], c
         return torch.tensor(values, dtype=dtype, device=device)
 
     return _LossIndex(tensor(t_rows), tensor(t_cols), tensor(t_labels), tensor(t_req),
-                      tensor(t_weight, torch.float32), tensor(kl_rows), tensor(kl_cols), tensor(kl_req))
+                      tensor(t_weight, torch.float32), tensor(kl_rows), tensor(kl_cols), tensor(kl_req),
+                      tensor(kl_pos))
 
 
 def _request_losses(model: PreTrainedModel, layout: ModelLayout, hidden: torch.Tensor, index: _LossIndex,
@@ -105,7 +110,8 @@ def _request_losses(model: PreTrainedModel, layout: ModelLayout, hidden: torch.T
     nll = torch.zeros(n_active, device=hidden.device).index_add(0, index.token_request, -picked * index.token_weight)
     current = torch.log_softmax(layout.logits(model, hidden[index.kl_rows, index.kl_cols]).float(), dim=-1)
     initial = kl_init[index.kl_request]
-    kl = (current.exp() * (current - initial)).sum(-1)
+    per_row = (current.exp() * (current - initial)).sum(-1)
+    kl = torch.zeros(n_active, device=hidden.device).index_add(0, index.kl_position, per_row)
     return nll, kl
 
 
@@ -115,59 +121,110 @@ def _clamp_(delta: torch.Tensor, max_norm: float) -> None:
         delta.mul_(max_norm / norm)
 
 
+class _SuffixGroup:
+    """Rows whose suffixes run through the upper layers together (similar widths, little padding).
+
+    Layout per row: [left-padded prefix | suffix from the subject's last token, right-padded]; the
+    prefix is served from a key/value cache computed once, the suffix re-runs at every step.
+    """
+
+    def __init__(self, model: PreTrainedModel, layout: ModelLayout, batch: ValueBatch, rows: list[int],
+                 cut: list[int], pad: int, z: int) -> None:
+        self.model, self.layout, self.z = model, layout, z
+        self.rows = rows
+        device = next(model.parameters()).device
+        cuts = [cut[r] for r in rows]
+        self.prefix = max(cuts)
+        width = max(len(batch.sequences[r]) - c for r, c in zip(rows, cuts))
+        ids = torch.full((len(rows), self.prefix + width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for local, (r, c) in enumerate(zip(rows, cuts)):
+            seq = batch.sequences[r]
+            ids[local, self.prefix - c: self.prefix + len(seq) - c] = torch.tensor(seq)
+            mask[local, self.prefix - c: self.prefix + len(seq) - c] = 1
+        self.ids, self.mask = ids.to(device), mask.to(device)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.inject_col = torch.tensor([batch.lookup[r] - c for r, c in zip(rows, cuts)], device=device)
+        with torch.no_grad():
+            seen: dict[str, torch.Tensor] = {}
+            cache = DynamicCache() if self.prefix else None  # plain layers: sliding-window layers would crop
+            with read_output(layout.layer(model, z), lambda h: seen.__setitem__("z", h)):
+                out = layout.decoder(model)(input_ids=self.ids, attention_mask=self.mask,
+                                            position_ids=self.positions, past_key_values=cache,
+                                            use_cache=cache is not None)
+            self.suffix_hidden = seen["z"][:, self.prefix:].clone()
+            at = (torch.arange(len(rows), device=device), self.inject_col)
+            self.z_at_subject = self.suffix_hidden[at].float()  # h, per row
+            self.final_at_subject = out.last_hidden_state[:, self.prefix:][at]  # for the initial KL distribution
+            self.prefix_kv = ([(layer.keys[:, :, :self.prefix].clone(), layer.values[:, :, :self.prefix].clone())
+                               for layer in cache.layers] if cache is not None else None)
+
+    def run(self, local: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of rows ``local`` with ``delta_rows`` added at their subject's last token."""
+        base = self.suffix_hidden[local]
+        added = torch.zeros(base.shape, dtype=delta_rows.dtype, device=base.device).index_put(
+            (torch.arange(len(local), device=base.device), self.inject_col[local]), delta_rows)
+        hidden_in = (base.float() + added).to(base.dtype)
+        layers = self.layout.layers(self.model)
+        if self.z == len(layers) - 1:  # nothing above the z-layer but the final norm
+            return self.layout.final_norm(self.model)(hidden_in)
+        cache = (DynamicCache([(k[local], v[local]) for k, v in self.prefix_kv])
+                 if self.prefix_kv is not None else None)
+        with start_at(layers, self.z + 1, hidden_in, self.layout.layer_returns_tuple):
+            result = self.layout.decoder(self.model)(
+                input_ids=self.ids[local, self.prefix:], attention_mask=self.mask[local],
+                position_ids=self.positions[local, self.prefix:], past_key_values=cache,
+                use_cache=cache is not None)
+        return result.last_hidden_state
+
+
+# What one more forward pass costs, in padded tokens: on a CPU the tokens dominate, on a GPU kernel
+# launches do and extra padding is nearly free.
+GROUP_OVERHEAD_TOKENS = {"cpu": 24, "cuda": 2048}
+_MAX_GROUPS = 4
+
+
+def _group_rows(widths: list[int], overhead: int = GROUP_OVERHEAD_TOKENS["cpu"]) -> list[list[int]]:
+    """Split rows into at most ``_MAX_GROUPS`` groups of similar width, minimising padded tokens + overhead."""
+    order = sorted(range(len(widths)), key=widths.__getitem__)
+    sizes = [widths[i] for i in order]
+    n = len(order)
+    best = {(0, 0): (0, [])}  # (rows placed, groups used) -> (cost, cut points)
+    for used in range(1, _MAX_GROUPS + 1):
+        for end in range(1, n + 1):
+            options = [(best[(start, used - 1)][0] + (end - start) * sizes[end - 1] + overhead,
+                        [*best[(start, used - 1)][1], end])
+                       for start in range(end) if (start, used - 1) in best
+                       and (end == n or sizes[end - 1] != sizes[end])]  # never split equal widths
+            if options:
+                best[(end, used)] = min(options, key=lambda option: option[0])
+    _, cuts = min((best[(n, g)] for g in range(1, _MAX_GROUPS + 1) if (n, g) in best), key=lambda b: b[0])
+    bounds = [0, *cuts]
+    return [sorted(order[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
 def optimize_values(model: PreTrainedModel, layout: ModelLayout, batch: ValueBatch, config: EditConfig,
                     pad: int) -> ValueResult:
     """Optimise all requests' value targets together (see the module docstring)."""
     device = next(model.parameters()).device
-    layers = layout.layers(model)
-    decoder = layout.decoder(model)
-    z = config.z_layer
     n_rows, n = len(batch.sequences), batch.num_requests
-
-    # Layout: [left-padded prefix | suffix from the subject's last token, right-padded]. The prefix is
-    # served from a key/value cache, unless a sliding attention window shorter than the sequences
-    # would see the left padding (then: whole sequences, right-padded, no cache; same result).
-    longest = max(len(s) for s in batch.sequences)
+    # Prefixes come from a cache unless a sliding attention window shorter than the sequences would
+    # see the left padding; then whole sequences run, right-padded (same result, more work).
     window = getattr(model.config.get_text_config(), "sliding_window", None)
-    cut = list(batch.lookup) if not window or longest <= window else [0] * n_rows
-    prefix = max(cut)
-    width = max(len(s) - c for s, c in zip(batch.sequences, cut))
-    ids = torch.full((n_rows, prefix + width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, (seq, c) in enumerate(zip(batch.sequences, cut)):
-        ids[row, prefix - c: prefix + len(seq) - c] = torch.tensor(seq)
-        mask[row, prefix - c: prefix + len(seq) - c] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    inject_col = torch.tensor([p - c for p, c in zip(batch.lookup, cut)], device=device)
+    use_cache = not window or max(len(s) for s in batch.sequences) <= window
+    cut = list(batch.lookup) if use_cache else [0] * n_rows
+    groups = [_SuffixGroup(model, layout, batch, rows, cut, pad, config.z_layer)
+              for rows in _group_rows([len(s) - c for s, c in zip(batch.sequences, cut)],
+                                      GROUP_OVERHEAD_TOKENS.get(device.type, GROUP_OVERHEAD_TOKENS["cuda"]))]
+    where = {row: (g, local) for g, group in enumerate(groups) for local, row in enumerate(group.rows)}
 
-    with torch.no_grad():
-        seen: dict[str, torch.Tensor] = {}
-        cache = DynamicCache() if prefix else None  # plain layers: sliding-window layers would crop
-        with read_output(layers[z], lambda h: seen.__setitem__("z", h)):
-            out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
-                          past_key_values=cache, use_cache=cache is not None)
-        suffix_hidden = seen["z"][:, prefix:].clone()
-        plain, kl = torch.tensor(batch.plain_row), torch.tensor(batch.kl_row)
-        hidden = suffix_hidden[plain, inject_col[plain]].float()
-        final_kl = out.last_hidden_state[kl, prefix + inject_col[kl]]
-        kl_init = torch.log_softmax(layout.logits(model, final_kl).float(), -1)
-        prefix_kv = ([(layer.keys[:, :, :prefix].clone(), layer.values[:, :, :prefix].clone())
-                      for layer in cache.layers] if cache is not None else None)
+    def at_row(row: int, field: str) -> torch.Tensor:
+        g, local = where[row]
+        return getattr(groups[g], field)[local]
 
-    def run_suffix(rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
-        base = suffix_hidden[rows]
-        added = torch.zeros(base.shape, dtype=delta_rows.dtype, device=device).index_put(
-            (torch.arange(len(rows), device=device), inject_col[rows]), delta_rows)
-        hidden_in = (base.float() + added).to(base.dtype)
-        if z == len(layers) - 1:  # nothing above the z-layer but the final norm
-            return layout.final_norm(model)(hidden_in)
-        cache = DynamicCache([(k[rows], v[rows]) for k, v in prefix_kv]) if prefix_kv is not None else None
-        with start_at(layers, z + 1, hidden_in, layout.layer_returns_tuple):
-            result = decoder(input_ids=ids[rows, prefix:], attention_mask=mask[rows],
-                             position_ids=positions[rows, prefix:], past_key_values=cache,
-                             use_cache=cache is not None)
-        return result.last_hidden_state
+    hidden = torch.stack([at_row(r, "z_at_subject") for r in batch.plain_row])
+    kl_init = torch.log_softmax(layout.logits(model, torch.stack([at_row(r, "final_at_subject")
+                                                                  for r in batch.kl_row])).float(), -1)
 
     deltas = [torch.zeros(layout.hidden_size, device=device, requires_grad=True) for _ in range(n)]
     optimizer = torch.optim.Adam(deltas, lr=config.v_lr)
@@ -176,16 +233,19 @@ def optimize_values(model: PreTrainedModel, layout: ModelLayout, batch: ValueBat
     decay_scale = config.v_weight_decay / h_norm**2
     loss_seen, nll_seen, steps = [math.nan] * n, [math.nan] * n, [0] * n
     active = list(range(n))
-    index = None
+    plans = None
     for _ in range(config.v_num_grad_steps - 1):
-        if index is None:  # rebuilt only when requests leave
-            rows = [r for r in range(n_rows) if batch.request_of[r] in set(active)]
-            index = _loss_index(batch, rows, active, cut, device)
-            rows_t = torch.tensor(rows, device=device)
-            row_request = torch.tensor([active.index(batch.request_of[r]) for r in rows], device=device)
+        if plans is None:  # rebuilt only when requests leave
+            plans = _plan(batch, groups, active, cut, device)
         stacked = torch.stack([deltas[i] for i in active])
-        final = run_suffix(rows_t, stacked[row_request])
-        nll, kl = _request_losses(model, layout, final, index, kl_init, len(active))
+        nll = torch.zeros(len(active), device=device)
+        kl = torch.zeros(len(active), device=device)
+        for group, (local, row_request, index) in zip(groups, plans):
+            if local is None:
+                continue
+            final = group.run(local, stacked[row_request])
+            group_nll, group_kl = _request_losses(model, layout, final, index, kl_init, len(active))
+            nll, kl = nll + group_nll, kl + group_kl
         losses = nll + config.kl_factor * kl + decay_scale[active] * stacked.norm(dim=1)
         for k, request in enumerate(active):
             loss_seen[request], nll_seen[request] = float(losses[k].detach()), float(nll[k].detach())
@@ -204,9 +264,27 @@ def optimize_values(model: PreTrainedModel, layout: ModelLayout, batch: ValueBat
                 _clamp_(deltas[request], max_norm[request])
                 steps[request] += 1
         if len(still) != len(active):
-            active, index = still, None
+            active, plans = still, None
     delta = torch.stack([d.detach() for d in deltas])
     return ValueResult(hidden + delta, hidden, loss_seen, nll_seen, steps)
+
+
+def _plan(batch: ValueBatch, groups: list[_SuffixGroup], active: list[int], cut: list[int],
+          device: torch.device) -> list[tuple[torch.Tensor | None, torch.Tensor | None, _LossIndex | None]]:
+    """Per group: its rows of active requests, their request positions, and where their losses sit."""
+    wanted = set(active)
+    position = {request: k for k, request in enumerate(active)}
+    plans = []
+    for group in groups:
+        local = [k for k, row in enumerate(group.rows) if batch.request_of[row] in wanted]
+        if not local:
+            plans.append((None, None, None))
+            continue
+        rows = [group.rows[k] for k in local]
+        plans.append((torch.tensor(local, device=device),
+                      torch.tensor([position[batch.request_of[r]] for r in rows], device=device),
+                      _loss_index(batch, rows, active, cut, device)))
+    return plans
 
 
 def optimize_values_reference(model: PreTrainedModel, layout: ModelLayout, batch: ValueBatch, config: EditConfig,

@@ -1,0 +1,284 @@
+"""Edit metrics on CounterFact/zsRE-style requests, sequential-editing runs, and general ability.
+
+The formulas live in the ``evaluate`` module :mod:`nse_hub.metrics` (``edit_metrics``); this module
+measures what they need — teacher-forced per-token scores, greedy generations — in batches, and
+labels every figure with its protocol:
+
+* **final**: every edit evaluated once, after the last round (the NSE/AlphaEdit papers' protocol);
+* **running**: after each round, the edits made so far;
+* **base**: the unedited model on the same requests.
+
+Teacher-forced and generation-based figures are always reported side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from nse_hub.ability import perplexity, perplexity_texts, suite_accuracy
+from nse_hub.architectures import ModelLayout
+from nse_hub.card import Metric
+from nse_hub.io import atomic_write_json
+from nse_hub.metrics import load_edit_metrics
+from nse_hub.requests import EditRequest
+from nse_hub.scoring import generate_greedy, score_targets
+
+if TYPE_CHECKING:
+    from nse_hub.session import EditSession
+
+# The names and the order in which reports and cards show the metric module's outputs.
+METRIC_NAMES = {
+    "efficacy": "Efficacy", "generalization": "Generalization", "specificity": "Specificity", "score": "Score",
+    "efficacy_generation": "Efficacy (generation)", "generalization_generation": "Generalization (generation)",
+    "efficacy_token_accuracy": "Efficacy (token accuracy)",
+    "generalization_token_accuracy": "Generalization (token accuracy)",
+    "specificity_token_accuracy": "Specificity (token accuracy)",
+    "efficacy_magnitude": "Efficacy magnitude", "generalization_magnitude": "Generalization magnitude",
+    "specificity_magnitude": "Specificity magnitude", "fluency": "Fluency", "consistency": "Consistency",
+}
+
+
+@dataclass
+class EvalOptions:
+    """What to measure besides the teacher-forced comparisons.
+
+    Attributes:
+        generation: greedy-generate after rewrite and paraphrase prompts and count an edit only when the
+            continuation starts with the new answer ("The Mirage of Model Editing").
+        generation_tokens: tokens generated for that test.
+        fluency_records: how many records (the first ones) get ~100-token generations for fluency;
+            their ``generation_prompts``, or their rewrite and paraphrase prompts when they have none.
+        fluency_tokens: tokens per fluency generation.
+        batch_size: sequences per forward pass.
+    """
+
+    generation: bool = True
+    generation_tokens: int = 8
+    fluency_records: int = 0
+    fluency_tokens: int = 100
+    batch_size: int = 32
+
+
+@dataclass
+class Evaluation:
+    """Figures with their protocol, for JSON results, plots and model cards."""
+
+    protocol: str
+    model: str
+    method: str | None
+    edits: int
+    rounds: int
+    metrics: dict[str, float]
+    general: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def card_metrics(self, dataset_name: str = "edit requests") -> list[Metric]:
+        kind = {"final": "final protocol: every edit evaluated after the last round",
+                "running": "running protocol: edits so far, after this round",
+                "base": "unedited model"}.get(self.protocol, self.protocol)
+        out = []
+        for key, name in METRIC_NAMES.items():
+            if key in self.metrics and not math.isnan(self.metrics[key]):
+                style = "generation-based" if "generation" in key else "teacher-forced"
+                out.append(Metric(key, name, round(self.metrics[key], 1), f"{kind}; {style}", dataset_name,
+                                  "nse-hub-edits"))
+        if "perplexity" in self.general:
+            out.append(Metric("perplexity", "Perplexity (held-out text)", round(self.general["perplexity"], 2),
+                              kind, "held-out text", "text"))
+        return out
+
+
+def measure_requests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
+                     requests: Sequence[EditRequest], options: EvalOptions | None = None) -> dict[str, float]:
+    """The edit metrics of ``requests`` on the model as it is now.
+
+    Records with a ``target_true`` (CounterFact) are judged by comparing the new and the true
+    target; records without one (zsRE) by token-level accuracy of the new answer.
+    """
+    options = options or EvalOptions()
+    prompts, targets, where = [], [], []
+
+    def ask(record: int, kind: str, prompt: str, target: str) -> None:
+        prompts.append(prompt)
+        targets.append(target)
+        where.append((record, kind))
+
+    for i, r in enumerate(requests):
+        ask(i, "rewrite_new", r.text, r.target_new)
+        for p in r.paraphrases:
+            ask(i, "paraphrase_new", p, r.target_new)
+        for n in r.neighbors:
+            ask(i, "neighborhood_true", n.prompt, n.answer)
+        if r.target_true:
+            ask(i, "rewrite_true", r.text, r.target_true)
+            for p in r.paraphrases:
+                ask(i, "paraphrase_true", p, r.target_true)
+            for n in r.neighbors:
+                ask(i, "neighborhood_new", n.prompt, r.target_new)
+    scores = score_targets(model, tokenizer, layout, prompts, targets, options.batch_size)
+    found: list[dict[str, list]] = [{} for _ in requests]
+    for (record, kind), score in zip(where, scores):
+        found[record].setdefault(kind, []).append(score)
+
+    counterfact = [r.target_true is not None for r in requests]
+    inputs: dict[str, list] = {
+        "rewrite_new_nll": [f["rewrite_new"][0].mean_nll if cf else None for f, cf in zip(found, counterfact)],
+        "rewrite_true_nll": [f["rewrite_true"][0].mean_nll if cf else None for f, cf in zip(found, counterfact)],
+    }
+    for name, kind in (("paraphrase_new_nll", "paraphrase_new"), ("paraphrase_true_nll", "paraphrase_true"),
+                       ("neighborhood_true_nll", "neighborhood_true"), ("neighborhood_new_nll", "neighborhood_new")):
+        inputs[name] = [[s.mean_nll for s in f.get(kind, [])] if cf else None for f, cf in zip(found, counterfact)]
+    for name, kind in (("rewrite_token_correct", "rewrite_new"), ("paraphrase_token_correct", "paraphrase_new"),
+                       ("neighborhood_token_correct", "neighborhood_true")):
+        inputs[name] = [None if cf else [[float(c) for c in s.token_correct] for s in f.get(kind, [])]
+                        for f, cf in zip(found, counterfact)]
+    if options.generation:
+        _add_generations(inputs, model, tokenizer, requests, options)
+    if options.fluency_records:
+        _add_fluency(inputs, model, tokenizer, requests, options)
+    for name in list(inputs):  # leave out what no record has, so the module reports only measured figures
+        if all(v is None or v == [] for v in inputs[name]):
+            del inputs[name]
+    return load_edit_metrics(keep_in_memory=True).compute(**inputs)
+
+
+def _add_generations(inputs: dict[str, list], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                     requests: Sequence[EditRequest], options: EvalOptions) -> None:
+    prompts = [p for r in requests for p in (r.text, *r.paraphrases)]
+    outputs = iter(generate_greedy(model, tokenizer, prompts, options.generation_tokens, options.batch_size))
+    rewrite, paraphrase = [], []
+    for r in requests:
+        rewrite.append([next(outputs)])
+        paraphrase.append([next(outputs) for _ in r.paraphrases])
+    inputs.update(rewrite_generations=rewrite, paraphrase_generations=paraphrase,
+                  targets_new=[r.target_new for r in requests])
+
+
+def _add_fluency(inputs: dict[str, list], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 requests: Sequence[EditRequest], options: EvalOptions) -> None:
+    chosen = requests[: options.fluency_records]
+    prompt_lists = [list(r.generation_prompts or (r.text, *r.paraphrases)) for r in chosen]
+    flat = [p for prompts in prompt_lists for p in prompts]
+    outputs = iter(generate_greedy(model, tokenizer, flat, options.fluency_tokens, options.batch_size))
+    generations: list[list[str] | None] = [[next(outputs) for _ in prompts] for prompts in prompt_lists]
+    inputs["fluency_generations"] = generations + [None] * (len(requests) - len(chosen))
+
+
+def general_ability(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
+                    suite: str | Path, examples_per_task: int = 100, perplexity_count: int = 200,
+                    batch_size: int = 32) -> dict[str, Any]:
+    """Zero-shot suite accuracy per task and perplexity on held-out text from the suite folder."""
+    tasks = suite_accuracy(model, tokenizer, layout, suite, examples_per_task, batch_size=batch_size)
+    texts = perplexity_texts(suite, perplexity_count, skip=examples_per_task)
+    return {"tasks": tasks, "perplexity": perplexity(model, tokenizer, layout, texts, batch_size),
+            "examples_per_task": examples_per_task, "perplexity_texts": len(texts)}
+
+
+def _requests_of(session: EditSession) -> list[EditRequest]:
+    return [r.request for report in session.rounds for r in report.requests]
+
+
+def evaluate_session(session: EditSession, requests: Sequence[EditRequest] | None = None, *,
+                     protocol: str = "final", options: EvalOptions | None = None, suite: str | Path | None = None,
+                     suite_examples: int = 100, record: bool = True) -> Evaluation:
+    """Evaluate the session's current model on ``requests`` (default: every edit it made).
+
+    With ``record``, the figures are kept in ``session.evaluations`` for the current version, so that
+    its model card (written by ``save_pretrained``/``push_to_hub``) reports them.
+    """
+    started = time.perf_counter()
+    requests = list(requests) if requests is not None else _requests_of(session)
+    metrics = measure_requests(session.model, session.tokenizer, session.layout, requests, options) \
+        if requests else {}
+    general = (general_ability(session.model, session.tokenizer, session.layout, suite, suite_examples,
+                               batch_size=session.config.batch_size) if suite else {})
+    result = Evaluation(protocol=protocol if session.rounds else "base", model=session.base.name_or_path,
+                        method=session.config.method if session.rounds else None, edits=len(requests),
+                        rounds=len(session.rounds), metrics=metrics, general=general,
+                        seconds=round(time.perf_counter() - started, 1))
+    if record and session.rounds:
+        session.evaluations[len(session.rounds)] = result.card_metrics()
+    return result
+
+
+@dataclass
+class SequentialRun:
+    """One method's sequential editing run: the running curve, the final evaluation, the time per round."""
+
+    method: str
+    batch: int
+    curve: list[Evaluation]
+    final: Evaluation
+    round_seconds: list[dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "batch": self.batch, "curve": [e.to_dict() for e in self.curve],
+                "final": self.final.to_dict(), "round_seconds": self.round_seconds}
+
+
+def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch: int, *, running: bool = True,
+                   options: EvalOptions | None = None, suite: str | Path | None = None,
+                   suite_examples: int = 100, progress: bool = False) -> SequentialRun:
+    """Edit ``requests`` in rounds of ``batch``; evaluate after each round (running) and at the end (final)."""
+    curve, seconds = [], []
+    for start in range(0, len(requests), batch):
+        report = session.edit(requests[start:start + batch], progress=progress)
+        seconds.append(report.seconds)
+        if running:
+            curve.append(evaluate_session(session, requests[: start + batch], protocol="running",
+                                          options=options, record=False))
+    final = evaluate_session(session, requests, protocol="final", options=options, suite=suite,
+                             suite_examples=suite_examples)
+    return SequentialRun(session.config.method, batch, curve, final, seconds)
+
+
+def plot_curves(runs: Sequence[SequentialRun], path: str | Path, base: Evaluation | None = None,
+                metrics: Sequence[str] = ("efficacy", "generalization", "specificity", "efficacy_generation")
+                ) -> Path:
+    """A PNG with one panel per metric against the number of edits (running protocol), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in metrics if any(m in e.metrics for run in runs for e in run.curve)]
+    figure, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
+    for axis, metric in zip(axes[0], shown):
+        for run in runs:
+            points = [(e.edits, e.metrics[metric]) for e in run.curve if metric in e.metrics]
+            axis.plot(*zip(*points), marker="o", markersize=3, label=run.method.upper())
+        if base is not None and metric in base.metrics:
+            axis.axhline(base.metrics[metric], color="grey", linestyle="--", linewidth=1, label="unedited")
+        axis.set_title(METRIC_NAMES.get(metric, metric))
+        axis.set_xlabel("edits (running protocol)")
+        axis.set_ylim(0, 100)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("%")
+    axes[0][-1].legend(loc="lower left")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_results(path: str | Path, base: Evaluation | None, runs: Sequence[SequentialRun],
+                  settings: dict[str, Any]) -> None:
+    atomic_write_json(path, {"settings": settings, "base": base.to_dict() if base else None,
+                             "runs": [run.to_dict() for run in runs]})
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,121 @@
+"""The evaluation harness on tiny models: metrics through the evaluate module, protocols, suite, plots."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES, TINY_HPARAMS, tiny_model, tiny_tokenizer
+from huggingface_hub import ModelCard
+
+from nse_hub import EditSession, load_requests
+from nse_hub.ability import TASKS, perplexity, suite_accuracy
+from nse_hub.architectures import ModelLayout
+from nse_hub.cli import main
+from nse_hub.evaluation import EvalOptions, evaluate_session, measure_requests, plot_curves, run_sequential
+from nse_hub.scoring import score_targets
+
+REQUESTS = load_requests(FIXTURES / "requests.json")
+
+SUITE = {
+    "sst2": [{"sentence": "a gorgeous , witty film", "label": "1"}, {"sentence": "dull and long", "label": "0"}],
+    "mrpc": [{"sentence1": "He left.", "sentence2": "He went away.", "label": "1"}],
+    "cola": [{"sentence": "The cat sat.", "label": "1"}, {"sentence": "Sat cat the.", "label": "0"}],
+    "rte": [{"sentence1": "Paris is in France.", "sentence2": "Paris is in Spain.", "label": "1"},
+            {"sentence1": "A dog barked loudly.", "sentence2": "A dog barked.", "label": "0"}],
+    "mmlu": [{"question": "2 + 2 =", "choices": "['3', '4', '5', '6']", "answer": "1"}],
+    "nli": [{"sentence1": "It rains.", "sentence2": "It is wet.", "label": "entailment"}],
+}
+
+
+@pytest.fixture
+def suite(tmp_path: Path) -> Path:
+    folder = tmp_path / "suite"
+    folder.mkdir()
+    for task, examples in SUITE.items():
+        # perplexity texts come from MRPC and RTE examples after the evaluated ones
+        (folder / f"{task}.json").write_text(json.dumps(examples * 3))
+    return folder
+
+
+def test_counterfact_metrics_match_direct_comparisons() -> None:
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    layout = ModelLayout.detect(model)
+    metrics = measure_requests(model, tokenizer, layout, REQUESTS, EvalOptions(generation_tokens=3))
+    assert {"efficacy", "generalization", "specificity", "score", "efficacy_magnitude",
+            "efficacy_generation", "generalization_generation"} <= set(metrics)
+    assert "efficacy_token_accuracy" not in metrics
+    new = score_targets(model, tokenizer, layout, [r.text for r in REQUESTS], [r.target_new for r in REQUESTS])
+    true = score_targets(model, tokenizer, layout, [r.text for r in REQUESTS], [r.target_true for r in REQUESTS])
+    expected = 100 * sum(n.mean_nll < t.mean_nll for n, t in zip(new, true)) / len(REQUESTS)
+    assert metrics["efficacy"] == pytest.approx(expected)
+
+
+def test_zsre_records_use_token_accuracy() -> None:
+    model, tokenizer = tiny_model("gpt2"), tiny_tokenizer()
+    requests = load_requests(FIXTURES / "zsre.json")
+    metrics = measure_requests(model, tokenizer, ModelLayout.detect(model), requests, EvalOptions(generation=False))
+    assert set(metrics) == {"efficacy_token_accuracy", "generalization_token_accuracy",
+                            "specificity_token_accuracy"}
+    assert all(0 <= v <= 100 for v in metrics.values())
+
+
+def test_fluency_is_bounded_to_the_chosen_records() -> None:
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    options = EvalOptions(generation=False, fluency_records=2, fluency_tokens=12)
+    metrics = measure_requests(model, tokenizer, ModelLayout.detect(model), REQUESTS, options)
+    assert metrics["fluency"] > 0
+
+
+def test_final_evaluation_flows_into_the_card(tiny_dir: Path) -> None:
+    session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    session.edit(REQUESTS[:2], progress=False)
+    result = evaluate_session(session, options=EvalOptions(generation_tokens=3))
+    assert result.protocol == "final" and result.edits == 2 and result.rounds == 1
+    card = ModelCard(str(session.card()))
+    assert {r.metric_type for r in card.data.eval_results} >= {"efficacy", "efficacy_generation"}
+    efficacy = next(r for r in card.data.eval_results if r.metric_type == "efficacy")
+    assert efficacy.metric_value == round(result.metrics["efficacy"], 1)
+    assert "final protocol" in card.text and "generation-based" in card.text
+
+
+def test_sequential_run_and_plot(tiny_dir: Path, tmp_path: Path) -> None:
+    session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    run = run_sequential(session, REQUESTS, batch=2, options=EvalOptions(generation_tokens=3))
+    assert [e.edits for e in run.curve] == [2, 4] and {e.protocol for e in run.curve} == {"running"}
+    assert run.final.protocol == "final" and run.final.edits == 4 and len(run.round_seconds) == 2
+    path = plot_curves([run], tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_suite_accuracy_and_labels(suite: Path) -> None:
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    results = suite_accuracy(model, tokenizer, ModelLayout.detect(model), suite, examples_per_task=2)
+    assert set(results) == set(TASKS)
+    assert all(0 <= r["accuracy"] <= 100 for r in results.values()) and "mcc" in results["cola"]
+    # GLUE RTE: label 0 is entailment, answered "True".
+    assert TASKS["rte"].gold({"label": "0"}) == 0 and TASKS["rte"].gold({"label": "1"}) == 1
+    assert TASKS["mmlu"].prompt(SUITE["mmlu"][0]).endswith("(B) 4\n(C) 5\n(D) 6\nAnswer:")
+
+
+def test_perplexity_is_exp_of_the_mean_token_nll() -> None:
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    text = "The mother tongue of Danielle Darrieux is French"
+    ids = tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+    nll = -logprobs.gather(1, torch.tensor(ids[1:])[:, None]).mean()
+    assert perplexity(model, tokenizer, ModelLayout.detect(model), [text]) == pytest.approx(math.exp(nll), rel=1e-4)
+
+
+def test_cli_eval_of_a_base_model(tiny_dir: Path, tmp_path: Path, suite: Path) -> None:
+    out = tmp_path / "eval"
+    assert main(["eval", str(tiny_dir), "--data", str(FIXTURES / "requests.json"), "--methods", "nse", "memit",
+                 "--batch-size", "2", "--suite", str(suite), "--suite-examples", "2", "--out", str(out),
+                 "--device", "cpu", "--set", "mom2_n_samples=16", "--set", "layers=[1,2]"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["base"]["protocol"] == "base" and "perplexity" in results["base"]["general"]
+    assert [r["method"] for r in results["runs"]] == ["nse", "memit"]
+    assert results["runs"][0]["final"]["edits"] == 4 and len(results["runs"][1]["curve"]) == 2
+    assert (out / "curves.png").is_file() and (out / "nse-session" / "nse_session" / "session.json").is_file()
