@@ -25,16 +25,26 @@ class ArchitectureFamily:
     projection: str  # path of the MLP output projection inside one decoder layer
     final_norm: str
     model_types: tuple[str, ...]
+    # A norm applied to the MLP output before it joins the residual stream (Gemma 2/3), if any.
+    post_mlp_norm: str | None = None
 
 
 FAMILIES: tuple[ArchitectureFamily, ...] = (
+    ArchitectureFamily(
+        name="gemma",
+        layers="model.layers",
+        projection="mlp.down_proj",
+        final_norm="model.norm",
+        model_types=("gemma2", "gemma3", "gemma3_text"),
+        post_mlp_norm="post_feedforward_layernorm",
+    ),
     ArchitectureFamily(
         name="llama",
         layers="model.layers",
         projection="mlp.down_proj",
         final_norm="model.norm",
         model_types=(
-            "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
+            "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
             "olmo", "olmo2", "phi3", "granite", "smollm3", "cohere", "stablelm",
         ),
     ),
@@ -84,6 +94,7 @@ class ModelLayout:
     intermediate_size: int
     logit_softcap: float | None = None
     layer_returns_tuple: bool = False
+    post_mlp_norm_path: str | None = None
 
     @classmethod
     def detect(cls, model: nn.Module) -> ModelLayout:
@@ -105,6 +116,9 @@ class ModelLayout:
             projection = _get_submodule(layers[0], family.projection)
             if projection is None:
                 tried.append(f"MLP output projection at '{family.layers}.0.{family.projection}'")
+                continue
+            if family.post_mlp_norm and _get_submodule(layers[0], family.post_mlp_norm) is None:
+                tried.append(f"post-MLP norm at '{family.layers}.0.{family.post_mlp_norm}'")
                 continue
             final_norm = _get_submodule(model, family.final_norm)
             if final_norm is None:
@@ -129,6 +143,7 @@ class ModelLayout:
                 intermediate_size=in_features,
                 logit_softcap=getattr(text_config, "final_logit_softcapping", None),
                 layer_returns_tuple=_layer_returns_tuple(model, layers[0]),
+                post_mlp_norm_path=family.post_mlp_norm,
             )
         raise UnsupportedArchitectureError(
             f"nse-hub does not know where to edit {type(model).__name__} (model_type '{model_type}'): "
@@ -150,6 +165,12 @@ class ModelLayout:
 
     def projection(self, model: nn.Module, index: int) -> nn.Module:
         return model.get_submodule(self.projection_name(index))
+
+    def post_mlp_norm(self, model: nn.Module, index: int) -> nn.Module | None:
+        """The norm between layer ``index``'s MLP output and the residual stream, if the family has one."""
+        if self.post_mlp_norm_path is None:
+            return None
+        return self.layer(model, index).get_submodule(self.post_mlp_norm_path)
 
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.final_norm_path)

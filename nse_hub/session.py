@@ -53,6 +53,8 @@ from nse_hub.report import ProbeResult, RequestReport, RoundReport, compare
 from nse_hub.requests import EditRequest, RequestLike, parse_requests
 from nse_hub.scoring import TargetScore, score_targets
 from nse_hub.stats import StatsSpec, matrix_sha256, second_moments
+from nse_hub.tokens import encode
+from nse_hub.tracing import read_output, run_forward, stop_after
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +173,9 @@ class EditSession:
             embedded_spec = embedded_model_of(model.name_or_path) if model.name_or_path else None
             embedded = embedded_spec.name if embedded_spec else None
             name = model.name_or_path
-        config = make_config(ModelLayout.detect(model), embedded, method, **hparams)
+        layout = ModelLayout.detect(model)
+        config = make_config(layout, embedded, method,
+                             hidden_rms=lambda layer: hidden_rms(model, tokenizer, layout, layer), **hparams)
         session = cls(model, tokenizer, config)
         session.base.name_or_path = model.name_or_path or name  # embedded models: the converted folder
         session.base.revision = revision
@@ -469,6 +473,25 @@ def _request_report(request: EditRequest, before: dict[str, TargetScore], after:
         value_loss=outcome.values.loss[i], value_steps=outcome.values.steps[i],
         edited_in_passes=[kept[i] for kept in outcome.kept],
         paraphrases=paraphrases, neighbors=neighbors)
+
+
+# Plain sentences for measuring the scale of a model's hidden states.
+_SCALE_PROBES = ("The capital of France is Paris.", "Water boils at one hundred degrees.",
+                 "She wrote three novels before she turned thirty.", "The museum opens at nine in the morning.")
+
+
+@torch.no_grad()
+def hidden_rms(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout, layer: int) -> float:
+    """Median per-coordinate RMS of the hidden states after ``layer`` (first tokens left out: attention sinks)."""
+    values = []
+    for text in _SCALE_PROBES:
+        ids = torch.tensor([encode(tokenizer, text)], device=next(model.parameters()).device)
+        seen: dict[str, torch.Tensor] = {}
+        with read_output(layout.layer(model, layer), lambda h, seen=seen: seen.__setitem__("h", h)), \
+                stop_after(layout.layer(model, layer)):
+            run_forward(layout.decoder(model), input_ids=ids, use_cache=False)
+        values += seen["h"][0, 1:].float().square().mean(dim=-1).sqrt().tolist()
+    return float(torch.tensor(values).median())
 
 
 def check_base(model: PreTrainedModel, base: BaseModelInfo) -> None:

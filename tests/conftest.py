@@ -71,9 +71,9 @@ def tiny_model(family: str = "llama", layers: int = 4, seed: int = 0) -> torch.n
         "mistral": lambda: MistralForCausalLM(MistralConfig(**llama_like)),
         "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**llama_like, head_dim=8, sliding_window=16)),
         "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4,
-                                                   n_positions=256)),
+                                                   n_positions=256, bos_token_id=0, eos_token_id=0)),
         "gptj": lambda: GPTJForCausalLM(GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4,
-                                                   rotary_dim=4, n_positions=256)),
+                                                   rotary_dim=4, n_positions=256, bos_token_id=0, eos_token_id=0)),
         "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=32,
                                                              num_hidden_layers=layers, num_attention_heads=4,
                                                              intermediate_size=64, max_position_embeddings=256)),
@@ -116,6 +116,8 @@ def tiny_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def hub():
     """The loopback Hub every client of this test session talks to (see HF_ENDPOINT above)."""
+    if os.environ.get("NSE_HUB_LIVE_TESTS"):
+        pytest.skip("NSE_HUB_LIVE_TESTS is set: the clients talk to the real Hub, not the loopback server")
     from hub_server import HubServer
 
     with HubServer(token=HUB_TOKEN, port=HUB_PORT) as server:

@@ -158,7 +158,7 @@ def test_key_probe_matches_a_plain_forward(family: str) -> None:
     requests = load_requests(FIXTURES / "requests.json")
     batch = build_key_batch(tokenizer, requests, TEMPLATES)
     probe = KeyProbe(model, layout, batch, first_layer=1, z_layer=2, pad=pad_id(tokenizer), batch_size=5)
-    keys, z_out = probe.read([1, 2], requests=[0, 2])
+    keys, z_out, _ = probe.read([1, 2], requests=[0, 2])
 
     expected_keys = {1: [], 2: []}
     expected_z = []
@@ -201,3 +201,37 @@ def test_rows_are_grouped_by_suffix_width_to_cut_padding() -> None:
     assert padded < len(widths) * max(widths)
     assert _group_rows([3, 3, 3]) == [[0, 1, 2]]
     assert _group_rows(widths, overhead=10_000) == [list(range(len(widths)))]  # launches dominate: one group
+
+
+def test_targets_through_a_post_mlp_norm_come_as_close_as_the_norm_allows() -> None:
+    from nse_hub.algorithm.update import through_post_norm
+
+    model = tiny_model("gemma3")
+    layout = ModelLayout.detect(model)
+    assert layout.family == "gemma" and layout.post_mlp_norm_path == "post_feedforward_layernorm"
+    norm = layout.post_mlp_norm(model, 1)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-0.9, 2.0, 32))
+        norm.weight[5] = -1.0  # Gemma scales by (1 + weight): this dimension is always zero
+        norm.weight[6] = -0.999  # and this one almost
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 32, generator=g)
+    with torch.no_grad():
+        y = norm(x)
+        for share in (0.05, 0.5):
+            r = share * torch.randn(32, 3, generator=g) * y.norm(dim=1)
+            change = through_post_norm(norm, x, r)
+            assert bool(torch.isfinite(change).all())
+            reached, wanted = norm(x + change.T.float()), y + r.T
+            # closer to the target than doing nothing, and than a random reachable point of the same scale
+            assert bool(((reached - wanted).norm(dim=1) < (y - wanted).norm(dim=1)).all())
+            # As close as any reachable output: brute force over {v · g : rms(v) = 1} by projected gradient.
+            scale = norm(torch.ones(1, 32))[0].double()
+            for row in range(3):
+                v = x[row].double() / x[row].double().square().mean().sqrt()
+                for _ in range(5000):
+                    v = v - 0.01 * 2 * scale * (v * scale - wanted[row].double())
+                    v = v / v.square().mean().sqrt()
+                best = (v * scale - wanted[row].double()).norm()
+                assert float((reached[row].double() - wanted[row].double()).norm()) <= float(best) * 1.001 + 1e-5
+    assert ModelLayout.detect(tiny_model("llama")).post_mlp_norm_path is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel
@@ -12,6 +13,20 @@ from nse_hub.algorithm.batches import KeyBatch
 from nse_hub.architectures import ModelLayout
 from nse_hub.tokens import pad_right
 from nse_hub.tracing import StopForward, read_input, read_output, run_forward, start_at, stop_after
+
+
+class Reading(NamedTuple):
+    """What one probe pass read, for the requests asked about (in that order).
+
+    Attributes:
+        keys: per layer, keys averaged over context templates, ``d_ff × n'`` float32.
+        z_out: z-layer outputs at the subject's last token of the bare prompt, ``n' × d_model``.
+        outputs: per layer asked for, the projection's output there, ``n' × d_model``.
+    """
+
+    keys: dict[int, torch.Tensor]
+    z_out: torch.Tensor
+    outputs: dict[int, torch.Tensor]
 
 
 class KeyProbe:
@@ -55,12 +70,13 @@ class KeyProbe:
         return seen["h"]
 
     @torch.no_grad()
-    def read(self, key_layers: Sequence[int], requests: Sequence[int] | None = None
-             ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Keys per layer (``d_ff × n'``, float32) and z-layer outputs (``n' × d_model``) of ``requests``."""
+    def read(self, key_layers: Sequence[int], requests: Sequence[int] | None = None,
+             output_layers: Sequence[int] = ()) -> Reading:
+        """Keys at ``key_layers``, z-layer outputs, and projection outputs at ``output_layers`` of ``requests``."""
         requests = list(range(self.batch.num_requests)) if requests is None else list(requests)
         wanted = set(requests)
         rows_keys = {layer: [] for layer in key_layers}
+        rows_out = {layer: [] for layer in output_layers}
         rows_z = []
         layers = self.layout.layers(self.model)
         for rows, (ids, mask, first_input) in zip(self.chunks, self.inputs):
@@ -75,6 +91,10 @@ class KeyProbe:
                     hooks.enter_context(read_input(
                         self.layout.projection(self.model, layer),
                         lambda k, layer=layer, at=at: rows_keys[layer].append(k[at].float())))
+                for layer in output_layers:
+                    hooks.enter_context(read_output(
+                        self.layout.projection(self.model, layer),
+                        lambda x, layer=layer, at=at: rows_out[layer].append(x[at].float())))
                 hooks.enter_context(read_output(layers[self.z_layer],
                                                 lambda h, at=at: rows_z.append(h[at].float())))
                 hooks.enter_context(stop_after(layers[self.z_layer]))
@@ -86,5 +106,6 @@ class KeyProbe:
         averaging = self.averaging[requests][:, all_rows]
         keys = {layer: (averaging @ torch.cat(parts)).T.contiguous() for layer, parts in rows_keys.items()}
         row_at = {row: k for k, row in enumerate(all_rows)}
-        z_out = torch.cat(rows_z)[[row_at[self.batch.plain_row[r]] for r in requests]]
-        return keys, z_out
+        plain = [row_at[self.batch.plain_row[r]] for r in requests]
+        outputs = {layer: torch.cat(parts)[plain] for layer, parts in rows_out.items()}
+        return Reading(keys, torch.cat(rows_z)[plain], outputs)

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nse_hub.algorithm.batches import ValueBatch, build_key_batch, build_value_batch
 from nse_hub.algorithm.keys import KeyProbe
-from nse_hub.algorithm.update import neuron_update, select_neurons
+from nse_hub.algorithm.update import neuron_update, select_neurons, through_post_norm
 from nse_hub.algorithm.values import ValueResult, optimize_values
 from nse_hub.architectures import ModelLayout
 from nse_hub.config import EditConfig
@@ -115,9 +115,10 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
     residual_before: list[float] = []
     kept_per_pass: list[list[bool]] = []
     selected: dict[int, list[int]] = {layer: [] for layer in layers}
+    normed = layout.post_mlp_norm_path is not None  # Gemma: MLP output is normalised before the residual add
     for _ in range(config.update_passes):
         with clock.phase("keys"):
-            keys, current = probe.read([layers[0]])
+            keys, current, outputs = probe.read([layers[0]], output_layers=[layers[0]] if normed else [])
         residual = (targets - current.to(targets.device)).norm(dim=1)
         if not residual_before:
             residual_before = residual.tolist()
@@ -130,20 +131,25 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
             with clock.phase("keys"):
                 if j == 0:  # read on the same weights just above
                     layer_keys, current_kept = keys[layer][:, kept], current[kept]
+                    output_kept = outputs[layer][kept] if normed else None
                 else:
-                    read, current_kept = probe.read([layer], kept)
-                    layer_keys = read[layer]
+                    reading = probe.read([layer], kept, output_layers=[layer] if normed else [])
+                    layer_keys, current_kept = reading.keys[layer], reading.z_out
+                    output_kept = reading.outputs.get(layer)
             with clock.phase("solve"):
                 neurons = (select_neurons(layer_keys, config.neuron_threshold) if config.method == "nse"
                            else torch.arange(layer_keys.shape[0]))
                 selected[layer].append(len(neurons))
-                residual_kept = (targets[kept] - current_kept.to(targets.device)).T
+                # This layer's share of what the z-layer output still lacks (the rest is left to later layers).
+                residual_kept = (targets[kept] - current_kept.to(targets.device)).T.double() / (len(layers) - j)
+                if normed:
+                    residual_kept = through_post_norm(layout.post_mlp_norm(model, layer), output_kept.to(
+                        model.dtype), residual_kept.to(output_kept.device)).to(targets.device, torch.float64)
                 factors = neuron_update(layer_keys, residual_kept, inputs.second_moments[layer],
-                                        inputs.memory.P(layer), config.mom2_update_weight, neurons,
-                                        spread=len(layers) - j)
+                                        inputs.memory.P(layer), config.mom2_update_weight, neurons, spread=1)
                 inputs.deltas.add(layer, factors)
     with clock.phase("keys"):
-        final_keys, final = probe.read(layers)
+        final_keys, final, _ = probe.read(layers)
     residual_after = (targets - final.to(targets.device)).norm(dim=1).tolist()
     if not residual_before:
         residual_before = residual_after

@@ -60,3 +60,42 @@ def neuron_update(keys: torch.Tensor, residual: torch.Tensor, second_moment: tor
     a[:, index] = solved.T
     b = residual.to(device, torch.float64) / spread
     return Factors(b.float(), a.float())
+
+
+def through_post_norm(norm: torch.nn.Module, outputs: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Map residual-stream targets back to a projection whose output is normalised before the residual add.
+
+    With ``y = norm(x) = v · g`` where ``v = x / rms(x)`` (Gemma's ``post_feedforward_layernorm``), the
+    wanted output is ``y* = norm(x) + r``. The reachable outputs are ``v · g`` with ``rms(v) = 1``; the
+    closest one to ``y*`` is ``v_d = g_d y*_d / (g_d² + λ)`` with ``λ ≥ 0`` chosen so that ``rms(v) = 1``
+    (dimensions with a tiny ``g`` are not chased with huge values). The new projection output is the
+    multiple of ``v`` closest to the current ``x``; the returned change is that minus ``x``.
+
+    Args:
+        norm: the norm module.
+        outputs: ``n × d_model`` current projection outputs ``x`` at the subjects' last tokens.
+        residual: ``d_model × n`` residual-stream targets ``r``.
+    """
+    x = outputs.double()
+    with torch.no_grad():
+        g = norm(torch.ones(1, x.shape[1], dtype=outputs.dtype, device=outputs.device)).double()[0]
+        wanted = norm(outputs).double() + residual.T.double()
+
+    def unit(lam: torch.Tensor) -> torch.Tensor:
+        return g * wanted / (g * g + lam)
+
+    def rms(v: torch.Tensor) -> torch.Tensor:
+        return v.square().mean(dim=1, keepdim=True).sqrt()
+
+    # rms(v(λ)) falls as λ grows on (-min g², ∞); λ < 0 when y* lies inside the reachable surface.
+    squares = (g * g)[g * g > 0]
+    low = torch.full((x.shape[0], 1), -float(squares.min()) * (1 - 1e-9), dtype=torch.float64, device=x.device)
+    high = rms(g * wanted) * 2 + squares.max() + 1.0  # here rms(v) < 1
+    for _ in range(200):  # bisection
+        middle = (low + high) / 2
+        too_big = rms(unit(middle)) > 1
+        low, high = torch.where(too_big, middle, low), torch.where(too_big, high, middle)
+    v = unit(high)
+    v = v / rms(v)  # exactly on the reachable set (also when even λ → 0 stays inside it)
+    fit = (v * x).sum(dim=1, keepdim=True) / (v * v).sum(dim=1, keepdim=True)
+    return (fit * v - x).T
