@@ -186,11 +186,10 @@ def make_config(layout: ModelLayout, embedded_name: str | None = None, method: s
     check_names(hparams)
     preset = preset_for(layout, embedded_name)
     base: dict[str, Any] = dict(PRESETS[preset]) if preset else {"layers": automatic_layers(layout.num_layers)}
-    if not preset and "v_lr" not in hparams and hidden_rms is not None:
-        z = tuple(hparams.get("layers", base["layers"]))[-1]
-        base["v_lr"] = float(f"{V_LR_PER_HIDDEN_RMS * hidden_rms(z):.2g}")
     config = EditConfig(**{**base, "method": method, "preset": preset, **hparams})
     problems = config.problems(num_layers=layout.num_layers)
     if problems:
         raise ValueError("invalid edit configuration: " + "; ".join(problems))
+    if not preset and "v_lr" not in hparams and hidden_rms is not None:
+        config = config.replace(v_lr=float(f"{V_LR_PER_HIDDEN_RMS * hidden_rms(config.z_layer):.2g}"))
     return config

@@ -93,7 +93,7 @@ def save_tiny(folder: Path, family: str = "llama", seed: int = 0) -> Path:
 
 
 # Small settings that keep tiny-model sessions fast.
-TINY_HPARAMS = {"mom2_n_samples": 16, "mom2_sample_length": 16, "v_num_grad_steps": 8, "context_length": 6}
+TINY_HPARAMS = {"v_lr": 0.5, "mom2_n_samples": 16, "mom2_sample_length": 16, "v_num_grad_steps": 8, "context_length": 6}
 
 
 @pytest.fixture(scope="session", autouse=True)
