@@ -137,8 +137,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from nse_hub.checkpoint import is_checkpoint
     from nse_hub.evaluation import EvalOptions, evaluate_session, plot_curves, run_sequential, write_results
 
-    options = EvalOptions(generation=not args.no_generation, fluency_records=args.fluency_records)
-    requests = load_requests(args.data, limit=args.limit, offset=args.offset) if args.data else None
+    options = EvalOptions(generation=not args.no_generation, fluency_records=args.fluency_records, idf=args.idf)
+    requests = load_requests(args.data, limit=args.limit, offset=args.offset,
+                             attribute_snippets=args.attribute_snippets) if args.data else None
     out = Path(args.out) if args.out else None
     hparams = {} if is_checkpoint(args.model) else _hparams(args.set)
     session = EditSession.from_pretrained(args.model, device=args.device, **hparams)
@@ -237,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-generation", action="store_true", help="skip the generation-based figures")
     evaluate.add_argument("--fluency-records", type=int, default=0,
                           help="records whose ~100-token generations measure fluency (default 0)")
+    evaluate.add_argument("--attribute-snippets", metavar="JSON",
+                          help="ROME's attribute_snippets.json: consistency for CounterFact (ROME schema) records "
+                               "with fluency generations")
+    evaluate.add_argument("--idf", metavar="DIR", help="folder with ROME's idf.npy and tfidf_vocab.json")
     evaluate.add_argument("--out", help="folder for results.json, curves.png and the sessions")
     evaluate.add_argument("--device")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

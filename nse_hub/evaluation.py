@@ -13,6 +13,7 @@ Teacher-forced and generation-based figures are always reported side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from nse_hub.architectures import ModelLayout
 from nse_hub.card import Metric
 from nse_hub.io import atomic_write_json
 from nse_hub.metrics import load_edit_metrics
+from nse_hub.metrics.edit_metrics.edit_metrics import idf_from_vocab
 from nse_hub.requests import EditRequest
 from nse_hub.scoring import generate_greedy, score_targets
 
@@ -57,6 +59,9 @@ class EvalOptions:
         fluency_records: how many records (the first ones) get ~100-token generations for fluency;
             their ``generation_prompts``, or their rewrite and paraphrase prompts when they have none.
         fluency_tokens: tokens per fluency generation.
+            The same generations give consistency for records with ``reference_snippets``.
+        idf: folder with ROME's ``idf.npy`` and ``tfidf_vocab.json`` for consistency (comparable
+            with the papers); without it, the IDF comes from the texts being compared.
         batch_size: sequences per forward pass.
     """
 
@@ -64,6 +69,7 @@ class EvalOptions:
     generation_tokens: int = 8
     fluency_records: int = 0
     fluency_tokens: int = 100
+    idf: str | Path | None = None
     batch_size: int = 32
 
 
@@ -150,7 +156,8 @@ def measure_requests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     for name in list(inputs):  # leave out what no record has, so the module reports only measured figures
         if all(v is None or v == [] for v in inputs[name]):
             del inputs[name]
-    return load_edit_metrics(keep_in_memory=True).compute(**inputs)
+    extra = {"idf": read_idf(options.idf)} if options.idf and "consistency_generations" in inputs else {}
+    return load_edit_metrics(keep_in_memory=True).compute(**inputs, **extra)
 
 
 def _add_generations(inputs: dict[str, list], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -172,7 +179,24 @@ def _add_fluency(inputs: dict[str, list], model: PreTrainedModel, tokenizer: Pre
     flat = [p for prompts in prompt_lists for p in prompts]
     outputs = iter(generate_greedy(model, tokenizer, flat, options.fluency_tokens, options.batch_size))
     generations: list[list[str] | None] = [[next(outputs) for _ in prompts] for prompts in prompt_lists]
-    inputs["fluency_generations"] = generations + [None] * (len(requests) - len(chosen))
+    generations += [None] * (len(requests) - len(chosen))
+    inputs["fluency_generations"] = generations
+    if any(r.reference_snippets for r in chosen):
+        inputs["consistency_generations"] = [g if r.reference_snippets else None
+                                             for g, r in zip(generations, requests)]
+        inputs["reference_snippets"] = [list(r.reference_snippets) or None for r in requests]
+
+
+def read_idf(folder: str | Path) -> dict[str, float]:
+    """ROME's IDF table (``idf.npy`` + ``tfidf_vocab.json``) as word -> IDF."""
+    import numpy
+
+    folder = Path(folder)
+    missing = [name for name in ("idf.npy", "tfidf_vocab.json") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: give the folder holding ROME's idf.npy "
+                                "and tfidf_vocab.json, or leave idf unset to use the IDF of the compared texts")
+    return idf_from_vocab(json.loads((folder / "tfidf_vocab.json").read_text()), numpy.load(folder / "idf.npy"))
 
 
 def general_ability(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
@@ -232,12 +256,14 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
                    suite_examples: int = 100, progress: bool = False) -> SequentialRun:
     """Edit ``requests`` in rounds of ``batch``; evaluate after each round (running) and at the end (final)."""
     curve, seconds = [], []
+    # Long generations for fluency are a final-protocol figure; the running curve leaves them out.
+    running_options = dataclasses.replace(options or EvalOptions(), fluency_records=0)
     for start in range(0, len(requests), batch):
         report = session.edit(requests[start:start + batch], progress=progress)
         seconds.append(report.seconds)
         if running:
             curve.append(evaluate_session(session, requests[: start + batch], protocol="running",
-                                          options=options, record=False))
+                                          options=running_options, record=False))
     final = evaluate_session(session, requests, protocol="final", options=options, suite=suite,
                              suite_examples=suite_examples)
     return SequentialRun(session.config.method, batch, curve, final, seconds)

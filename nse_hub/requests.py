@@ -3,7 +3,8 @@
 Supported record formats (detected per record from its keys):
 
 * **nse-hub** — ``{"prompt": "The mother tongue of {} is", "subject": ..., "target_new": ...,
-  "target_true"?, "paraphrases"?, "neighbors"?: [{"prompt", "answer"}], "generation_prompts"?, "case_id"?}``
+  "target_true"?, "paraphrases"?, "neighbors"?: [{"prompt", "answer"}], "generation_prompts"?,
+  "reference_snippets"?, "case_id"?}``
 * **CounterFact (ROME schema)** — ``{"case_id", "requested_rewrite": {"prompt", "subject",
   "target_new": {"str"}, "target_true": {"str"}}, "paraphrase_prompts", "neighborhood_prompts",
   "generation_prompts"}``
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ class EditRequest:
         paraphrases: other prompts (subject filled in) that should now give ``target_new``.
         neighbors: prompts about other subjects with the answers they must keep.
         generation_prompts: prompts for free generation (fluency, consistency).
+        reference_snippets: texts about ``target_new`` for the same relation (ROME's attribute
+            snippets), which the generations are compared with for consistency.
         case_id: the record's id in its dataset, carried into reports and manifests.
     """
 
@@ -58,11 +61,12 @@ class EditRequest:
     paraphrases: tuple[str, ...] = ()
     neighbors: tuple[Probe, ...] = ()
     generation_prompts: tuple[str, ...] = field(default=(), compare=False)
+    reference_snippets: tuple[str, ...] = field(default=(), compare=False)
     case_id: int | str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # Accept lists and plain pairs/dicts from callers; store immutable tuples of Probes.
-        for name in ("paraphrases", "generation_prompts"):
+        for name in ("paraphrases", "generation_prompts", "reference_snippets"):
             object.__setattr__(self, name, _strings(getattr(self, name), name))
         object.__setattr__(self, "neighbors", _probes(self.neighbors, self.target_true, "neighbors"))
         problem = _problem(self)
@@ -80,6 +84,7 @@ class EditRequest:
         record["paraphrases"] = list(self.paraphrases)
         record["neighbors"] = [asdict(n) for n in self.neighbors]
         record["generation_prompts"] = list(self.generation_prompts)
+        record["reference_snippets"] = list(self.reference_snippets)
         return {k: v for k, v in record.items() if v not in (None, [], ())}
 
 
@@ -102,7 +107,7 @@ def _problem(request: EditRequest) -> str | None:
                 f"{request.prompt!r}")
     if request.target_true is not None and request.target_true.strip() == request.target_new.strip():
         return f"'target_new' equals 'target_true' ({request.target_new!r}): nothing to edit"
-    for name in ("paraphrases", "generation_prompts"):
+    for name in ("paraphrases", "generation_prompts", "reference_snippets"):
         if not all(isinstance(p, str) and p.strip() for p in getattr(request, name)):
             return f"'{name}' must be a list of non-empty strings"
     for n in request.neighbors:
@@ -207,7 +212,7 @@ def _from_zsre(record: Mapping[str, Any]) -> EditRequest:
 
 def _from_own(record: Mapping[str, Any]) -> EditRequest:
     known = {"prompt", "subject", "target_new", "target_true", "paraphrases", "neighbors",
-             "generation_prompts", "case_id"}
+             "generation_prompts", "reference_snippets", "case_id"}
     unknown = sorted(set(record) - known)
     if unknown:
         raise RequestError(f"unknown field(s) {unknown}; an nse-hub request has {sorted(known)}")
@@ -219,6 +224,7 @@ def _from_own(record: Mapping[str, Any]) -> EditRequest:
         paraphrases=_strings(record.get("paraphrases"), "paraphrases"),
         neighbors=_probes(record.get("neighbors"), _text_of(record.get("target_true")), "neighbors"),
         generation_prompts=_strings(record.get("generation_prompts"), "generation_prompts"),
+        reference_snippets=_strings(record.get("reference_snippets"), "reference_snippets"),
         case_id=record.get("case_id"),
     )
 
@@ -299,17 +305,42 @@ def read_records(path: str | Path) -> list[Any]:
     return data
 
 
-def load_requests(path: str | Path, limit: int | None = None, offset: int = 0) -> list[EditRequest]:
+def load_requests(path: str | Path, limit: int | None = None, offset: int = 0,
+                  attribute_snippets: str | Path | None = None) -> list[EditRequest]:
     """Load and validate edit requests from a JSON or JSONL file in any supported format.
 
     Args:
         path: the file.
         limit: keep at most this many records (after ``offset``).
         offset: skip this many records first.
+        attribute_snippets: ROME's ``attribute_snippets.json``; each CounterFact (ROME schema)
+            request gets the snippets of its relation and new target, for the consistency metric.
     """
-    records = read_records(path)
-    end = None if limit is None else offset + limit
-    return parse_requests(records[offset:end], source=str(path))
+    records = read_records(path)[offset:None if limit is None else offset + limit]
+    requests = parse_requests(records, source=str(path))
+    if attribute_snippets is not None:
+        requests = with_attribute_snippets(records, requests, attribute_snippets, source=str(path))
+    return requests
+
+
+def with_attribute_snippets(records: Sequence[Mapping[str, Any]], requests: Sequence[EditRequest],
+                            snippets_path: str | Path, source: str = "requests") -> list[EditRequest]:
+    """Attach ROME's attribute snippets (by relation id and new target id) to CounterFact requests."""
+    table: dict[tuple[str, str], list[str]] = {}
+    for entry in read_records(snippets_path):
+        texts = [sample["text"] for sample in entry.get("samples", []) if sample.get("text")]
+        table.setdefault((entry["relation_id"], entry["target_id"]), []).extend(texts)
+    out = []
+    for number, (record, request) in enumerate(zip(records, requests), start=1):
+        rewrite = record.get("requested_rewrite")
+        target = rewrite.get("target_new") if isinstance(rewrite, Mapping) else None
+        if not isinstance(target, Mapping) or "relation_id" not in rewrite or "id" not in target:
+            raise RequestError(f"{source}, record {number}: attribute snippets need CounterFact records in the "
+                               "ROME schema (requested_rewrite.relation_id and target_new.id); this record "
+                               f"is in the {record_format(record)} format")
+        snippets = table.get((rewrite["relation_id"], target["id"]), [])
+        out.append(replace(request, reference_snippets=tuple(snippets)))
+    return out
 
 
 def save_requests(requests: Iterable[EditRequest], path: str | Path) -> None:

@@ -68,6 +68,41 @@ def test_fluency_is_bounded_to_the_chosen_records() -> None:
     assert metrics["fluency"] > 0
 
 
+def test_consistency_compares_generations_with_the_attribute_snippets(tmp_path: Path) -> None:
+    import numpy
+
+    from nse_hub.metrics.edit_metrics.edit_metrics import idf_from_vocab, tfidf_cosine, tfidf_tokens
+    from nse_hub.scoring import generate_greedy
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    (plain,) = load_requests(FIXTURES / "counterfact_rome.json")
+    generations = generate_greedy(model, tokenizer, list(plain.generation_prompts), 12)
+    # Snippets share part of the first generation's words, so the similarity is neither 0 nor 100.
+    texts = [" ".join(generations[0].split()[:4]) + " spoken in England", "English is a language"]
+    snippets = [{"relation_id": "P103", "target_id": "Q1860", "samples": [{"name": "A", "text": t} for t in texts]},
+                {"relation_id": "P103", "target_id": "Q150", "samples": [{"name": "B", "text": "French"}]}]
+    (tmp_path / "snippets.json").write_text(json.dumps(snippets))
+    words = sorted(set(tfidf_tokens(" ".join([*generations, *texts]))))
+    (tmp_path / "tfidf_vocab.json").write_text(json.dumps({w: i for i, w in enumerate(words)}))
+    numpy.save(tmp_path / "idf.npy", numpy.linspace(1.0, 3.0, len(words)))
+
+    (request,) = load_requests(FIXTURES / "counterfact_rome.json", attribute_snippets=tmp_path / "snippets.json")
+    assert request.reference_snippets == tuple(texts)
+    options = EvalOptions(generation=False, fluency_records=1, fluency_tokens=12, idf=tmp_path)
+    metrics = measure_requests(model, tokenizer, ModelLayout.detect(model), [request], options)
+
+    idf = idf_from_vocab(json.loads((tmp_path / "tfidf_vocab.json").read_text()), numpy.load(tmp_path / "idf.npy"))
+    expected = 100 * tfidf_cosine(" ".join(generations), " ".join(texts), idf)
+    assert 0 < expected < 100
+    assert metrics["consistency"] == pytest.approx(expected)
+
+
+def test_attribute_snippets_need_the_rome_schema(tmp_path: Path) -> None:
+    (tmp_path / "snippets.json").write_text("[]")
+    with pytest.raises(ValueError, match="record 1: attribute snippets need CounterFact records in the ROME schema"):
+        load_requests(FIXTURES / "counterfact_easyedit.json", attribute_snippets=tmp_path / "snippets.json")
+
+
 def test_final_evaluation_flows_into_the_card(tiny_dir: Path) -> None:
     session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
     session.edit(REQUESTS[:2], progress=False)
