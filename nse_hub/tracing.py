@@ -3,7 +3,8 @@
 The algorithm never re-implements a transformer: it runs the model's own ``forward`` and uses
 these hooks to read a module's input or output, add a vector to a layer's output, start the
 forward at a given decoder layer from cached hidden states, or stop it once the layer of
-interest has run.
+interest has run. Each hook lives for one ``with`` block (torch's hook handles remove
+themselves on exit).
 """
 
 from __future__ import annotations
@@ -32,21 +33,15 @@ def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
 @contextmanager
 def read_input(module: nn.Module, fn: Callable[[torch.Tensor], None]) -> Iterator[None]:
     """Call ``fn`` with the first positional input of ``module`` on every forward."""
-    handle = module.register_forward_pre_hook(lambda _m, args: fn(args[0]))
-    try:
+    with module.register_forward_pre_hook(lambda _m, args: fn(args[0])):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
 def read_output(module: nn.Module, fn: Callable[[torch.Tensor], None]) -> Iterator[None]:
     """Call ``fn`` with the hidden states ``module`` returns on every forward."""
-    handle = module.register_forward_hook(lambda _m, _args, out: fn(hidden_of(out)))
-    try:
+    with module.register_forward_hook(lambda _m, _args, out: fn(hidden_of(out))):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -56,11 +51,8 @@ def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -
     def hook(_m: nn.Module, _args: Any, out: Any) -> Any:
         return _with_hidden(out, fn(hidden_of(out)))
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with module.register_forward_hook(hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -70,11 +62,8 @@ def stop_after(module: nn.Module) -> Iterator[None]:
     def hook(*_: Any) -> None:
         raise StopForward
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with module.register_forward_hook(hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
