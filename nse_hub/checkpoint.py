@@ -9,7 +9,8 @@
     rounds/001/keys.safetensors                       that round's key memory contribution
     rounds/001/report.json                            that round's RoundReport
     nse_session/session.json                          base model, hyperparameters, context templates,
-                                                      statistics reference, number of rounds
+                                                      statistics reference, number of rounds, and
+                                                      the evaluations recorded for each version
 
 Saving writes the new round folders first, then the root files, ``session.json`` last, and removes
 round folders beyond the saved version only after that; every file is replaced atomically. A save
@@ -86,19 +87,23 @@ class SessionMeta:
     rounds: int
     nse_hub_version: str = ""
     format: int = FORMAT_VERSION
+    evaluations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "nse_hub_version": self.nse_hub_version, "rounds": self.rounds,
                 "base": asdict(self.base), "config": self.config.to_dict(),
-                "context_templates": self.context_templates, "stats": self.stats, **self.extra}
+                "context_templates": self.context_templates, "stats": self.stats,
+                "evaluations": self.evaluations, **self.extra}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionMeta:
-        known = {"format", "nse_hub_version", "rounds", "base", "config", "context_templates", "stats"}
+        known = {"format", "nse_hub_version", "rounds", "base", "config", "context_templates", "stats",
+                 "evaluations"}
         return cls(base=BaseModelInfo(**data["base"]), config=EditConfig.from_dict(data["config"]),
                    context_templates=data["context_templates"], stats=data["stats"], rounds=int(data["rounds"]),
                    nse_hub_version=data.get("nse_hub_version", ""), format=int(data.get("format", 1)),
+                   evaluations=dict(data.get("evaluations", {})),
                    extra={k: v for k, v in data.items() if k not in known})
 
 

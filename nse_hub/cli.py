@@ -149,6 +149,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _print_evaluation(str(session), evaluation)
         if out:
             write_results(out / "results.json", evaluation, [], {"model": args.model, "data": args.data})
+        if args.record:
+            if not Path(args.model).is_dir():
+                raise ValueError(f"--record writes into a local saved edit; {args.model} is not a folder here")
+            session.save_pretrained(args.model)  # the card and session state now carry these figures
+            console.print(f"Recorded the figures in {args.model}'s model card; `nse-hub push` publishes them")
         return 0
     if requests is None:
         raise ValueError("--data is needed to edit a base model and evaluate the edits")
@@ -242,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="ROME's attribute_snippets.json: consistency for CounterFact (ROME schema) records "
                                "with fluency generations")
     evaluate.add_argument("--idf", metavar="DIR", help="folder with ROME's idf.npy and tfidf_vocab.json")
+    evaluate.add_argument("--record", action="store_true",
+                          help="a saved edit: write the figures into its model card and session state")
     evaluate.add_argument("--out", help="folder for results.json, curves.png and the sessions")
     evaluate.add_argument("--device")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -199,6 +200,8 @@ class EditSession:
         session = cls(model, tokenizer, meta.config, base=meta.base)
         session.context_templates = meta.context_templates
         session._stats_sha256 = dict(meta.stats.get("sha256", {}))
+        session.evaluations = {int(version): [Metric(**m) for m in metrics]
+                               for version, metrics in meta.evaluations.items() if int(version) <= upto}
         for index in range(1, upto + 1):
             data = read_round(folder, session.layout, index)
             session.deltas.append_round(data.factors)
@@ -265,6 +268,7 @@ class EditSession:
         self.deltas.truncate(k)
         self.memory.truncate(k)
         del self.rounds[k:]
+        self.evaluations = {version: m for version, m in self.evaluations.items() if version <= k}
 
     def merge(self, round: int | None = None) -> PreTrainedModel:
         """A standalone copy of the model with the deltas up to ``round`` (default: all) merged in:
@@ -418,8 +422,10 @@ class EditSession:
         spec = self.stats_spec
         stats = {"corpus": spec.corpus, "n_samples": spec.n_samples, "sample_length": spec.sample_length,
                  "seed": spec.seed, "model_sha256": spec.model_fingerprint, "sha256": dict(self._stats_sha256)}
+        evaluations = {str(version): [dataclasses.asdict(m) for m in metrics]
+                       for version, metrics in sorted(self.evaluations.items()) if version <= upto}
         return SessionMeta(base=self.base, config=self.config, context_templates=self.context_templates,
-                           stats=stats, rounds=upto, nse_hub_version=__version__)
+                           stats=stats, rounds=upto, nse_hub_version=__version__, evaluations=evaluations)
 
     def card(self, round: int | None = None, repo_id: str | None = None) -> ModelCard:
         """The model card of the version after ``round`` (default: the latest)."""

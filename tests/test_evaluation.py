@@ -103,6 +103,20 @@ def test_attribute_snippets_need_the_rome_schema(tmp_path: Path) -> None:
         load_requests(FIXTURES / "counterfact_easyedit.json", attribute_snippets=tmp_path / "snippets.json")
 
 
+def test_recorded_evaluations_survive_save_and_resume(tiny_dir: Path, tmp_path: Path) -> None:
+    session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    session.edit(REQUESTS[:2], progress=False)
+    evaluate_session(session, options=EvalOptions(generation_tokens=3))
+    session.edit(REQUESTS[2:3], progress=False)
+    session.save_pretrained(tmp_path / "saved")
+
+    resumed = EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu")
+    assert resumed.evaluations == session.evaluations and set(resumed.evaluations) == {1}
+    assert str(resumed.card(round=1)) == str(session.card(round=1))  # a later push writes the same card
+    resumed.rollback(0)
+    assert resumed.evaluations == {}
+
+
 def test_final_evaluation_flows_into_the_card(tiny_dir: Path) -> None:
     session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
     session.edit(REQUESTS[:2], progress=False)
@@ -154,3 +168,11 @@ def test_cli_eval_of_a_base_model(tiny_dir: Path, tmp_path: Path, suite: Path) -
     assert [r["method"] for r in results["runs"]] == ["nse", "memit"]
     assert results["runs"][0]["final"]["edits"] == 4 and len(results["runs"][1]["curve"]) == 2
     assert (out / "curves.png").is_file() and (out / "nse-session" / "nse_session" / "session.json").is_file()
+
+    saved = out / "nse-session"  # its card reports the final evaluation; --record replaces it by a new one
+    assert "efficacy_generation" in {r.metric_type for r in ModelCard.load(saved / "README.md").data.eval_results}
+    assert main(["eval", str(saved), "--no-generation", "--record", "--device", "cpu"]) == 0
+    card = ModelCard.load(saved / "README.md")
+    assert "final protocol" in card.text
+    recorded = {r.metric_type for r in card.data.eval_results}
+    assert "efficacy" in recorded and not any("generation" in metric for metric in recorded)
