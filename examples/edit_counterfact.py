@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10, help="edits per round")
     parser.add_argument("--out", type=Path, default=Path("smollm2-counterfact"))
     parser.add_argument("--push", metavar="REPO_ID", help="also push every round to this Hub repository")
+    parser.add_argument("--repo-id", help="the repository named in the card's loading code (default: --push)")
     args = parser.parse_args()
 
     console = Console()
@@ -41,7 +42,7 @@ def main() -> None:
         # Every round is a version: evaluate it, then save (the card reports this version's metrics).
         evaluation = evaluate_session(session, options=EvalOptions(fluency_records=5))
         console.print({name: round(value, 1) for name, value in evaluation.metrics.items()})
-        session.save_pretrained(args.out)
+        session.save_pretrained(args.out, repo_id=args.repo_id or args.push)
         if args.push:
             session.push_to_hub(args.push)
     console.print(f"Saved {len(session.rounds)} rounds to {args.out}; the model card is {args.out / 'README.md'}")

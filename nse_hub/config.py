@@ -150,7 +150,7 @@ def check_names(hparams: Mapping[str, Any]) -> None:
 # Measured on the embedded models; see README "Presets" for the numbers behind each choice.
 PRESETS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {"layers": (2, 3, 4, 5, 6), "v_lr": 0.5, "mom2_update_weight": 1e4},
-    "gemma3-270m": {"layers": (3, 4, 5, 6, 7), "v_lr": 5.0, "mom2_update_weight": 1e4},
+    "gemma3-270m": {"layers": (3, 4, 5, 6, 7), "v_lr": 5.0, "mom2_update_weight": 3e3},
 }
 
 # Adam's step for δ as a share of the hidden states' per-coordinate RMS at the z-layer (0.5 ≈ 0.1 × 4.6 on
