@@ -49,6 +49,14 @@ def speed_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _setting(pair: str) -> tuple[str, object]:
+    key, _, value = pair.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -59,6 +67,8 @@ def main() -> None:
     parser.add_argument("--suite", type=Path, default=SHARED / "glue_eval" / "dataset")
     parser.add_argument("--suite-examples", type=int, default=100)
     parser.add_argument("--fluency-records", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_setting,
+                        help="a hyperparameter on top of the preset, for both methods (value read as JSON)")
     parser.add_argument("--device")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -71,7 +81,7 @@ def main() -> None:
     del base_session
     runs, configs = [], {}
     for method in args.methods:
-        session = EditSession.from_pretrained(args.model, method=method, device=args.device)
+        session = EditSession.from_pretrained(args.model, method=method, device=args.device, **dict(args.set))
         configs[method] = session.config.to_dict()
         runs.append(run_sequential(session, requests, args.batch, options=options, suite=suite,
                                    suite_examples=args.suite_examples))

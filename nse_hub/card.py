@@ -140,10 +140,13 @@ def build_card(meta: SessionMeta, reports: list[RoundReport], repo_id: str | Non
                for number, r in requests[:MAX_EDIT_ROWS]],
         edits_omitted=max(0, len(requests) - MAX_EDIT_ROWS),
         metrics=[{"name": m.name, "value": f"{m.value:.1f}", "protocol": m.protocol} for m in metrics],
-        metrics_note=("Percentages. *Efficacy*: edits whose new answer is more likely than the old one after the "
-                      "edit prompt; *generalization*: the same on paraphrases; *specificity*: prompts about "
-                      "neighbouring subjects that keep their own answer (mean per-token likelihoods, per edit "
-                      "first, then averaged)."),
+        metrics_note=("Rates are percentages. *Efficacy*: edits whose new answer is more likely than the old "
+                      "one after the edit prompt; *generalization*: the same on paraphrases; *specificity*: "
+                      "prompts about neighbouring subjects that keep their own answer (mean per-token "
+                      "likelihoods, per edit first, then averaged). *Generation* figures count a greedy "
+                      "continuation only when it starts with the new answer. Magnitudes are mean probability "
+                      "margins ×100; fluency is the n-gram entropy of generated text ×100 (compare it with "
+                      "the unedited model's: a sharp fall means repetitive text)."),
         method=meta.config.method.upper(),
         layers=", ".join(str(layer) for layer in meta.config.layers),
         module_pattern=" … ".join(dict.fromkeys([min(base.module_sha256), max(base.module_sha256)])),

@@ -96,13 +96,19 @@ class Evaluation:
         out = []
         for key, name in METRIC_NAMES.items():
             if key in self.metrics and not math.isnan(self.metrics[key]):
-                style = "generation-based" if "generation" in key else "teacher-forced"
+                style = MEASUREMENT_STYLES.get(key, "generation-based" if "generation" in key else "teacher-forced")
                 out.append(Metric(key, name, round(self.metrics[key], 1), f"{kind}; {style}", dataset_name,
                                   "nse-hub-edits"))
         if "perplexity" in self.general:
             out.append(Metric("perplexity", "Perplexity (held-out text)", round(self.general["perplexity"], 2),
                               kind, "held-out text", "text"))
         return out
+
+
+MEASUREMENT_STYLES = {
+    "fluency": "generation-based: n-gram entropy of ~100-token greedy generations",
+    "consistency": "generation-based: TF-IDF similarity with reference texts about the new answer",
+}
 
 
 def measure_requests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
