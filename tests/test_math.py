@@ -54,7 +54,7 @@ def test_neuron_update_matches_the_dense_formula(threshold: float) -> None:
     residual = torch.randn(d_model, n, generator=g)
     second_moment, memory = random_spd(d_ff, 2).float(), random_spd(d_ff, 3)
     selected = select_neurons(keys, threshold)
-    factors = neuron_update(keys, residual, second_moment, memory, lam, selected, spread=2)
+    factors = neuron_update(keys, residual / 2, second_moment, memory, lam, selected)  # a layer's share
 
     s = selected
     k_s = keys.double()[s]

@@ -146,7 +146,7 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
                     residual_kept = through_post_norm(layout.post_mlp_norm(model, layer), output_kept.to(
                         model.dtype), residual_kept.to(output_kept.device)).to(targets.device, torch.float64)
                 factors = neuron_update(layer_keys, residual_kept, inputs.second_moments[layer],
-                                        inputs.memory.P(layer), config.mom2_update_weight, neurons, spread=1)
+                                        inputs.memory.P(layer), config.mom2_update_weight, neurons)
                 inputs.deltas.add(layer, factors)
     with clock.phase("keys"):
         final_keys, final, _ = probe.read(layers)

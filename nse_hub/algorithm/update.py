@@ -37,18 +37,17 @@ def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def neuron_update(keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor,
-                  memory: torch.Tensor, mom2_update_weight: float, selected: torch.Tensor,
-                  spread: int) -> Factors:
-    """``ΔW[:, S] = (R / spread) Kₛᵀ (λ Cₛₛ + Pₛₛ + Kₛ Kₛᵀ)⁻¹`` as factors ``B @ A``.
+                  memory: torch.Tensor, mom2_update_weight: float, selected: torch.Tensor) -> Factors:
+    """``ΔW[:, S] = R Kₛᵀ (λ Cₛₛ + Pₛₛ + Kₛ Kₛᵀ)⁻¹`` as factors ``B @ A``.
 
     Args:
         keys: ``d_ff × n`` keys of the requests being written.
-        residual: ``d_model × n`` what the z-layer output still lacks.
+        residual: ``d_model × n`` the change this layer's projection output should make (its share
+            of what the z-layer output still lacks).
         second_moment: ``C``, ``d_ff × d_ff``.
         memory: ``P``, ``d_ff × d_ff`` float64 sum of earlier rounds' ``k kᵀ``.
         mom2_update_weight: λ.
         selected: neuron indices ``S``.
-        spread: how many layers (this one included) still share the residual.
     """
     device = memory.device
     index = selected.to(device)
@@ -58,7 +57,7 @@ def neuron_update(keys: torch.Tensor, residual: torch.Tensor, second_moment: tor
     solved = solve_spd(lhs, keys_s)  # |S| × n
     a = torch.zeros(keys.shape[1], keys.shape[0], dtype=torch.float64, device=device)
     a[:, index] = solved.T
-    b = residual.to(device, torch.float64) / spread
+    b = residual.to(device, torch.float64)
     return Factors(b.float(), a.float())
 
 
