@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 PLACEHOLDER = "{}"
+# EditRequest fields that hold a list of non-empty strings.
+TEXT_LIST_FIELDS = ("paraphrases", "generation_prompts", "reference_snippets")
 
 
 class RequestError(ValueError):
@@ -66,7 +68,7 @@ class EditRequest:
 
     def __post_init__(self) -> None:
         # Accept lists and plain pairs/dicts from callers; store immutable tuples of Probes.
-        for name in ("paraphrases", "generation_prompts", "reference_snippets"):
+        for name in TEXT_LIST_FIELDS:
             object.__setattr__(self, name, _strings(getattr(self, name), name))
         object.__setattr__(self, "neighbors", _probes(self.neighbors, self.target_true, "neighbors"))
         problem = _problem(self)
@@ -81,10 +83,9 @@ class EditRequest:
     def to_dict(self) -> dict[str, Any]:
         """The request in nse-hub's own JSON schema (what :func:`parse_request` reads back)."""
         record = asdict(self)
-        record["paraphrases"] = list(self.paraphrases)
+        for name in TEXT_LIST_FIELDS:
+            record[name] = list(getattr(self, name))
         record["neighbors"] = [asdict(n) for n in self.neighbors]
-        record["generation_prompts"] = list(self.generation_prompts)
-        record["reference_snippets"] = list(self.reference_snippets)
         return {k: v for k, v in record.items() if v not in (None, [], ())}
 
 
@@ -107,7 +108,7 @@ def _problem(request: EditRequest) -> str | None:
                 f"{request.prompt!r}")
     if request.target_true is not None and request.target_true.strip() == request.target_new.strip():
         return f"'target_new' equals 'target_true' ({request.target_new!r}): nothing to edit"
-    for name in ("paraphrases", "generation_prompts", "reference_snippets"):
+    for name in TEXT_LIST_FIELDS:
         if not all(isinstance(p, str) and p.strip() for p in getattr(request, name)):
             return f"'{name}' must be a list of non-empty strings"
     for n in request.neighbors:
