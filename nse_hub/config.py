@@ -16,8 +16,11 @@ from typing import Any, Literal
 
 from nse_hub.architectures import ModelLayout
 
-Method = Literal["nse", "memit"]
-METHODS: tuple[str, ...] = ("nse", "memit")
+Method = Literal["nse", "memit", "memit_seq", "alphaedit"]
+#: The editing methods, in the order the CLI offers them. All share one engine (``nse_hub.algorithm.rounds``).
+METHODS: tuple[str, ...] = ("nse", "memit", "memit_seq", "alphaedit")
+#: Methods whose solve adds the key memory ``P`` of earlier rounds (classic MEMIT does not).
+USES_KEY_MEMORY: tuple[str, ...] = ("nse", "memit_seq", "alphaedit")
 
 
 @dataclass
@@ -26,7 +29,11 @@ class EditConfig:
 
     Attributes:
         method: ``"nse"`` (values on the original weights, neuron selection, iterative passes with
-            the residual filter) or ``"memit"`` (values on the current weights, all neurons, one pass).
+            the residual filter); ``"memit"`` (kmeng01/memit: values on the current weights, all
+            neurons, one pass, ``ΔW = R Kᵀ (λC + K Kᵀ)⁻¹`` without earlier rounds' keys);
+            ``"memit_seq"`` (the same plus the key memory of earlier rounds in the solve, as the NSE
+            repository's sequential MEMIT); ``"alphaedit"`` (MEMIT's values and passes, the update
+            projected onto the null space of ``C`` and solved with the key memory and an L2 term).
         layers: the consecutive decoder layers whose MLP output projection is rewritten; the last
             one is the z-layer where value targets live.
         v_lr, v_num_grad_steps, v_weight_decay, clamp_norm_factor, kl_factor, v_early_stop_loss:
@@ -45,6 +52,16 @@ class EditConfig:
         mom2_dataset, mom2_n_samples, mom2_sample_length: the corpus for ``C = E[k kᵀ]``:
             ``"model"`` (text sampled from the model itself), local text files, or a Hub dataset id.
         seed: seeds context templates and model-sampled corpora.
+        nullspace_threshold: AlphaEdit only. The null space is spanned by the eigenvectors of ``C``
+            whose eigenvalue is below ``nullspace_threshold × mean eigenvalue of C`` (a share of
+            ``trace(C) / d_ff``, so it carries over between models; the reference's absolute cutoff 2e-2
+            does not).
+        L2: AlphaEdit only: the weight of ``‖ΔW‖²`` in its objective (reference: 10).
+        norm_anchor: NAS norm anchoring (arXiv 2602.02543), any method. Each value's MLP-output part
+            ``v* = v₀ + δ`` is rescaled to the anchor norm: the mean ``‖v*‖`` of the session's first
+            round, whose values are computed on the original weights.
+        norm_anchor_max_ratio: with ``norm_anchor``, requests whose ``‖v*‖`` exceeds this multiple of
+            the anchor are skipped (not written) and reported.
         batch_size: sequences per forward pass outside the value optimisation.
     """
 
@@ -69,6 +86,10 @@ class EditConfig:
     mom2_sample_length: int = 64
     seed: int = 0
     batch_size: int = 64
+    nullspace_threshold: float = 0.01
+    L2: float = 10.0
+    norm_anchor: bool = False
+    norm_anchor_max_ratio: float = 2.0
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +123,15 @@ class EditConfig:
         for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be positive")
+        if not 0 < self.nullspace_threshold <= 1:
+            out.append(f"nullspace_threshold must be in (0, 1] (a share of C's mean eigenvalue), "
+                       f"got {self.nullspace_threshold}")
+        if self.L2 <= 0:
+            out.append(f"L2 must be positive (without it AlphaEdit's system is singular), got {self.L2}")
+        if not isinstance(self.norm_anchor, bool):
+            out.append(f"norm_anchor must be true or false, got {self.norm_anchor!r}")
+        if self.norm_anchor_max_ratio <= 1:
+            out.append(f"norm_anchor_max_ratio must be above 1, got {self.norm_anchor_max_ratio}")
         return out
 
     @property
@@ -110,8 +140,13 @@ class EditConfig:
 
     @property
     def update_passes(self) -> int:
-        """How many update passes a round may run (MEMIT: always one)."""
-        return 1 if self.method == "memit" else max(1, self.max_iterations - 1)
+        """How many update passes a round may run (only NSE runs more than one)."""
+        return max(1, self.max_iterations - 1) if self.method == "nse" else 1
+
+    @property
+    def uses_key_memory(self) -> bool:
+        """Whether the solve includes the keys of earlier rounds (all methods but classic MEMIT)."""
+        return self.method in USES_KEY_MEMORY
 
     def replace(self, **changes: Any) -> EditConfig:
         return dataclasses.replace(self, **changes)
@@ -129,9 +164,13 @@ class EditConfig:
 
     @classmethod
     def from_reference(cls, path: str | Path, **overrides: Any) -> EditConfig:
-        """Read an NSE/MEMIT reference ``hparams`` JSON (module templates and unknown keys are ignored)."""
+        """Read an NSE/MEMIT/AlphaEdit reference ``hparams`` JSON (module templates and unknown keys are ignored).
+
+        The reference's ``nullspace_threshold`` is an absolute eigenvalue cutoff and is not read: here
+        the field is relative to ``C``'s mean eigenvalue (the default applies unless overridden).
+        """
         data = json.loads(Path(path).read_text())
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"nullspace_threshold"}
         kept = {k: v for k, v in data.items() if k in names}
         kept.setdefault("thresholds", "absolute")
         return cls(**{**kept, **overrides})

@@ -7,7 +7,7 @@ from conftest import FIXTURES, tiny_model, tiny_tokenizer
 from nse_hub.adapters import compress
 from nse_hub.algorithm.batches import build_key_batch, build_value_batch
 from nse_hub.algorithm.keys import KeyProbe
-from nse_hub.algorithm.update import neuron_update, select_neurons, solve_spd
+from nse_hub.algorithm.update import SingularSystemError, neuron_update, select_neurons, solve_spd
 from nse_hub.algorithm.values import optimize_values, optimize_values_reference
 from nse_hub.architectures import ModelLayout
 from nse_hub.config import EditConfig
@@ -40,10 +40,11 @@ def test_solve_spd_matches_the_dense_inverse() -> None:
     assert torch.allclose(solve_spd(matrix, rhs), torch.linalg.inv(matrix) @ rhs, atol=1e-10)
 
 
-def test_solve_spd_falls_back_when_not_positive_definite() -> None:
+def test_solve_spd_refuses_a_matrix_that_is_not_positive_definite() -> None:
     matrix = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
     rhs = torch.ones(3, 1, dtype=torch.float64)
-    assert torch.allclose(solve_spd(matrix, rhs).squeeze(), torch.tensor([0.5, -1.0, 1 / 3], dtype=torch.float64))
+    with pytest.raises(SingularSystemError, match="not positive definite"):
+        solve_spd(matrix, rhs)
 
 
 @pytest.mark.parametrize("threshold", [1.0, 0.7])

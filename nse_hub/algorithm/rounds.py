@@ -1,18 +1,30 @@
-"""One edit round of NSE or MEMIT (NSE.md, "One round").
+"""One edit round of NSE, MEMIT, sequential MEMIT or AlphaEdit (NSE.md, "One round").
 
 NSE: values on the original weights; up to ``max_iterations - 1`` passes over the edit layers, each
 keeping only requests whose residual lies between ``alpha`` and ``upper_bound`` and updating only the
-selected neurons. MEMIT: values on the current weights, one pass, every request, every neuron.
-Both spread the residual over the remaining layers, include the key memory ``P`` of earlier rounds
-in the solve, and add this round's keys to it afterwards.
+selected neurons. MEMIT, sequential MEMIT and AlphaEdit: values on the current weights, one pass,
+every request, every neuron. All spread the residual over the remaining layers. The solve per layer:
+
+* NSE, ``memit_seq``: ``ΔW = R Kᵀ (λC + P + K Kᵀ)⁻¹`` with the key memory ``P`` of earlier rounds;
+* ``memit`` (kmeng01/memit): the same without ``P``;
+* ``alphaedit``: ``Δᵀ = (Π (K Kᵀ + P) + L2·I)⁻¹ Π K Rᵀ`` with ``Π`` the projector onto the null space
+  of ``C`` (see :func:`~nse_hub.algorithm.update.alphaedit_update`).
+
+The session adds each round's keys to ``P`` afterwards (classic MEMIT keeps them too, unused, so
+that a saved session has the same state whatever its method). With ``norm_anchor`` (NAS), each value's
+MLP-output part is rescaled to the anchor norm before any update (:func:`anchor_values`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +32,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nse_hub.algorithm.batches import ValueBatch, build_key_batch, build_value_batch
 from nse_hub.algorithm.keys import KeyProbe
-from nse_hub.algorithm.update import neuron_update, select_neurons, through_post_norm
+from nse_hub.algorithm.update import (
+    NullSpace,
+    alphaedit_update,
+    neuron_update,
+    null_space,
+    select_neurons,
+    through_post_norm,
+)
 from nse_hub.algorithm.values import ValueResult, optimize_values
 from nse_hub.architectures import ModelLayout
 from nse_hub.config import EditConfig
@@ -28,19 +47,27 @@ from nse_hub.deltas import KeyMemory, WeightDeltas
 from nse_hub.requests import EditRequest
 from nse_hub.tokens import pad_id
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class RoundOutcome:
     """What a round wrote and how it went.
 
     Attributes:
-        values: the value targets.
+        values: the value targets (with ``norm_anchor``: after rescaling).
         keys: per layer, the requests' keys on the final weights (``d_ff × n``), for the key memory.
         residual_before, residual_after: per request, ‖z − h‖ at the z-layer on the weights before
             and after the round.
         kept: per pass, which requests the residual filter kept.
         selected_neurons: per layer, how many neurons each pass updated.
         seconds: time per phase (values, keys, solve).
+        nullspace_dims: AlphaEdit: per layer, how many directions of ``C``'s null space the update
+            could use (of ``d_ff``); empty for the other methods.
+        norm_anchor: with ``norm_anchor``: the anchor norm the values were rescaled to.
+        value_norms: with ``norm_anchor``: per request, ``‖v₀ + δ‖`` before rescaling.
+        norm_skipped: with ``norm_anchor``: per request, whether it was skipped (norm above
+            ``norm_anchor_max_ratio ×`` the anchor) and so not written.
     """
 
     values: ValueResult
@@ -50,6 +77,10 @@ class RoundOutcome:
     kept: list[list[bool]]
     selected_neurons: dict[int, list[int]]
     seconds: dict[str, float] = field(default_factory=dict)
+    nullspace_dims: dict[int, int] = field(default_factory=dict)
+    norm_anchor: float | None = None
+    value_norms: list[float] = field(default_factory=list)
+    norm_skipped: list[bool] = field(default_factory=list)
 
 
 class _Clock:
@@ -66,8 +97,30 @@ class _Clock:
 
 
 @dataclass
+class EngineState:
+    """What the engine derives once per session and keeps in memory between rounds (never saved).
+
+    Attributes:
+        null_spaces: AlphaEdit's null space of ``C`` per ``(layer, nullspace_threshold)``; derived
+            from the second moments, so recomputed (one eigendecomposition per layer) when lost.
+        norm_anchor: the NAS anchor norm, measured on the first round's values (original weights).
+            A resumed session should pass the one it recorded (``RoundOutcome.norm_anchor``).
+    """
+
+    null_spaces: dict[tuple[int, float], NullSpace] = field(default_factory=dict)
+    norm_anchor: float | None = None
+
+
+# One state per session: keyed by the session's WeightDeltas, which lives exactly as long as it.
+_STATES: weakref.WeakKeyDictionary[WeightDeltas, EngineState] = weakref.WeakKeyDictionary()
+
+
+@dataclass
 class RoundInputs:
-    """What a round needs besides its requests (the session owns all of it)."""
+    """What a round needs besides its requests (the session owns all of it).
+
+    ``state`` defaults to the one kept for ``deltas`` (that is, for the session).
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -77,10 +130,15 @@ class RoundInputs:
     memory: KeyMemory
     second_moments: dict[int, torch.Tensor]
     context_templates: list[list[str]]
+    state: EngineState | None = None
+
+    def __post_init__(self) -> None:
+        if self.state is None:
+            self.state = _STATES.setdefault(self.deltas, EngineState())
 
 
 def _keep_mask(config: EditConfig, residual: torch.Tensor, hidden_norm: torch.Tensor) -> torch.Tensor:
-    if config.method == "memit":
+    if config.method != "nse":
         return torch.ones_like(residual, dtype=torch.bool)
     scale = hidden_norm if config.thresholds == "relative" else torch.ones_like(hidden_norm)
     return (residual > config.alpha * scale) & (residual < config.upper_bound * scale)
@@ -88,23 +146,78 @@ def _keep_mask(config: EditConfig, residual: torch.Tensor, hidden_norm: torch.Te
 
 ValueOptimizer = Callable[[PreTrainedModel, ModelLayout, ValueBatch, EditConfig, int], ValueResult]
 
+# NAS measures its anchor as a mean with the largest 5 % of norms left out.
+_ANCHOR_TRIM = 0.05
+
+
+def anchor_values(values: ValueResult, mlp_outputs: torch.Tensor, anchor: float | None,
+                  max_ratio: float) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """NAS: rescale each value's MLP-output part ``v* = v₀ + δ`` to the anchor norm.
+
+    With ``z = h + δ`` and ``v₀`` the MLP output inside ``h``, the new target is
+    ``h − v₀ + v* · anchor / ‖v*‖``; a request whose ``‖v*‖`` exceeds ``max_ratio × anchor`` keeps
+    ``z = h`` (skipped). Without an ``anchor``, it is measured here: the mean ``‖v*‖`` with the
+    largest 5 % left out.
+
+    Returns:
+        the new targets, the anchor, ``‖v*‖`` per request and the skipped mask.
+    """
+    hidden, v0 = values.hidden.double(), mlp_outputs.to(values.hidden.device).double()
+    v_star = v0 + (values.targets.double() - hidden)
+    norms = v_star.norm(dim=1)
+    if anchor is None:
+        ordered = torch.sort(norms).values
+        kept = len(ordered) - math.floor(_ANCHOR_TRIM * len(ordered))
+        anchor = float(ordered[:kept].mean())
+    skipped = norms > max_ratio * anchor
+    scaled = v_star * (anchor / norms.clamp_min(torch.finfo(torch.float64).tiny))[:, None]
+    new_v = torch.where(skipped[:, None], v0, scaled)
+    return (hidden - v0 + new_v).to(values.targets.dtype), anchor, norms, skipped
+
+
+def _mlp_outputs(model: PreTrainedModel, layout: ModelLayout, probe: KeyProbe, layer: int) -> torch.Tensor:
+    """What the MLP of ``layer`` adds to the residual stream at each request's subject (``n × d_model``)."""
+    out = probe.read([], output_layers=[layer]).outputs[layer]
+    norm = layout.post_mlp_norm(model, layer)
+    if norm is not None:
+        with torch.no_grad():
+            out = norm(out.to(model.dtype)).float()
+    return out
+
+
+def _null_space(inputs: RoundInputs, layer: int) -> NullSpace:
+    key = (layer, inputs.config.nullspace_threshold)
+    cache = inputs.state.null_spaces
+    if key not in cache:
+        cache[key] = null_space(inputs.second_moments[layer].to(inputs.memory.device),
+                                inputs.config.nullspace_threshold)
+        if cache[key].dims == 0:
+            logger.warning("The null space of C at layer %d is empty with nullspace_threshold=%g: AlphaEdit "
+                           "cannot change this layer. Raise nullspace_threshold.", layer, key[1])
+    return cache[key]
+
 
 def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
               optimize: ValueOptimizer = optimize_values) -> RoundOutcome:
     """Write ``requests`` into the model as a pending round of ``inputs.deltas``.
 
     The caller commits the round (``deltas.commit_round()`` and ``memory.add_round(outcome.keys)``)
-    or discards it; nothing else changes.
+    or discards it; nothing else changes (except the engine's derived state: null spaces, anchor).
+
+    Raises:
+        SingularSystemError: a layer's system is singular or not positive definite.
     """
-    model, layout, config = inputs.model, inputs.layout, inputs.config
+    model, layout, config, state = inputs.model, inputs.layout, inputs.config, inputs.state
     layers = config.layers
     pad = pad_id(inputs.tokenizer)
     clock = _Clock()
 
+    def value_weights() -> AbstractContextManager[None]:  # NSE: values on the original weights
+        return inputs.deltas.original() if config.method == "nse" else nullcontext()
+
     with clock.phase("values"):
         value_batch = build_value_batch(inputs.tokenizer, requests, [t for g in inputs.context_templates for t in g])
-        rewind = inputs.deltas.original() if config.method == "nse" else nullcontext()
-        with rewind:
+        with value_weights():
             values = optimize(model, layout, value_batch, config, pad)
     targets = values.targets.to(inputs.memory.device)
     hidden_norm = values.hidden.norm(dim=1).to(inputs.memory.device)
@@ -112,9 +225,24 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
     with clock.phase("keys"):
         probe = KeyProbe(model, layout, build_key_batch(inputs.tokenizer, requests, inputs.context_templates),
                          layers[0], config.z_layer, pad, config.batch_size)
+    skipped = torch.zeros(len(requests), dtype=torch.bool, device=targets.device)
+    nas: dict = {}
+    if config.norm_anchor:
+        with clock.phase("values"), value_weights():
+            mlp_out = _mlp_outputs(model, layout, probe, config.z_layer)
+        if state.norm_anchor is None and config.method != "nse" and inputs.deltas.rounds:
+            logger.warning("The NAS anchor is measured on edited weights: this session does not know the one "
+                           "measured on its first round. Pass RoundInputs(state=EngineState(norm_anchor=…)).")
+        anchored, state.norm_anchor, norms, skipped = anchor_values(values, mlp_out, state.norm_anchor,
+                                                                    config.norm_anchor_max_ratio)
+        targets, skipped = anchored.to(targets.device), skipped.to(targets.device)
+        values = dataclasses.replace(values, targets=anchored.to(values.targets.device))  # what is written
+        nas = {"norm_anchor": state.norm_anchor, "value_norms": norms.tolist(), "norm_skipped": skipped.tolist()}
+
     residual_before: list[float] = []
     kept_per_pass: list[list[bool]] = []
     selected: dict[int, list[int]] = {layer: [] for layer in layers}
+    nullspace_dims: dict[int, int] = {}
     normed = layout.post_mlp_norm_path is not None  # Gemma: MLP output is normalised before the residual add
     for _ in range(config.update_passes):
         with clock.phase("keys"):
@@ -122,7 +250,7 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
         residual = (targets - current.to(targets.device)).norm(dim=1)
         if not residual_before:
             residual_before = residual.tolist()
-        keep = _keep_mask(config, residual, hidden_norm)
+        keep = _keep_mask(config, residual, hidden_norm) & ~skipped
         kept_per_pass.append(keep.tolist())
         if not bool(keep.any()):
             break
@@ -145,8 +273,15 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
                 if normed:
                     residual_kept = through_post_norm(layout.post_mlp_norm(model, layer), output_kept.to(
                         model.dtype), residual_kept.to(output_kept.device)).to(targets.device, torch.float64)
-                factors = neuron_update(layer_keys, residual_kept, inputs.second_moments[layer],
-                                        inputs.memory.P(layer), config.mom2_update_weight, neurons)
+                if config.method == "alphaedit":
+                    space = _null_space(inputs, layer)
+                    nullspace_dims[layer] = space.dims
+                    factors = alphaedit_update(layer_keys, residual_kept, space, inputs.memory.P(layer),
+                                               config.L2, layer)
+                else:
+                    memory = inputs.memory.P(layer) if config.uses_key_memory else None
+                    factors = neuron_update(layer_keys, residual_kept, inputs.second_moments[layer], memory,
+                                            config.mom2_update_weight, neurons, layer)
                 inputs.deltas.add(layer, factors)
     with clock.phase("keys"):
         final_keys, final, _ = probe.read(layers)
@@ -154,4 +289,4 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
     if not residual_before:
         residual_before = residual_after
     return RoundOutcome(values, final_keys, residual_before, residual_after, kept_per_pass, selected,
-                        dict(clock.seconds))
+                        dict(clock.seconds), nullspace_dims, **nas)

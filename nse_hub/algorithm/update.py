@@ -1,14 +1,23 @@
-"""Neuron selection and the neuron-level least-squares update, solved in float64."""
+"""Neuron selection and the least-squares updates of NSE, MEMIT and AlphaEdit, solved in float64."""
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 
 import torch
 
 from nse_hub.deltas import Factors
 
-logger = logging.getLogger(__name__)
+
+class SingularSystemError(ValueError):
+    """An update's linear system is singular or not positive definite, so no trustworthy update exists.
+
+    The message names the layer and the setting that fixes it; nothing is solved in that case.
+    """
+
+
+def _where(layer: int | None) -> str:
+    return "the update system" if layer is None else f"the update system of layer {layer}"
 
 
 def select_neurons(keys: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -27,38 +36,137 @@ def select_neurons(keys: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.sort(order[: min(count, len(order))]).values
 
 
-def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``matrix⁻¹ @ rhs`` for a symmetric positive definite ``matrix`` (Cholesky; LU if it is not PD)."""
+def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """``matrix⁻¹ @ rhs`` for a symmetric positive definite ``matrix``, by Cholesky.
+
+    Raises:
+        SingularSystemError: ``matrix`` is not finite or not positive definite (no fallback: a
+            singular system has no meaningful solution). The message names ``layer`` and the fix.
+    """
     factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) == 0:
-        return torch.cholesky_solve(rhs, factor)
-    logger.warning("update matrix is not positive definite (leading minor %d); solving with LU", int(info))
-    return torch.linalg.solve(matrix, rhs)
+    if int(info) != 0 or not bool(torch.isfinite(factor).all()):
+        detail = (f"leading minor {int(info)} of {matrix.shape[0]} is not positive" if int(info) > 0
+                  else "it has non-finite entries")
+        raise SingularSystemError(
+            f"{_where(layer)} is not positive definite ({detail}): the second moments C are too poorly "
+            "estimated for this solve. Raise mom2_update_weight, or measure C on more tokens "
+            "(mom2_n_samples × mom2_sample_length well above d_ff).")
+    return torch.cholesky_solve(rhs, factor)
+
+
+def solve_general(matrix: torch.Tensor, rhs: torch.Tensor, layer: int | None = None,
+                  fix: str = "raise L2") -> torch.Tensor:
+    """``matrix⁻¹ @ rhs`` for a square, possibly non-symmetric ``matrix`` (LU), refusing singular systems.
+
+    Raises:
+        SingularSystemError: ``matrix`` is singular to working precision (LU failed, the solution is
+            not finite, or it does not satisfy the system). The message names ``layer`` and ``fix``.
+    """
+    solution, info = torch.linalg.solve_ex(matrix, rhs)
+    if int(info) == 0 and bool(torch.isfinite(solution).all()):
+        error = (matrix @ solution - rhs).norm() / rhs.norm().clamp_min(torch.finfo(rhs.dtype).tiny)
+        if float(error) < 1e-6:
+            return solution
+    raise SingularSystemError(f"{_where(layer)} is singular to working precision; {fix}.")
 
 
 def neuron_update(keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor,
-                  memory: torch.Tensor, mom2_update_weight: float, selected: torch.Tensor) -> Factors:
-    """``ΔW[:, S] = R Kₛᵀ (λ Cₛₛ + Pₛₛ + Kₛ Kₛᵀ)⁻¹`` as factors ``B @ A``.
+                  memory: torch.Tensor | None, mom2_update_weight: float, selected: torch.Tensor,
+                  layer: int | None = None) -> Factors:
+    """``ΔW[:, S] = R Kₛᵀ (λ Cₛₛ + Pₛₛ + Kₛ Kₛᵀ)⁻¹`` as factors ``B @ A`` (NSE, MEMIT, sequential MEMIT).
 
     Args:
         keys: ``d_ff × n`` keys of the requests being written.
         residual: ``d_model × n`` the change this layer's projection output should make (its share
             of what the z-layer output still lacks).
         second_moment: ``C``, ``d_ff × d_ff``.
-        memory: ``P``, ``d_ff × d_ff`` float64 sum of earlier rounds' ``k kᵀ``.
+        memory: ``P``, ``d_ff × d_ff`` float64 sum of earlier rounds' ``k kᵀ``, or ``None`` to leave it
+            out (classic MEMIT).
         mom2_update_weight: λ.
         selected: neuron indices ``S``.
+        layer: named in the error when the system is not positive definite.
+
+    Raises:
+        SingularSystemError: the system is not positive definite.
     """
-    device = memory.device
+    device = second_moment.device if memory is None else memory.device
     index = selected.to(device)
     keys_s = keys.to(device, torch.float64)[index]
-    lhs = (mom2_update_weight * second_moment.to(device)[index][:, index].double()
-           + memory[index][:, index] + keys_s @ keys_s.T)
-    solved = solve_spd(lhs, keys_s)  # |S| × n
+    lhs = mom2_update_weight * second_moment.to(device)[index][:, index].double() + keys_s @ keys_s.T
+    if memory is not None:
+        lhs = lhs + memory[index][:, index]
+    solved = solve_spd(lhs, keys_s, layer)  # |S| × n
     a = torch.zeros(keys.shape[1], keys.shape[0], dtype=torch.float64, device=device)
     a[:, index] = solved.T
     b = residual.to(device, torch.float64)
     return Factors(b.float(), a.float())
+
+
+@dataclass(frozen=True)
+class NullSpace:
+    """The directions AlphaEdit may change: eigenvectors of ``C`` with small eigenvalues.
+
+    Attributes:
+        basis: ``d_ff × k`` orthonormal float64 columns; the projector is ``basis @ basis.T``.
+        threshold: the eigenvalue cutoff used (absolute).
+    """
+
+    basis: torch.Tensor
+    threshold: float
+
+    @property
+    def dims(self) -> int:
+        """How many directions the null space kept."""
+        return self.basis.shape[1]
+
+    @property
+    def projector(self) -> torch.Tensor:
+        return self.basis @ self.basis.T
+
+    def project(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``P @ matrix`` without forming ``P``."""
+        return self.basis @ (self.basis.T @ matrix)
+
+
+def null_space(second_moment: torch.Tensor, threshold: float) -> NullSpace:
+    """The null space of ``C`` as AlphaEdit uses it, with a relative cutoff.
+
+    Eigenvectors of ``C`` whose eigenvalue is below ``threshold × trace(C) / d_ff`` (a share of the
+    mean eigenvalue) span it: the directions that the corpus' keys hardly use, so that an update
+    confined to them leaves the outputs for those keys nearly unchanged.
+    """
+    c = second_moment.double()
+    eigenvalues, vectors = torch.linalg.eigh((c + c.T) / 2)
+    cutoff = threshold * float(eigenvalues.mean())
+    return NullSpace(vectors[:, eigenvalues < cutoff].contiguous(), cutoff)
+
+
+def alphaedit_update(keys: torch.Tensor, residual: torch.Tensor, space: NullSpace, memory: torch.Tensor,
+                     l2: float, layer: int | None = None) -> Factors:
+    """AlphaEdit's update ``Δᵀ = (P (K Kᵀ + M) + L2·I)⁻¹ P K Rᵀ`` as factors ``B @ A``.
+
+    ``B = R`` and ``A = ((P (K Kᵀ + M) + L2·I)⁻¹ P K)ᵀ``; every row of ``ΔW`` lies in the null space
+    (``ΔW = ΔW P``), so keys outside it are mapped as before. The system is not symmetric and is
+    solved by LU in float64.
+
+    Args:
+        keys: ``d_ff × n`` keys of the requests being written.
+        residual: ``d_model × n`` this layer's share of the residual.
+        space: the null space of ``C`` at this layer.
+        memory: ``M``, ``d_ff × d_ff`` float64 sum of earlier rounds' ``k kᵀ``.
+        l2: the weight of ``‖ΔW‖²``.
+        layer: named in the error when the system is singular.
+
+    Raises:
+        SingularSystemError: the system is singular to working precision.
+    """
+    device = memory.device
+    k = keys.to(device, torch.float64)
+    space = NullSpace(space.basis.to(device), space.threshold)
+    lhs = space.project(k @ k.T + memory)
+    lhs.diagonal().add_(l2)
+    solved = solve_general(lhs, space.project(k), layer, fix="raise L2")  # d_ff × n
+    return Factors(residual.to(device, torch.float64).float(), solved.T.float())
 
 
 def through_post_norm(norm: torch.nn.Module, outputs: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -68,7 +176,8 @@ def through_post_norm(norm: torch.nn.Module, outputs: torch.Tensor, residual: to
     wanted output is ``y* = norm(x) + r``. The reachable outputs are ``v · g`` with ``rms(v) = 1``; the
     closest one to ``y*`` is ``v_d = g_d y*_d / (g_d² + λ)`` with ``λ ≥ 0`` chosen so that ``rms(v) = 1``
     (dimensions with a tiny ``g`` are not chased with huge values). The new projection output is the
-    multiple of ``v`` closest to the current ``x``; the returned change is that minus ``x``.
+    multiple ``c · v`` closest to the current ``x`` with ``c ≥ rms(x) / 2`` (a positive scale: the norm
+    maps ``c · v`` to ``sign(c) · v · g``); the returned change is that minus ``x``.
 
     Args:
         norm: the norm module.
@@ -97,4 +206,11 @@ def through_post_norm(norm: torch.nn.Module, outputs: torch.Tensor, residual: to
     v = unit(high)
     v = v / rms(v)  # exactly on the reachable set (also when even λ → 0 stays inside it)
     fit = (v * x).sum(dim=1, keepdim=True) / (v * v).sum(dim=1, keepdim=True)
+    # The norm maps c·v to sign(c)·v·g: a negative scale would send the output away from the target.
+    # Keep it at least half of x's scale (costs at most ~12 % more change than c → 0⁺, and stays far
+    # from the norm's epsilon).
+    fit = torch.maximum(fit, _MIN_POST_NORM_SCALE * rms(x))
     return (fit * v - x).T
+
+
+_MIN_POST_NORM_SCALE = 0.5

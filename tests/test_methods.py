@@ -1,0 +1,214 @@
+"""The four methods of the engine (NSE, MEMIT, sequential MEMIT, AlphaEdit), NAS anchoring, and the solves'
+failure modes, against dense formulas and on a tiny model."""
+
+import pytest
+import torch
+from conftest import FIXTURES, tiny_model, tiny_tokenizer
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+from nse_hub.algorithm.rounds import EngineState, RoundInputs, RoundOutcome, anchor_values, run_round
+from nse_hub.algorithm.update import (
+    SingularSystemError,
+    alphaedit_update,
+    neuron_update,
+    null_space,
+    solve_general,
+    solve_spd,
+    through_post_norm,
+)
+from nse_hub.algorithm.values import ValueResult
+from nse_hub.architectures import ModelLayout
+from nse_hub.config import METHODS, EditConfig
+from nse_hub.deltas import KeyMemory, WeightDeltas
+from nse_hub.requests import load_requests
+
+REQUESTS = load_requests(FIXTURES / "requests.json")
+
+
+def random_psd(n: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, rank, generator=g, dtype=torch.float64)
+    return x @ x.T / rank
+
+
+TEMPLATES = [["{}"], ["Once upon a time. {}", "I think. {}"]]
+
+
+def corpus_second_moment(model: torch.nn.Module, layout: ModelLayout, layer: int) -> torch.Tensor:
+    """``E[k kᵀ]`` of the projection's inputs over random token sequences."""
+    seen = []
+    hook = layout.projection(model, layer).register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=torch.randint(5, 200, (16, 24), generator=torch.Generator().manual_seed(layer)))
+    hook.remove()
+    keys = torch.cat(seen).reshape(-1, layout.intermediate_size).double()
+    return (keys.T @ keys / len(keys)).float()
+
+
+def engine(method: str, **hparams) -> RoundInputs:
+    """A tiny Llama with everything a round needs (what a session would hold)."""
+    model = tiny_model("llama").requires_grad_(False)
+    layout = ModelLayout.detect(model)
+    config = EditConfig(method=method, layers=(1, 2), v_lr=0.5, v_num_grad_steps=8, **hparams)
+    moments = {layer: corpus_second_moment(model, layout, layer) for layer in config.layers}
+    return RoundInputs(model, tiny_tokenizer(), layout, config, WeightDeltas(model, layout, config.layers),
+                       KeyMemory(config.layers, layout.intermediate_size, "cpu"), moments, TEMPLATES)
+
+
+def engine_round(inputs: RoundInputs, requests=REQUESTS[:2], commit: bool = True) -> RoundOutcome:
+    outcome = run_round(inputs, requests)
+    if commit:
+        inputs.deltas.commit_round()
+        inputs.memory.add_round(outcome.keys)
+    return outcome
+
+
+def test_methods_and_their_settings_are_validated() -> None:
+    assert METHODS == ("nse", "memit", "memit_seq", "alphaedit")
+    assert [EditConfig(method=m).uses_key_memory for m in METHODS] == [True, False, True, True]
+    assert [EditConfig(method=m).update_passes for m in METHODS] == [2, 1, 1, 1]
+    for bad, message in [({"method": "rome"}, "method must be one of"),
+                         ({"nullspace_threshold": 0.0}, "nullspace_threshold must be in"),
+                         ({"L2": 0.0}, "L2 must be positive"),
+                         ({"norm_anchor_max_ratio": 1.0}, "norm_anchor_max_ratio must be above 1")]:
+        with pytest.raises(ValueError, match=message):
+            EditConfig(**bad)
+
+
+def test_alphaedit_update_matches_the_dense_formula() -> None:
+    d_model, d_ff, n, l2, threshold = 5, 12, 3, 0.5, 0.3
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(d_ff, n, generator=g)
+    residual = torch.randn(d_model, n, generator=g, dtype=torch.float64)
+    # C with a spread of eigenvalues, some far below the mean
+    basis, _ = torch.linalg.qr(torch.randn(d_ff, d_ff, generator=g, dtype=torch.float64))
+    eigenvalues = torch.logspace(-4, 1, d_ff, dtype=torch.float64)
+    second_moment = (basis * eigenvalues) @ basis.T
+    memory = random_psd(d_ff, 4, seed=1)
+
+    space = null_space(second_moment.float(), threshold)
+    small = basis[:, eigenvalues < threshold * eigenvalues.mean()]
+    assert space.dims == small.shape[1] and 0 < space.dims < d_ff
+    projector = small @ small.T
+    assert torch.allclose(space.projector, projector, atol=1e-5)
+
+    factors = alphaedit_update(keys, residual, space, memory, l2, layer=3)
+    k = keys.double()
+    lhs = space.projector @ (k @ k.T + memory) + l2 * torch.eye(d_ff, dtype=torch.float64)
+    expected = (torch.linalg.inv(lhs) @ space.projector @ k @ residual.T).T  # ΔW, d_model × d_ff
+    assert factors.rank == n and factors.B.shape == (d_model, n) and factors.A.shape == (n, d_ff)
+    assert torch.allclose(factors.dense().double(), expected, atol=1e-5)
+    # every row of ΔW lies in the null space: directions C uses are left alone
+    delta = factors.dense().double()
+    assert float((delta - delta @ space.projector).norm()) < 1e-5 * float(delta.norm())
+
+
+def test_alphaedit_round_writes_an_exact_low_rank_delta_in_the_null_space() -> None:
+    inputs = engine("alphaedit", nullspace_threshold=0.5)
+    outcome = engine_round(inputs)
+    assert set(outcome.nullspace_dims) == {1, 2}
+    assert all(0 < dims < 64 for dims in outcome.nullspace_dims.values())
+    assert outcome.selected_neurons == {1: [64], 2: [64]} and outcome.kept == [[True, True]]
+    assert sum(outcome.residual_after) < sum(outcome.residual_before)
+    for layer in (1, 2):
+        factors = inputs.deltas.cumulative(layer)
+        assert factors.rank == 2
+        weight = inputs.layout.projection(inputs.model, layer).weight
+        assert torch.equal(weight, inputs.deltas.originals[layer] + factors.dense())
+        space = null_space(inputs.second_moments[layer], 0.5)
+        assert space.dims == outcome.nullspace_dims[layer]
+        delta = factors.dense().double()
+        assert float((delta - delta @ space.projector).norm()) < 1e-4 * float(delta.norm())
+        # keys along C's largest directions are mapped as before
+        top = torch.linalg.eigh(inputs.second_moments[layer].double()).eigenvectors[:, -8:]
+        assert float((delta @ top).norm()) < 1e-4 * float(delta.norm())
+    # the null space is computed once per session (kept in the state of its deltas)
+    cached = dict(inputs.state.null_spaces)
+    again = engine_round(RoundInputs(**{**vars(inputs), "state": None}), REQUESTS[2:3])
+    assert again.nullspace_dims == outcome.nullspace_dims
+    assert all(inputs.state.null_spaces[key] is space for key, space in cached.items())
+
+
+@pytest.mark.parametrize("method", ["memit", "memit_seq"])
+def test_classic_memit_ignores_the_key_memory_and_memit_seq_uses_it(method: str) -> None:
+    inputs = engine(method)
+    engine_round(inputs, commit=False)
+    without = {layer: inputs.deltas.cumulative(layer).dense() for layer in (1, 2)}
+    inputs.deltas.discard_round()
+    g = torch.Generator().manual_seed(0)
+    inputs.memory.add_round({layer: 3 * torch.randn(64, 8, generator=g) for layer in (1, 2)})
+    engine_round(inputs, commit=False)
+    with_memory = {layer: inputs.deltas.cumulative(layer).dense() for layer in (1, 2)}
+    same = all(torch.equal(without[layer], with_memory[layer]) for layer in (1, 2))
+    assert same == (method == "memit")
+
+
+def test_anchor_values_rescales_the_mlp_part_and_skips_outliers() -> None:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 6, generator=g) * 10
+    v0 = torch.randn(4, 6, generator=g)
+    delta = torch.randn(4, 6, generator=g) * torch.tensor([[1.0], [2.0], [3.0], [30.0]])
+    values = ValueResult(hidden + delta, hidden, [0.0] * 4, [0.0] * 4, [1] * 4)
+    norms = (v0 + delta).norm(dim=1)
+    targets, anchor, measured, skipped = anchor_values(values, v0, None, 2.0)
+    assert anchor == pytest.approx(float(norms.mean()))  # four norms: none trimmed
+    assert torch.allclose(measured.float(), norms)
+    assert skipped.tolist() == (norms > 2 * anchor).tolist() and skipped.tolist() == [False, False, False, True]
+    new_v = targets - hidden + v0
+    assert torch.allclose(new_v[~skipped].norm(dim=1), torch.full((3,), anchor), rtol=1e-5)
+    assert torch.allclose(targets[skipped], hidden[skipped])  # skipped: nothing to write
+    # the direction of v* is kept; a given anchor is used as is
+    cosine = torch.nn.functional.cosine_similarity(new_v[:3], (v0 + delta)[:3])
+    assert torch.allclose(cosine, torch.ones(3), atol=1e-5)
+    _, reused, _, _ = anchor_values(values, v0, 7.5, 2.0)
+    assert reused == 7.5
+
+
+def test_norm_anchor_is_measured_once_and_skips_are_not_written() -> None:
+    inputs = engine("memit_seq", norm_anchor=True)
+    first = engine_round(inputs)
+    assert first.norm_anchor is not None and len(first.value_norms) == 2
+    assert first.norm_anchor == pytest.approx(sum(first.value_norms) / 2)
+    written = first.values.targets - first.values.hidden  # v* rescaled to the anchor, v₀ taken out again
+    assert bool((written.norm(dim=1) > 0).all())
+    second = engine_round(RoundInputs(**{**vars(inputs), "state": None}), REQUESTS[2:3])
+    assert second.norm_anchor == first.norm_anchor  # anchored to the first round (original weights)
+    resumed = engine_round(RoundInputs(**{**vars(inputs), "state": EngineState(norm_anchor=3.0)}), REQUESTS[:1])
+    assert resumed.norm_anchor == 3.0
+
+    strict = engine("memit", norm_anchor=True, norm_anchor_max_ratio=1.0001)
+    outcome = engine_round(strict, commit=False)
+    assert outcome.norm_skipped == [n > 1.0001 * outcome.norm_anchor for n in outcome.value_norms]
+    assert any(outcome.norm_skipped)
+    assert outcome.kept[0] == [not s for s in outcome.norm_skipped]
+
+
+@pytest.mark.parametrize("share", [5.0, 20.0])
+def test_gemma_post_norm_mapping_keeps_a_positive_scale(share: float) -> None:
+    torch.manual_seed(0)
+    norm = Gemma3RMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32) * 0.5)
+    x = torch.randn(64, 32) * 3
+    with torch.no_grad():
+        y = norm(x)
+        direction = torch.randn(64, 32)
+        r = (share * y.norm(dim=1, keepdim=True) * direction / direction.norm(dim=1, keepdim=True)).T
+        change = through_post_norm(norm, x, r).float()
+        reached, wanted = norm(x + change.T), y + r.T
+    # without a positive scale, these rows would have flipped the normed output
+    assert bool(((x * (x + change.T)).sum(dim=1) < 0).any())
+    assert bool(((reached - wanted).norm(dim=1) < (y - wanted).norm(dim=1)).all())
+    assert bool(((reached - y) * r.T).sum(dim=1).gt(0).all())
+
+
+def test_a_singular_system_fails_with_the_layer_and_the_fix() -> None:
+    indefinite = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
+    with pytest.raises(SingularSystemError, match=r"layer 4 is not positive definite.*mom2_update_weight"):
+        solve_spd(indefinite, torch.ones(3, 1, dtype=torch.float64), layer=4)
+    assert issubclass(SingularSystemError, ValueError)
+    keys = torch.randn(6, 2)
+    with pytest.raises(SingularSystemError, match=r"layer 2 .*mom2_n_samples"):  # a C that is not PSD
+        neuron_update(keys, torch.randn(4, 2), -torch.eye(6), None, 1e4, torch.arange(6), layer=2)
+    with pytest.raises(SingularSystemError, match=r"layer 7 is singular.*raise L2"):
+        solve_general(torch.zeros(3, 3, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64), layer=7)
