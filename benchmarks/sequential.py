@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from nse_hub import EditSession, load_requests
-from nse_hub.evaluation import EvalOptions, evaluate_session, plot_curves, run_sequential, write_results
+from nse_hub.evaluation import EvalOptions, evaluate_session
+from nse_hub.sequential import plot_curves, run_sequential, write_results
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 COLUMNS = (("efficacy", "ES"), ("generalization", "PS"), ("specificity", "NS"), ("score", "S"),

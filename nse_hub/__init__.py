@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from nse_hub import errors as _errors
 from nse_hub._version import __version__
 
 _EXPORTS = {
@@ -19,13 +20,17 @@ _EXPORTS = {
     "RoundReport": "nse_hub.report",
     "evaluate_session": "nse_hub.evaluation",
     "load_requests": "nse_hub.requests",
+    "run_sequential": "nse_hub.sequential",
+    **{name: "nse_hub.errors" for name in _errors.__all__},
 }
 
 if TYPE_CHECKING:
     from nse_hub.config import EditConfig
+    from nse_hub.errors import *  # noqa: F403
     from nse_hub.evaluation import evaluate_session
     from nse_hub.report import RoundReport
     from nse_hub.requests import EditRequest, Probe, load_requests
+    from nse_hub.sequential import run_sequential
     from nse_hub.session import EditSession
 
 
@@ -36,4 +41,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["EditConfig", "EditRequest", "EditSession", "Probe", "RoundReport", "__version__", "evaluate_session",
-           "load_requests"]
+           "load_requests", "run_sequential", *_errors.__all__]

@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nse_hub.architectures import ModelLayout
+from nse_hub.errors import MissingFileError
 from nse_hub.scoring import next_token_logprobs, score_targets, target_text
 from nse_hub.tokens import continuation_ids, encode, pad_id, pad_right
 
@@ -75,7 +76,7 @@ def suite_folder(source: str | Path) -> Path:
 def load_task(folder: Path, name: str) -> list[dict[str, Any]]:
     path = folder / f"{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the suite folder needs {', '.join(f'{t}.json' for t in TASKS)}")
+        raise MissingFileError(f"{path} is missing: the suite folder needs {', '.join(f'{t}.json' for t in TASKS)}")
     return json.loads(path.read_text())
 
 

@@ -22,23 +22,18 @@ from typing import Any
 import torch
 from peft import LoraConfig
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from nse_hub.architectures import ModelLayout
 from nse_hub.deltas import Factors
-from nse_hub.io import atomic_path, atomic_write_text
+from nse_hub.errors import AdapterError
+from nse_hub.io import atomic_write_bytes, atomic_write_text
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-
-
-class AdapterError(ValueError):
-    """An adapter folder that cannot be read: says which file and what to do."""
-
-
-class BaseModelMismatchError(ValueError):
-    """An adapter or session applied to a base model other than the one it was made on."""
+# Exact QR/SVD repacking in float32 leaves relative errors around 1e-7; anything above this was truncated.
+LOSSLESS_ERROR = 1e-5
 
 
 @dataclass(frozen=True)
@@ -49,6 +44,11 @@ class CompressionReport:
     stacked_rank: int
     stored_rank: int
     relative_error: float  # ‖ΔW − stored‖_F / ‖ΔW‖_F; 0 up to rounding unless max_rank truncated
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the stored factors differ from the edit by more than float32 rounding."""
+        return self.relative_error > LOSSLESS_ERROR
 
 
 def factor_bytes(d_model: int, d_ff: int, rank: int, element_size: int = 4) -> int:
@@ -118,7 +118,7 @@ def save_adapter(folder: str | Path, layout: ModelLayout, factors: Mapping[int, 
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for ``factors`` (atomically)."""
     folder = Path(folder)
     if not factors:
-        raise ValueError("an adapter needs at least one module; use no_update() for a round that changed nothing")
+        raise AdapterError("an adapter needs at least one module; use no_update() for a round that changed nothing")
     config = lora_config(layout, factors, base_model, revision)
     tensors = {}
     for layer, f in factors.items():
@@ -128,8 +128,7 @@ def save_adapter(folder: str | Path, layout: ModelLayout, factors: Mapping[int, 
     header = {"format": "pt"}
     header.update({f"nse_hub.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+    atomic_write_bytes(folder / ADAPTER_WEIGHTS, save(tensors, metadata=header))
     atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
                       + "\n")
 
@@ -172,7 +171,3 @@ def read_adapter(folder: str | Path, layout: ModelLayout) -> tuple[dict[int, Fac
     if not tensors:
         raise AdapterError(f"{weights} holds no LoRA factors for {layout.projection_path} modules of this model")
     return factors, {k[len("nse_hub."):]: v for k, v in header.items() if k.startswith("nse_hub.")}
-
-
-def adapter_size(folder: str | Path) -> int:
-    return (Path(folder) / ADAPTER_WEIGHTS).stat().st_size

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from nse_hub.errors import UnsupportedArchitectureError
+
 WeightLayout = Literal["linear", "conv1d"]
 
 
@@ -63,10 +65,6 @@ FAMILIES: tuple[ArchitectureFamily, ...] = (
 )
 
 
-class UnsupportedArchitectureError(ValueError):
-    """The model does not expose decoder layers and MLP output projections where nse-hub looks for them."""
-
-
 def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:
     try:
         return root.get_submodule(path)
@@ -97,8 +95,12 @@ class ModelLayout:
     post_mlp_norm_path: str | None = None
 
     @classmethod
-    def detect(cls, model: nn.Module) -> ModelLayout:
+    def detect(cls, model: nn.Module, probe: bool = True) -> ModelLayout:
         """Find the decoder layers, MLP output projection, final norm and output head of ``model``.
+
+        ``probe=False`` skips the one-token forward pass that finds out whether decoder layers return
+        tuples, so that a model built on the ``meta`` device works (``layer_returns_tuple`` is then
+        ``False``): enough to read and write adapters, not to trace the model.
 
         Raises:
             UnsupportedArchitectureError: naming what was looked for and not found.
@@ -142,7 +144,7 @@ class ModelLayout:
                 hidden_size=out_features,
                 intermediate_size=in_features,
                 logit_softcap=getattr(text_config, "final_logit_softcapping", None),
-                layer_returns_tuple=_layer_returns_tuple(model, layers[0]),
+                layer_returns_tuple=_layer_returns_tuple(model, layers[0]) if probe else False,
                 post_mlp_norm_path=family.post_mlp_norm,
             )
         raise UnsupportedArchitectureError(

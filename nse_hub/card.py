@@ -8,10 +8,11 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from nse_hub.adapters import CompressionReport
 from nse_hub.checkpoint import SessionMeta
 from nse_hub.corpus import Corpus
 from nse_hub.models import EMBEDDED_MODELS
-from nse_hub.report import RoundReport
+from nse_hub.report import ROUND_METRICS, RoundReport, edit_metrics
 
 MAX_EDIT_ROWS = 500
 TAGS = ["model-editing", "knowledge-editing", "nse", "nse-hub", "peft", "lora"]
@@ -47,25 +48,39 @@ class Metric:
 
 def running_metrics(reports: list[RoundReport]) -> list[Metric]:
     """Efficacy, generalization and specificity of every edit right after its own round."""
-    requests = [r for report in reports for r in report.requests]
-    dataset = "edit requests of this repository"
-
-    def share(values: list[bool | None]) -> float | None:
-        kept = [v for v in values if v is not None]
-        return 100 * sum(kept) / len(kept) if kept else None
-
-    def mean_of_shares(lists: list[list[bool | None]]) -> float | None:
-        shares = [s for s in (share(values) for values in lists) if s is not None]
-        return sum(shares) / len(shares) if shares else None
-
-    figures = {
-        "efficacy": share([r.success_after for r in requests]),
-        "generalization": mean_of_shares([[p.success_after for p in r.paraphrases] for r in requests]),
-        "specificity": mean_of_shares([[p.success_after for p in r.neighbors] for r in requests]),
-    }
+    figures = edit_metrics([r for report in reports for r in report.requests])
     protocol = "running, teacher-forced: each edit scored right after its round"
-    return [Metric(key, key.capitalize(), round(value, 1), protocol, dataset, "nse-hub-edits")
-            for key, value in figures.items() if value is not None]
+    return [Metric(key, key.capitalize(), round(figures[key], 1), protocol, "edit requests of this repository",
+                   "nse-hub-edits") for key in ROUND_METRICS if key in figures]
+
+
+# How each method is named and explained in cards (what follows "This edit uses").
+_MEMIT = "MEMIT (Meng et al., ICLR 2023, [arXiv:2210.07229](https://arxiv.org/abs/2210.07229))"
+METHODS = {
+    "nse": ("NSE", "**NSE** — Neuron-level Sequential Editing (Jiang et al., ACL 2025, "
+                   "[arXiv:2410.04045](https://arxiv.org/abs/2410.04045)) — which computes each fact's target "
+                   "hidden state on the *original* weights, writes it into the MLP output projections of a few layers "
+                   "with a least-squares update that preserves what those layers already encode, and touches only "
+                   "the neurons most activated by the edited subjects. This keeps many rounds of edits from eroding "
+                   "each other or the model."),
+    "alphaedit": ("AlphaEdit", "**AlphaEdit** (Fang et al., ICLR 2025, "
+                               "[arXiv:2410.02355](https://arxiv.org/abs/2410.02355)), which projects each update onto "
+                               "the null space of the keys the layer must preserve, so that knowledge outside the "
+                               "edits is left as it was."),
+    "memit": ("MEMIT", f"**{_MEMIT}**, which spreads each fact's change over the MLP output projections of a few "
+                       "layers with a least-squares update that preserves what those layers already encode."),
+    "memit_seq": ("sequential MEMIT", f"**sequential MEMIT**: {_MEMIT} whose least-squares update also preserves "
+                                      "the keys written by earlier rounds."),
+}
+
+
+def method_name(method: str) -> str:
+    return METHODS.get(method, (method.upper(), ""))[0]
+
+
+def _efficacy(report: RoundReport) -> str:
+    value = report.metrics().get("efficacy")
+    return "–" if value is None else f"{value:.0f} %"
 
 
 def _cell(text: str) -> str:
@@ -82,17 +97,34 @@ def _base_loading(meta: SessionMeta) -> tuple[str, str, bool]:
     if embedded:
         note = (f"The base model is nse-hub's embedded `{embedded.name}`: {embedded.description}, "
                 f"made from [{embedded.upstream_id}](https://huggingface.co/{embedded.upstream_id}). "
-                f"With nse-hub installed, `nse-hub models fetch {embedded.name}` builds the same folder.")
-        return embedded.stock_recipe, note, True
-    name = meta.base.name_or_path
+                f"With nse-hub installed, `nse-hub models fetch {embedded.name}` builds the same folder. "
+                f"`adapter_config.json` names the upstream `{embedded.upstream_id}`, so that stock loaders resolve "
+                "it anywhere; its weights are close to, not identical with, the de-quantised ones edited here.")
+        return embedded.stock_recipe, note, False
+    name = meta.base.portable_id
     revision = f', revision="{meta.base.revision}"' if meta.base.revision else ""
     code = (f'base = AutoModelForCausalLM.from_pretrained("{name}"{revision})\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{name}"{revision})')
-    return code, "", Path(name).expanduser().exists()
+    return code, "", meta.base.upstream_id is None
+
+
+def _adapter_note(compression: list[CompressionReport]) -> str:
+    if any(r.lossy for r in compression):
+        worst = max(compression, key=lambda r: r.relative_error)
+        ranks = ", ".join(sorted({str(r.stored_rank) for r in compression if r.lossy}))
+        return (f"**This version's cumulative adapter is an approximation**: it was truncated to rank {ranks} "
+                f"(`max_rank`), which changes the edit by a relative error of up to {worst.relative_error:.1%} "
+                f"(Frobenius norm, `{worst.module}`). The per-round increments in `rounds/` are exact.")
+    if any(r.stored_rank != r.stacked_rank for r in compression):
+        return ("Each update is exactly a low-rank product `ΔW = B·A`, so the adapters below are the edit itself, "
+                "not an approximation (the cumulative adapter was repacked exactly by QR/SVD where the stacked rank "
+                "exceeded the dense size).")
+    return ("Each update is exactly a low-rank product `ΔW = B·A`, so the adapters below are the edit itself, not "
+            "an approximation.")
 
 
 def build_card(meta: SessionMeta, reports: list[RoundReport], repo_id: str | None = None,
-               metrics: list[Metric] | None = None, compressed: bool = False) -> ModelCard:
+               metrics: list[Metric] | None = None, compression: list[CompressionReport] | None = None) -> ModelCard:
     """The model card of the version after ``len(reports)`` rounds.
 
     Args:
@@ -100,15 +132,18 @@ def build_card(meta: SessionMeta, reports: list[RoundReport], repo_id: str | Non
         reports: the rounds of this version, in order.
         repo_id: the Hub repository (for the loading code); a placeholder when saving locally.
         metrics: figures to report; default: :func:`running_metrics` of the reports.
-        compressed: whether the cumulative adapter was compressed.
+        compression: what packaging did to the cumulative adapter (the card says when it is lossy).
     """
     version = len(reports)
     metrics = running_metrics(reports) if metrics is None else metrics
     base = meta.base
-    base_id = base.upstream_id if base.embedded else base.name_or_path
-    hub_base = base_id if base_id and "/" in base_id and not Path(base_id).exists() else None
+    base_id = base.portable_id
+    hub_base = base.upstream_id
+    weights_note = base.weights_note
     card_data = ModelCardData(
         base_model=hub_base,
+        base_model_relation="adapter" if hub_base else None,
+        license=base.license,
         library_name="peft",
         pipeline_tag="text-generation",
         tags=[*TAGS, meta.config.method],
@@ -116,6 +151,8 @@ def build_card(meta: SessionMeta, reports: list[RoundReport], repo_id: str | Non
         eval_results=[EvalResult(task_type="text-generation", dataset_type=m.dataset_type,
                                  dataset_name=m.dataset_name, metric_type=m.key, metric_name=m.name,
                                  metric_value=m.value) for m in metrics] or None,
+        # Where the edited weights are not the upstream checkpoint itself (a de-quantised GGUF), say which they are.
+        **({"base_model_weights": weights_note} if weights_note else {}),
     )
     requests = [(report.round, r) for report in reports for r in report.requests]
     example = requests[0][1].request if requests else None
@@ -123,15 +160,19 @@ def build_card(meta: SessionMeta, reports: list[RoundReport], repo_id: str | Non
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
-        title=f"{Path(base_id or 'model').name}, edited with NSE (version round-{version})",
+        title=f"{Path(base_id or 'model').name}, edited with {method_name(meta.config.method)} "
+              f"(version round-{version})",
         base_display=base_id or "the base model",
         base_link=f"https://huggingface.co/{hub_base}" if hub_base else "#how-to-use",
         example_prompt=_cell(example.text) if example else "The mother tongue of Danielle Darrieux is",
         example_target=_cell(example.target_new) if example else "English",
-        compressed=compressed,
+        adapter_note=_adapter_note(compression or []),
+        method_description=METHODS.get(meta.config.method, ("", meta.config.method.upper()))[1],
+        weights_note=weights_note,
+        license=base.license or "not stated (see the base model's terms)",
         rounds=[{"round": r.round, "date": r.created[:10] or "–", "edits": len(r.requests),
-                 "method": r.method.upper(), "seconds": f"{r.seconds.get('total', 0):.0f}",
-                 "efficacy": "–" if r.efficacy() is None else f"{100 * r.efficacy():.0f} %"} for r in reports],
+                 "method": method_name(r.method), "seconds": f"{r.seconds.get('total', 0):.0f}",
+                 "efficacy": _efficacy(r)} for r in reports],
         version=version,
         total_edits=len(requests),
         edits=[{"round": number, "subject": _cell(r.request.subject), "prompt": _cell(r.request.text),
@@ -147,7 +188,7 @@ def build_card(meta: SessionMeta, reports: list[RoundReport], repo_id: str | Non
                       "continuation only when it starts with the new answer. Magnitudes are mean probability "
                       "margins ×100; fluency is the n-gram entropy of generated text ×100 (compare it with "
                       "the unedited model's: a sharp fall means repetitive text)."),
-        method=meta.config.method.upper(),
+        method=method_name(meta.config.method),
         layers=", ".join(str(layer) for layer in meta.config.layers),
         module_pattern=" … ".join(dict.fromkeys([min(base.module_sha256), max(base.module_sha256)])),
         hparams=meta.config,

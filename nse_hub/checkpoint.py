@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,19 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
 
-from nse_hub.adapters import ADAPTER_WEIGHTS, AdapterError, no_update, read_adapter, save_adapter
+from nse_hub.adapters import ADAPTER_WEIGHTS, no_update, read_adapter, save_adapter
 from nse_hub.architectures import ModelLayout
+from nse_hub.base import BaseModelInfo
 from nse_hub.config import EditConfig
 from nse_hub.deltas import Factors
-from nse_hub.io import atomic_directory, atomic_path, atomic_write_json, atomic_write_text
+from nse_hub.errors import AdapterError, CheckpointError
+from nse_hub.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
 from nse_hub.report import RoundReport
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: methods memit (classic) and memit_seq; lossy-adapter record
+LEGACY_MEMIT = "memit_seq"
 SESSION_FILE = "nse_session/session.json"
 MANIFEST_FILE = "edits.jsonl"
 CARD_FILE = "README.md"
@@ -45,35 +50,8 @@ KEYS_FILE = "keys.safetensors"
 REPORT_FILE = "report.json"
 
 
-class CheckpointError(ValueError):
-    """A saved edit that cannot be read; names the file and what to do."""
-
-
 def round_dir(index: int) -> str:
     return f"{ROUNDS_DIR}/{index:03d}"
-
-
-@dataclass
-class BaseModelInfo:
-    """The base model an edit belongs to.
-
-    Attributes:
-        name_or_path: what ``from_pretrained`` loads (a Hub id or a local folder).
-        revision: the Hub revision of the base, if any.
-        embedded: the embedded model's short name (``smollm2-135m``), if it is one.
-        upstream_id: the Hub repository the weights come from, for model cards.
-        architecture: the model class.
-        model_sha256: fingerprint of all original weights (keys the statistics cache).
-        module_sha256: per edited module, fingerprint of its original weight.
-    """
-
-    name_or_path: str
-    revision: str | None
-    embedded: str | None
-    upstream_id: str | None
-    architecture: str
-    model_sha256: str
-    module_sha256: dict[str, str]
 
 
 @dataclass
@@ -88,22 +66,31 @@ class SessionMeta:
     nse_hub_version: str = ""
     format: int = FORMAT_VERSION
     evaluations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    adapter: dict[str, Any] = field(default_factory=dict)  # {"lossy": bool, "modules": [CompressionReport …]}
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "nse_hub_version": self.nse_hub_version, "rounds": self.rounds,
                 "base": asdict(self.base), "config": self.config.to_dict(),
                 "context_templates": self.context_templates, "stats": self.stats,
-                "evaluations": self.evaluations, **self.extra}
+                "evaluations": self.evaluations, "adapter": self.adapter, **self.extra}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionMeta:
         known = {"format", "nse_hub_version", "rounds", "base", "config", "context_templates", "stats",
-                 "evaluations"}
-        return cls(base=BaseModelInfo(**data["base"]), config=EditConfig.from_dict(data["config"]),
+                 "evaluations", "adapter"}
+        saved_format = int(data.get("format", 1))
+        if saved_format > FORMAT_VERSION:
+            raise CheckpointError(f"this edit was saved in format {saved_format} by nse-hub "
+                                  f"{data.get('nse_hub_version', '?')}, newer than this nse-hub reads "
+                                  f"({FORMAT_VERSION}): upgrade with `pip install -U nse-hub`")
+        config = dict(data["config"])
+        if saved_format < 2 and config.get("method") == "memit":
+            config["method"] = LEGACY_MEMIT  # format 1's "memit" added the key memory: sequential MEMIT
+        return cls(base=BaseModelInfo(**data["base"]), config=EditConfig.from_dict(config),
                    context_templates=data["context_templates"], stats=data["stats"], rounds=int(data["rounds"]),
-                   nse_hub_version=data.get("nse_hub_version", ""), format=int(data.get("format", 1)),
-                   evaluations=dict(data.get("evaluations", {})),
+                   nse_hub_version=data.get("nse_hub_version", ""), format=FORMAT_VERSION,
+                   evaluations=dict(data.get("evaluations", {})), adapter=dict(data.get("adapter", {})),
                    extra={k: v for k, v in data.items() if k not in known})
 
 
@@ -135,7 +122,8 @@ def manifest_lines(reports: list[RoundReport]) -> str:
 
 def write_checkpoint(folder: str | Path, layout: ModelLayout, meta: SessionMeta, rounds: list[RoundData],
                      cumulative: dict[int, Factors], card: str | None = None,
-                     adapter_metadata: dict[str, Any] | None = None) -> None:
+                     adapter_metadata: dict[str, Any] | None = None,
+                     tokenizer: PreTrainedTokenizerBase | None = None) -> None:
     """Write (or update) a saved edit at version ``len(rounds)``.
 
     Args:
@@ -146,31 +134,49 @@ def write_checkpoint(folder: str | Path, layout: ModelLayout, meta: SessionMeta,
         cumulative: the stored form of the cumulative delta (see :func:`nse_hub.adapters.pack`).
         card: the model card text.
         adapter_metadata: extra entries for the adapters' safetensors headers.
+        tokenizer: saved beside the adapter, so that ``AutoTokenizer.from_pretrained(folder)`` works.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     base = meta.base
-    header = {"base_model": base.name_or_path, "module_sha256": base.module_sha256, **(adapter_metadata or {})}
+    header = {"base_model": base.portable_id, "module_sha256": base.module_sha256, **(adapter_metadata or {})}
     first_layer = meta.config.layers[0]
     for index, data in enumerate(rounds, start=1):
         target = folder / round_dir(index)
         if _round_is_current(target, data):
             continue
         with atomic_directory(target) as tmp:
-            save_adapter(tmp, layout, data.factors or no_update(layout, first_layer), base.name_or_path,
+            save_adapter(tmp, layout, data.factors or no_update(layout, first_layer), base.portable_id,
                          base.revision, {**header, "round": index, "increment": True})
             save_file({f"layer_{layer}": k.contiguous() for layer, k in data.keys.items()}, str(tmp / KEYS_FILE))
             atomic_write_json(tmp / REPORT_FILE, data.report.to_dict())
-    save_adapter(folder, layout, cumulative or no_update(layout, first_layer), base.name_or_path, base.revision,
+    save_adapter(folder, layout, cumulative or no_update(layout, first_layer), base.portable_id, base.revision,
                  {**header, "round": len(rounds), "increment": False})
+    if tokenizer is not None:
+        save_tokenizer(folder, tokenizer)
     atomic_write_text(folder / MANIFEST_FILE, manifest_lines([d.report for d in rounds]))
-    if card is not None:
-        atomic_write_text(folder / CARD_FILE, card)
-    atomic_write_json(folder / SESSION_FILE, meta.to_dict())
+    write_metadata(folder, meta, card)
     rounds_root = folder / ROUNDS_DIR
     for stale in sorted(rounds_root.iterdir()) if rounds_root.is_dir() else []:
         if stale.name.isdigit() and int(stale.name) > len(rounds):
             shutil.rmtree(stale)
+
+
+def write_metadata(folder: str | Path, meta: SessionMeta, card: str | None = None) -> None:
+    """Write the card and ``session.json`` of a saved edit, and nothing else (recording new figures)."""
+    folder = Path(folder)
+    if card is not None:
+        atomic_write_text(folder / CARD_FILE, card)
+    atomic_write_json(folder / SESSION_FILE, meta.to_dict())
+
+
+def save_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The tokenizer's files in ``folder``, each replaced atomically and only when its content changed."""
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=folder) as tmp:
+        tokenizer.save_pretrained(tmp)
+        for written in sorted(Path(tmp).iterdir()):
+            if written.is_file():
+                atomic_write_bytes(folder / written.name, written.read_bytes())
 
 
 def _round_is_current(target: Path, data: RoundData) -> bool:
@@ -208,8 +214,3 @@ def read_round(folder: str | Path, layout: ModelLayout, index: int) -> RoundData
     except (SafetensorError, OSError, json.JSONDecodeError, KeyError, ValueError) as error:
         raise CheckpointError(f"{path} is damaged ({error}); restore it from a backup or the Hub") from None
     return RoundData(factors, keys, report)
-
-
-def save_keys_only(path: Path, keys: dict[int, torch.Tensor]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({f"layer_{layer}": k.contiguous() for layer, k in keys.items()}, str(tmp))

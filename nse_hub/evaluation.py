@@ -13,7 +13,6 @@ Teacher-forced and generation-based figures are always reported side by side.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -27,11 +26,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from nse_hub.ability import perplexity, perplexity_texts, suite_accuracy
 from nse_hub.architectures import ModelLayout
 from nse_hub.card import Metric
-from nse_hub.io import atomic_write_json
-from nse_hub.metrics import load_edit_metrics
+from nse_hub.errors import MissingFileError
+from nse_hub.metrics import compute_edit_metrics
 from nse_hub.metrics.edit_metrics.edit_metrics import idf_from_vocab
+from nse_hub.probes import drop_unmeasured, mean_nlls, measure_probes, nll_inputs, token_inputs
 from nse_hub.requests import EditRequest
-from nse_hub.scoring import generate_greedy, score_targets
+from nse_hub.scoring import generate_greedy
 
 if TYPE_CHECKING:
     from nse_hub.session import EditSession
@@ -119,51 +119,16 @@ def measure_requests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     target; records without one (zsRE) by token-level accuracy of the new answer.
     """
     options = options or EvalOptions()
-    prompts, targets, where = [], [], []
-
-    def ask(record: int, kind: str, prompt: str, target: str) -> None:
-        prompts.append(prompt)
-        targets.append(target)
-        where.append((record, kind))
-
-    for i, r in enumerate(requests):
-        ask(i, "rewrite_new", r.text, r.target_new)
-        for p in r.paraphrases:
-            ask(i, "paraphrase_new", p, r.target_new)
-        for n in r.neighbors:
-            ask(i, "neighborhood_true", n.prompt, n.answer)
-        if r.target_true:
-            ask(i, "rewrite_true", r.text, r.target_true)
-            for p in r.paraphrases:
-                ask(i, "paraphrase_true", p, r.target_true)
-            for n in r.neighbors:
-                ask(i, "neighborhood_new", n.prompt, r.target_new)
-    scores = score_targets(model, tokenizer, layout, prompts, targets, options.batch_size)
-    found: list[dict[str, list]] = [{} for _ in requests]
-    for (record, kind), score in zip(where, scores):
-        found[record].setdefault(kind, []).append(score)
-
+    found = measure_probes(model, tokenizer, layout, requests, options.batch_size)
     counterfact = [r.target_true is not None for r in requests]
-    inputs: dict[str, list] = {
-        "rewrite_new_nll": [f["rewrite_new"][0].mean_nll if cf else None for f, cf in zip(found, counterfact)],
-        "rewrite_true_nll": [f["rewrite_true"][0].mean_nll if cf else None for f, cf in zip(found, counterfact)],
-    }
-    for name, kind in (("paraphrase_new_nll", "paraphrase_new"), ("paraphrase_true_nll", "paraphrase_true"),
-                       ("neighborhood_true_nll", "neighborhood_true"), ("neighborhood_new_nll", "neighborhood_new")):
-        inputs[name] = [[s.mean_nll for s in f.get(kind, [])] if cf else None for f, cf in zip(found, counterfact)]
-    for name, kind in (("rewrite_token_correct", "rewrite_new"), ("paraphrase_token_correct", "paraphrase_new"),
-                       ("neighborhood_token_correct", "neighborhood_true")):
-        inputs[name] = [None if cf else [[float(c) for c in s.token_correct] for s in f.get(kind, [])]
-                        for f, cf in zip(found, counterfact)]
+    inputs = {**nll_inputs([mean_nlls(f) for f in found], counterfact), **token_inputs(found, counterfact)}
     if options.generation:
         _add_generations(inputs, model, tokenizer, requests, options)
     if options.fluency_records:
         _add_fluency(inputs, model, tokenizer, requests, options)
-    for name in list(inputs):  # leave out what no record has, so the module reports only measured figures
-        if all(v is None or v == [] for v in inputs[name]):
-            del inputs[name]
+    inputs = drop_unmeasured(inputs)
     extra = {"idf": read_idf(options.idf)} if options.idf and "consistency_generations" in inputs else {}
-    return load_edit_metrics(keep_in_memory=True).compute(**inputs, **extra)
+    return compute_edit_metrics(**inputs, **extra)
 
 
 def _add_generations(inputs: dict[str, list], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -200,7 +165,7 @@ def read_idf(folder: str | Path) -> dict[str, float]:
     folder = Path(folder)
     missing = [name for name in ("idf.npy", "tfidf_vocab.json") if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: give the folder holding ROME's idf.npy "
+        raise MissingFileError(f"{folder} lacks {', '.join(missing)}: give the folder holding ROME's idf.npy "
                                 "and tfidf_vocab.json, or leave idf unset to use the IDF of the compared texts")
     return idf_from_vocab(json.loads((folder / "tfidf_vocab.json").read_text()), numpy.load(folder / "idf.npy"))
 
@@ -240,77 +205,3 @@ def evaluate_session(session: EditSession, requests: Sequence[EditRequest] | Non
     if record and session.rounds:
         session.evaluations[len(session.rounds)] = result.card_metrics()
     return result
-
-
-@dataclass
-class SequentialRun:
-    """One method's sequential editing run: the running curve, the final evaluation, the time per round."""
-
-    method: str
-    batch: int
-    curve: list[Evaluation]
-    final: Evaluation
-    round_seconds: list[dict[str, float]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "batch": self.batch, "curve": [e.to_dict() for e in self.curve],
-                "final": self.final.to_dict(), "round_seconds": self.round_seconds}
-
-
-def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch: int, *, running: bool = True,
-                   options: EvalOptions | None = None, suite: str | Path | None = None,
-                   suite_examples: int = 100, progress: bool = False) -> SequentialRun:
-    """Edit ``requests`` in rounds of ``batch``; evaluate after each round (running) and at the end (final)."""
-    curve, seconds = [], []
-    # Long generations for fluency are a final-protocol figure; the running curve leaves them out.
-    running_options = dataclasses.replace(options or EvalOptions(), fluency_records=0)
-    for start in range(0, len(requests), batch):
-        report = session.edit(requests[start:start + batch], progress=progress)
-        seconds.append(report.seconds)
-        if running:
-            curve.append(evaluate_session(session, requests[: start + batch], protocol="running",
-                                          options=running_options, record=False))
-    final = evaluate_session(session, requests, protocol="final", options=options, suite=suite,
-                             suite_examples=suite_examples)
-    return SequentialRun(session.config.method, batch, curve, final, seconds)
-
-
-def plot_curves(runs: Sequence[SequentialRun], path: str | Path, base: Evaluation | None = None,
-                metrics: Sequence[str] = ("efficacy", "generalization", "specificity", "efficacy_generation")
-                ) -> Path:
-    """A PNG with one panel per metric against the number of edits (running protocol), one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [m for m in metrics if any(m in e.metrics for run in runs for e in run.curve)]
-    figure, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
-    for axis, metric in zip(axes[0], shown):
-        for run in runs:
-            points = [(e.edits, e.metrics[metric]) for e in run.curve if metric in e.metrics]
-            axis.plot(*zip(*points), marker="o", markersize=3, label=run.method.upper())
-        if base is not None and metric in base.metrics:
-            axis.axhline(base.metrics[metric], color="grey", linestyle="--", linewidth=1, label="unedited")
-        axis.set_title(METRIC_NAMES.get(metric, metric))
-        axis.set_xlabel("edits (running protocol)")
-        axis.set_ylim(0, 100)
-        axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("%")
-    axes[0][-1].legend(loc="lower left")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
-def write_results(path: str | Path, base: Evaluation | None, runs: Sequence[SequentialRun],
-                  settings: dict[str, Any]) -> None:
-    atomic_write_json(path, {"settings": settings, "base": base.to_dict() if base else None,
-                             "runs": [run.to_dict() for run in runs]})
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

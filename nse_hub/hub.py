@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -26,15 +26,12 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from nse_hub.checkpoint import REPORT_FILE, SESSION_FILE, round_dir
+from nse_hub.errors import HubError, RepoIdError, VersionNotFoundError
 
 logger = logging.getLogger(__name__)
 
 TAG = "round-{}"
 TAG_PATTERN = re.compile(r"^round-(\d+)$")
-
-
-class HubError(RuntimeError):
-    """A push or pull that the Hub refused; says why and what to do, never shows the token."""
 
 
 @dataclass(frozen=True)
@@ -43,21 +40,28 @@ class PushedRound:
 
     round: int
     commit: str
-    tag: str
+    tag: str  # empty for a version pushed into a pull request
     url: str
+    pr_revision: str | None = None  # ``refs/pr/N`` when pushed with ``create_pr``
 
 
 def check_repo_id(repo_id: str) -> None:
-    """Refuse an invalid repository id before any network call."""
+    """Refuse an invalid repository id (``name`` or ``namespace/name``) before any network call."""
     if not isinstance(repo_id, str) or not repo_id.strip():
-        raise ValueError("repo_id must be a non-empty string like 'username/my-edited-model'")
+        raise RepoIdError("repo_id must be a non-empty string like 'username/my-edited-model'")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise ValueError(f"invalid Hub repository id {repo_id!r}: {error} "
-                         "Use 'namespace/name' with letters, digits, '-', '_' and '.'.") from None
-    if repo_id.count("/") != 1:
-        raise ValueError(f"invalid Hub repository id {repo_id!r}: use 'namespace/name', e.g. 'username/{repo_id}'")
+        raise RepoIdError(f"invalid Hub repository id {repo_id!r}: {error} "
+                         "Use 'namespace/name' with letters, digits, '-', '_' and '.'.") from error
+
+
+def full_repo_id(api: HfApi, repo_id: str) -> str:
+    """``namespace/name``: a bare ``name`` goes to the token's own namespace, as ``transformers`` does."""
+    check_repo_id(repo_id)
+    if "/" in repo_id:
+        return repo_id
+    return f"{api.whoami()['name']}/{repo_id}"
 
 
 def _explain(error: HfHubHTTPError, action: str, repo_id: str) -> HubError:
@@ -70,7 +74,10 @@ def _explain(error: HfHubHTTPError, action: str, repo_id: str) -> HubError:
         hint = "the repository changed during the push (someone else pushed?): push again to resume"
     else:
         hint = f"HTTP {status}" if status else type(error).__name__
-    return HubError(f"could not {action} {repo_id}: {hint}")
+    details = [f"server: {error.server_message.strip()}" if error.server_message else "",
+               f"request id {error.request_id}" if error.request_id else ""]
+    details = [d for d in details if d]
+    return HubError(f"could not {action} {repo_id}: {hint}" + (f" ({'; '.join(details)})" if details else ""))
 
 
 def _version_on_hub(api: HfApi, repo_id: str, branch: str) -> tuple[int, int, str | None]:
@@ -98,29 +105,55 @@ def _same_round(api: HfApi, repo_id: str, index: int, revision: str, local_repor
     return json.loads(Path(path).read_text()) == local_report
 
 
+@dataclass(frozen=True)
+class PushOptions:
+    """How versions are committed (the arguments of ``push_to_hub`` besides the repository).
+
+    Attributes:
+        commit_message: the commit title; ``{round}`` is replaced by the round (default ``"nse-hub: round {round}"``).
+        commit_description: the commit description, formatted the same way.
+        private: visibility when the repository is created.
+        token: a Hub token, ``True`` for the stored login, ``False``/``None`` for the default (``HF_TOKEN`` or the
+            stored login).
+        revision: the branch to push to (created from ``main`` if missing).
+        create_pr: open a pull request with the new versions instead of committing to ``revision``; the
+            commits of a pull request get no ``round-N`` tags until it is merged and pushed again.
+    """
+
+    commit_message: str | None = None
+    commit_description: str | None = None
+    private: bool | None = None
+    token: str | bool | None = None
+    revision: str = "main"
+    create_pr: bool = False
+
+
 def push_versions(repo_id: str, rounds: int, write_version: Callable[[int, Path], None],
-                  report_of: Callable[[int], dict], *, private: bool | None = None, token: str | None = None,
-                  branch: str = "main") -> list[PushedRound]:
+                  report_of: Callable[[int], dict], options: PushOptions | None = None) -> list[PushedRound]:
     """Push every version ``1..rounds`` not on the Hub yet: one commit and one ``round-N`` tag each.
 
     Args:
-        repo_id: ``namespace/name``; created if missing.
+        repo_id: ``namespace/name``, or ``name`` for the token's own namespace; created if missing.
         rounds: the latest local version.
         write_version: writes the complete folder of version ``k`` (adapters, manifest, card, state)
             into an empty directory.
         report_of: the local report of round ``k`` as saved (to recognise rounds already pushed).
-        private: visibility when the repository is created.
-        token: a Hub token (default: ``HF_TOKEN`` or the stored login).
-        branch: push to this branch (created from ``main`` if missing) instead of ``main``.
+        options: commit messages, visibility, token, branch, pull request.
 
     A push that fails leaves the Hub at its last complete round and can simply be run again.
+
+    Raises:
+        HubError: the Hub refused a call (the message carries its reason and request id), or the Hub holds
+            rounds that differ from the local ones.
     """
-    check_repo_id(repo_id)
+    options = options or PushOptions()
     if rounds < 1:
-        raise ValueError("nothing to push: the session has no rounds yet")
-    api = HfApi(token=token)
+        raise VersionNotFoundError("nothing to push: the session has no rounds yet")
+    api = HfApi(token=options.token)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        repo_id = full_repo_id(api, repo_id)
+        api.create_repo(repo_id, private=options.private, exist_ok=True)
+        branch = options.revision
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         tagged, at_head, head = _version_on_hub(api, repo_id, branch)
@@ -136,30 +169,37 @@ def push_versions(repo_id: str, rounds: int, write_version: Callable[[int, Path]
                 raise HubError(f"round {index} on {repo_id} differs from this session's round {index}; "
                                "push to a new repository or branch, or resume from the Hub version")
         pushed = []
-        if at_head > tagged and head is not None:  # a previous push committed but did not tag
+        if at_head > tagged and head is not None and not options.create_pr:  # committed, then the tag failed
             api.create_tag(repo_id, tag=TAG.format(at_head), revision=head, exist_ok=True)
             pushed.append(PushedRound(at_head, head, TAG.format(at_head), ""))
+        target = branch
         for version in range(done + 1, rounds + 1):
-            pushed.append(_push_one(api, repo_id, version, write_version, branch))
+            result = _push_one(api, repo_id, version, write_version, target, options)
+            pushed.append(result)
+            if options.create_pr and version == done + 1:
+                target = result.pr_revision or target  # later versions go into the same pull request
         return pushed
     except HfHubHTTPError as error:
-        raise _explain(error, "push to", repo_id) from None
+        raise _explain(error, "push to", repo_id) from error
 
 
 def _push_one(api: HfApi, repo_id: str, version: int, write_version: Callable[[int, Path], None],
-              branch: str) -> PushedRound:
+              revision: str, options: PushOptions) -> PushedRound:
     with tempfile.TemporaryDirectory(prefix="nse-hub-push-") as tmp:
         folder = Path(tmp)
         write_version(version, folder)
-        local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        head = api.repo_info(repo_id, revision=branch).sha
-        remote = set(api.list_repo_files(repo_id, revision=branch))
-        operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path)) for path in local]
-        operations += [CommitOperationDelete(path_in_repo=path) for path in sorted(remote - set(local))
-                       if path != ".gitattributes"]
-        info = api.create_commit(repo_id, operations, commit_message=f"nse-hub: round {version}",
-                                 commit_description=f"Edit round {version}, saved by nse-hub.",
-                                 revision=branch, parent_commit=head)
+        head = api.repo_info(repo_id, revision=revision).sha
+        opens_pr = options.create_pr and not revision.startswith("refs/pr/")
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision, parent_commit=None if opens_pr else head,
+            commit_message=(options.commit_message or "nse-hub: round {round}").format(round=version),
+            commit_description=(options.commit_description or "Edit round {round}, saved by nse-hub.").format(
+                round=version),
+            delete_patterns="*",  # files of the previous version that this one no longer has
+            create_pr=opens_pr or None)
+    if options.create_pr:
+        logger.info("Pushed round %d to %s in %s", version, repo_id, info.pr_url or revision)
+        return PushedRound(version, info.oid, "", info.pr_url or info.commit_url, info.pr_revision or revision)
     tag = TAG.format(version)
     api.create_tag(repo_id, tag=tag, revision=info.oid, tag_message=f"nse-hub edit round {version}", exist_ok=True)
     logger.info("Pushed round %d to %s (%s)", version, repo_id, info.oid[:10])
@@ -179,5 +219,5 @@ def download_saved_edit(repo_id: str, revision: str | None = None, token: str | 
     except HfHubHTTPError as error:
         if error.response is not None and error.response.status_code in (401, 403, 404):
             return None  # a gated or private plain model: let transformers report it
-        raise _explain(error, "read", repo_id) from None
+        raise _explain(error, "read", repo_id) from error
     return Path(snapshot_download(repo_id, revision=revision, token=token))

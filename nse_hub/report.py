@@ -3,37 +3,55 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from nse_hub.metrics import compute_edit_metrics
+from nse_hub.metrics.edit_metrics.edit_metrics import comparison_record
+from nse_hub.probes import ProbeScores
 from nse_hub.requests import EditRequest, parse_request
 from nse_hub.scoring import TargetScore
+
+
+def _wins(new_nll: float | None, other_nll: float | None, new_should_win: bool) -> bool | None:
+    """One prompt's success by the metric module's rule (``None`` when a score is missing)."""
+    record = comparison_record([new_nll], [other_nll], new_should_win=new_should_win)
+    return None if record is None else record[0] == 1.0
 
 
 @dataclass
 class ProbeResult:
     """A paraphrase or neighbourhood prompt scored before and after the round.
 
-    ``success_*``: a paraphrase says the new target rather than the old one; a neighbour keeps its
-    answer rather than taking the new target (mean per-token NLL comparison, as in METRICS.md).
+    ``nll_*`` are mean per-token NLLs (what the metric module judges by), ``p_*`` joint probabilities
+    (what tables show). A paraphrase succeeds when the new target is more likely than the old answer;
+    a neighbour when its own answer stays more likely than the new target.
     """
 
+    kind: Literal["paraphrase", "neighborhood"]
     prompt: str
     answer: str
-    p_answer_before: float
-    p_answer_after: float
+    p_answer_before: float | None
+    p_answer_after: float | None
     p_new_before: float
     p_new_after: float
-    success_before: bool
-    success_after: bool
+    nll_answer_before: float | None = None
+    nll_answer_after: float | None = None
+    nll_new_before: float | None = None
+    nll_new_after: float | None = None
+
+    def success(self, after: bool = True) -> bool | None:
+        new, answer = ((self.nll_new_after, self.nll_answer_after) if after
+                       else (self.nll_new_before, self.nll_answer_before))
+        return _wins(new, answer, new_should_win=self.kind == "paraphrase")
 
 
 @dataclass
 class RequestReport:
-    """One request of a round.
+    """One request of a round: teacher-forced scores of its targets before and after the round.
 
-    Probabilities are teacher-forced joint probabilities of the whole target after the rewrite
-    prompt; ``success_*`` compares mean per-token NLLs of the new and the true target.
+    ``p_*`` are joint probabilities of the whole target after the rewrite prompt, ``nll_*`` mean per-token NLLs.
     """
 
     request: EditRequest
@@ -41,8 +59,6 @@ class RequestReport:
     p_new_after: float
     p_true_before: float | None
     p_true_after: float | None
-    success_before: bool | None
-    success_after: bool | None
     residual_before: float
     residual_after: float
     value_loss: float
@@ -50,10 +66,45 @@ class RequestReport:
     edited_in_passes: list[bool]
     paraphrases: list[ProbeResult] = field(default_factory=list)
     neighbors: list[ProbeResult] = field(default_factory=list)
+    nll_new_before: float | None = None
+    nll_new_after: float | None = None
+    nll_true_before: float | None = None
+    nll_true_after: float | None = None
+
+    def success(self, after: bool = True) -> bool | None:
+        """Whether the new target beats the true one on the rewrite prompt (``None`` without a true target)."""
+        new, true = (self.nll_new_after, self.nll_true_after) if after else (self.nll_new_before, self.nll_true_before)
+        return _wins(new, true, new_should_win=True)
+
+    @property
+    def success_after(self) -> bool | None:
+        return self.success(after=True)
+
+    def metric_inputs(self, after: bool = True) -> dict[str, Any]:
+        """This request's inputs of the metric module (one record)."""
+        when = "after" if after else "before"
+        paraphrases, neighbors = self.paraphrases, self.neighbors
+        return {
+            "rewrite_new_nll": getattr(self, f"nll_new_{when}"),
+            "rewrite_true_nll": getattr(self, f"nll_true_{when}"),
+            "paraphrase_new_nll": [getattr(p, f"nll_new_{when}") for p in paraphrases],
+            "paraphrase_true_nll": [getattr(p, f"nll_answer_{when}") for p in paraphrases],
+            "neighborhood_true_nll": [getattr(n, f"nll_answer_{when}") for n in neighbors],
+            "neighborhood_new_nll": [getattr(n, f"nll_new_{when}") for n in neighbors],
+        }
 
 
-def _share(flags: list[bool]) -> float | None:
-    return sum(flags) / len(flags) if flags else None
+# The metrics a round's before/after scores give, in the order tables show them.
+ROUND_METRICS = ("efficacy", "generalization", "specificity")
+
+
+def edit_metrics(requests: Sequence[RequestReport], after: bool = True) -> dict[str, float]:
+    """Efficacy, generalization and specificity (×100, with magnitudes) of ``requests`` by the metric module."""
+    records = [r.metric_inputs(after) for r in requests]
+    inputs = {name: [record[name] for record in records] for name in records[0]} if records else {}
+    inputs = {name: [None if v == [] else v for v in values] for name, values in inputs.items()}
+    inputs = {name: values for name, values in inputs.items() if any(v is not None for v in values)}
+    return compute_edit_metrics(**inputs) if inputs else {}
 
 
 @dataclass
@@ -62,11 +113,12 @@ class RoundReport:
 
     Attributes:
         round: 1-based index of the round.
-        method: ``nse`` or ``memit``.
+        method: the edit method (``nse``, ``memit``, …).
         requests: per-request results.
         selected_neurons: per edit layer, neurons updated in each pass.
         seconds: wall-clock seconds per phase (``stats``, ``templates``, ``values``, ``keys``, ``solve``,
             ``scoring``) and ``total``.
+        created: when the round was made (ISO 8601, UTC).
     """
 
     round: int
@@ -76,34 +128,9 @@ class RoundReport:
     seconds: dict[str, float]
     created: str = ""
 
-    # --- summaries ---------------------------------------------------------------------------------
-
-    def efficacy(self, after: bool = True) -> float | None:
-        """Share of requests whose new target beats the true one on the rewrite prompt."""
-        flags = [r.success_after if after else r.success_before for r in self.requests]
-        return _share([f for f in flags if f is not None])
-
-    def generalization(self, after: bool = True) -> float | None:
-        """Per request share of paraphrases that prefer the new target, averaged over requests."""
-        shares = [_share([p.success_after if after else p.success_before for p in r.paraphrases])
-                  for r in self.requests if r.paraphrases]
-        return sum(shares) / len(shares) if shares else None
-
-    def specificity(self, after: bool = True) -> float | None:
-        """Per request share of neighbours that keep their answer, averaged over requests."""
-        shares = [_share([p.success_after if after else p.success_before for p in r.neighbors])
-                  for r in self.requests if r.neighbors]
-        return sum(shares) / len(shares) if shares else None
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "round": self.round,
-            "method": self.method,
-            "edits": len(self.requests),
-            **{f"{name}_{when}": getattr(self, name)(after=when == "after")
-               for name in ("efficacy", "generalization", "specificity") for when in ("before", "after")},
-            "seconds": self.seconds,
-        }
+    def metrics(self, after: bool = True) -> dict[str, float]:
+        """This round's edit metrics (×100) on its own requests, before or after it."""
+        return edit_metrics(self.requests, after)
 
     # --- display ---------------------------------------------------------------------------------
 
@@ -118,16 +145,13 @@ class RoundReport:
         for r in self.requests:
             old = r.request.target_true or "?"
             p_old = (f"{r.p_true_before:.3f} → {r.p_true_after:.3f}" if r.p_true_before is not None else "–")
-            ok = {True: "✓", False: "✗", None: "–"}[r.success_after]
+            ok = {True: "✓", False: "✗", None: "–"}[r.success()]
             table.add_row(r.request.text, f"{old} → {r.request.target_new}",
                           f"{r.p_new_before:.3f} → {r.p_new_after:.3f}", p_old, ok)
-        metrics = []
-        for name in ("efficacy", "generalization", "specificity"):
-            before, after = getattr(self, name)(after=False), getattr(self, name)(after=True)
-            if after is not None:
-                metrics.append(f"{name} {100 * before:.0f} → {100 * after:.0f}")
-        if metrics:
-            table.caption = " · ".join(metrics)
+        before, after = self.metrics(after=False), self.metrics(after=True)
+        shown = [f"{name} {before[name]:.0f} → {after[name]:.0f}" for name in ROUND_METRICS if name in after]
+        if shown:
+            table.caption = " · ".join(shown)
         return table
 
     # --- serialisation ---------------------------------------------------------------------------
@@ -145,14 +169,62 @@ class RoundReport:
         for raw in data["requests"]:
             raw = dict(raw)
             raw["request"] = parse_request(raw["request"])
-            raw["paraphrases"] = [ProbeResult(**p) for p in raw.get("paraphrases", [])]
-            raw["neighbors"] = [ProbeResult(**p) for p in raw.get("neighbors", [])]
-            requests.append(RequestReport(**raw))
+            raw["paraphrases"] = [_probe(p, "paraphrase") for p in raw.get("paraphrases", [])]
+            raw["neighbors"] = [_probe(p, "neighborhood") for p in raw.get("neighbors", [])]
+            requests.append(RequestReport(**_known(RequestReport, raw)))
         return cls(round=data["round"], method=data["method"], requests=requests,
                    selected_neurons={int(k): v for k, v in data["selected_neurons"].items()},
                    seconds=data["seconds"], created=data.get("created", ""))
 
 
-def compare(new: TargetScore, old: TargetScore) -> bool:
-    """The field's test: the first target is more likely (lower mean per-token NLL) than the second."""
-    return new.mean_nll < old.mean_nll
+def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``raw`` that are fields of ``cls`` (reports of nse-hub 0.1 also stored success flags)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
+
+
+def _probe(raw: dict[str, Any], kind: str) -> ProbeResult:
+    return ProbeResult(**_known(ProbeResult, {"kind": kind, **raw}))
+
+
+def _first(scores: ProbeScores, kind: str) -> TargetScore | None:
+    found = scores.get(kind)
+    return found[0] if found else None
+
+
+def _probes(kind: str, prompts: Sequence[str], answers: Sequence[str], answer_kind: str, new_kind: str,
+            before: ProbeScores, after: ProbeScores) -> list[ProbeResult]:
+    results = []
+    for k, (prompt, answer) in enumerate(zip(prompts, answers)):
+        answer_b = before.get(answer_kind, [None] * (k + 1))[k]
+        answer_a = after.get(answer_kind, [None] * (k + 1))[k]
+        new_b, new_a = before[new_kind][k], after[new_kind][k]
+        results.append(ProbeResult(
+            kind=kind, prompt=prompt, answer=answer,
+            p_answer_before=answer_b.prob if answer_b else None, p_answer_after=answer_a.prob if answer_a else None,
+            p_new_before=new_b.prob, p_new_after=new_a.prob,
+            nll_answer_before=answer_b.mean_nll if answer_b else None,
+            nll_answer_after=answer_a.mean_nll if answer_a else None,
+            nll_new_before=new_b.mean_nll, nll_new_after=new_a.mean_nll))
+    return results
+
+
+def request_report(request: EditRequest, before: ProbeScores, after: ProbeScores, outcome: Any,
+                   i: int) -> RequestReport:
+    """Request ``i`` of a round: its probe scores before and after, and what the algorithm did for it."""
+    new_b, new_a = _first(before, "rewrite_new"), _first(after, "rewrite_new")
+    true_b, true_a = _first(before, "rewrite_true"), _first(after, "rewrite_true")
+    return RequestReport(
+        request=request,
+        p_new_before=new_b.prob, p_new_after=new_a.prob,
+        p_true_before=true_b.prob if true_b else None, p_true_after=true_a.prob if true_a else None,
+        nll_new_before=new_b.mean_nll, nll_new_after=new_a.mean_nll,
+        nll_true_before=true_b.mean_nll if true_b else None, nll_true_after=true_a.mean_nll if true_a else None,
+        residual_before=outcome.residual_before[i], residual_after=outcome.residual_after[i],
+        value_loss=outcome.values.loss[i], value_steps=outcome.values.steps[i],
+        edited_in_passes=[kept[i] for kept in outcome.kept],
+        paraphrases=_probes("paraphrase", request.paraphrases, [request.target_true or ""] * len(request.paraphrases),
+                            "paraphrase_true", "paraphrase_new", before, after),
+        neighbors=_probes("neighborhood", [n.prompt for n in request.neighbors],
+                          [n.answer for n in request.neighbors], "neighborhood_true", "neighborhood_new",
+                          before, after))

@@ -22,13 +22,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from nse_hub.errors import MissingFileError, RequestError
+
 PLACEHOLDER = "{}"
 # EditRequest fields that hold a list of non-empty strings.
 TEXT_LIST_FIELDS = ("paraphrases", "generation_prompts", "reference_snippets")
-
-
-class RequestError(ValueError):
-    """An edit request that cannot be used; names the record and what is wrong with it."""
 
 
 @dataclass(frozen=True)
@@ -281,7 +279,7 @@ def read_records(path: str | Path) -> list[Any]:
     """Raw records of a JSON file (a list, or an object with a ``requests``/``data`` list) or JSONL file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no request file at {path}")
+        raise MissingFileError(f"no request file at {path}: check the path")
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)

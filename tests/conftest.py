@@ -85,10 +85,13 @@ def tiny_model(family: str = "llama", layers: int = 4, seed: int = 0) -> torch.n
     return model
 
 
-def save_tiny(folder: Path, family: str = "llama", seed: int = 0) -> Path:
+def save_tiny(folder: Path, family: str = "llama", seed: int = 0, license: str | None = "apache-2.0") -> Path:
+    """A tiny model folder as a Hub download looks: weights, tokenizer and a card stating its license."""
     model = tiny_model(family, seed=seed)
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
+    if license:
+        (folder / "README.md").write_text(f"---\nlicense: {license}\n---\n# A tiny random {family} model\n")
     return folder
 
 

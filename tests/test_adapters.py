@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from nse_hub import EditSession, load_requests
 from nse_hub.adapters import ADAPTER_WEIGHTS, factor_bytes, pack, read_adapter
-from nse_hub.checkpoint import CheckpointError
 from nse_hub.deltas import Factors
+from nse_hub.errors import CheckpointError
 
 REQUESTS = load_requests(FIXTURES / "requests.json")
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
@@ -108,7 +108,18 @@ def test_max_rank_is_reported_by_save(three_rounds, tmp_path: Path) -> None:
     session, _ = three_rounds
     reports = session.save_pretrained(tmp_path / "small", max_rank=1)
     assert {r.stored_rank for r in reports} == {1}
-    assert all(0 < r.relative_error < 1 for r in reports)
+    assert all(0 < r.relative_error < 1 and r.lossy for r in reports)
+    worst = max(r.relative_error for r in reports)
+    # The card, the session state and the adapter all say that this version approximates the edit.
+    card = (tmp_path / "small" / "README.md").read_text()
+    assert "is an approximation" in card and f"{worst:.1%}" in card and "not an approximation" not in card
+    state = json.loads((tmp_path / "small" / "nse_session" / "session.json").read_text())
+    assert state["adapter"]["lossy"] is True
+    assert [m["relative_error"] for m in state["adapter"]["modules"]] == [r.relative_error for r in reports]
+    exact = session.save_pretrained(tmp_path / "exact")
+    assert not any(r.lossy for r in exact)
+    assert "not an approximation" in (tmp_path / "exact" / "README.md").read_text()
+    assert json.loads((tmp_path / "exact" / "nse_session" / "session.json").read_text())["adapter"]["lossy"] is False
 
 
 def test_damaged_files_give_clear_errors(three_rounds, tmp_path: Path) -> None:

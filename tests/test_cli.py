@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from conftest import FIXTURES
 
 from nse_hub.checkpoint import read_meta
@@ -55,3 +56,33 @@ def test_export_and_merge(tiny_dir: Path, tmp_path: Path) -> None:
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
         assert torch.equal(merged(input_ids=ids).logits, session.model(input_ids=ids).logits)
     assert main(["export", str(out), "--round", "7", "--out", str(tmp_path / "v7")]) == 2
+
+
+def test_only_nse_hub_errors_are_exit_code_2(monkeypatch, capsys) -> None:
+    import nse_hub.cli as cli
+    from nse_hub.errors import ConfigError
+
+    def bad_input(_args):
+        raise ConfigError("layer 40 does not exist")
+
+    def bug(_args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_models", bad_input)
+    assert main(["models", "list"]) == 2
+    assert capsys.readouterr().out.strip() == "error: layer 40 does not exist"
+    monkeypatch.setattr(cli, "cmd_models", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["models", "list"])
+
+
+def test_eval_record_rewrites_only_the_card_and_the_state(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "edited"
+    assert main(["edit", str(tiny_dir), "--requests", str(FIXTURES / "requests.json"), "--batch-size", "2",
+                 "--out", str(out), "--set", "mom2_n_samples=16", "--set", "layers=[1,2]", "--device", "cpu"]) == 0
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert main(["eval", str(out), "--record", "--no-generation", "--device", "cpu"]) == 0
+    changed = {p.relative_to(out).as_posix() for p, (data, mtime) in files.items()
+               if p.read_bytes() != data or p.stat().st_mtime_ns != mtime}
+    assert changed == {"README.md", "nse_session/session.json"}
+    assert "Efficacy" in (out / "README.md").read_text()

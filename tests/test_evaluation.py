@@ -13,8 +13,9 @@ from nse_hub import EditSession, load_requests
 from nse_hub.ability import TASKS, perplexity, suite_accuracy
 from nse_hub.architectures import ModelLayout
 from nse_hub.cli import main
-from nse_hub.evaluation import EvalOptions, evaluate_session, measure_requests, plot_curves, run_sequential
+from nse_hub.evaluation import EvalOptions, evaluate_session, measure_requests
 from nse_hub.scoring import score_targets
+from nse_hub.sequential import plot_curves, run_sequential
 
 REQUESTS = load_requests(FIXTURES / "requests.json")
 

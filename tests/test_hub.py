@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, TINY_HPARAMS
+from conftest import FIXTURES, TINY_HPARAMS, save_tiny
 from huggingface_hub import ModelCard, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from nse_hub import EditSession, load_requests
-from nse_hub.hub import HubError
+from nse_hub.errors import HubError, LicenseRequiredError
 
 REQUESTS = load_requests(FIXTURES / "requests.json")
 IDS = torch.tensor([[5, 6, 7, 8, 9]])
@@ -109,7 +110,9 @@ def test_bad_token_is_a_clear_error_without_the_token(hub, session: EditSession)
     with pytest.raises(HubError) as error:
         session.push_to_hub("tester/bad-token", token=secret)
     assert "token" in str(error.value) and secret not in str(error.value)
-    assert error.value.__cause__ is None
+    # The Hub's own answer stays reachable (chained, and its message quoted), and shows no token either.
+    assert isinstance(error.value.__cause__, HfHubHTTPError) and secret not in str(error.value.__cause__)
+    assert "Invalid credentials" in str(error.value)
 
 
 @pytest.mark.parametrize("repo_id", ["no spaces allowed/x", "a/b/c", "", "tester/--bad--"])
@@ -155,3 +158,63 @@ def test_cli_push(hub, session: EditSession, tmp_path: Path, capsys) -> None:
     assert main(["push", str(tmp_path / "saved"), "tester/from-cli", "--device", "cpu"]) == 0
     assert "nothing to push" in capsys.readouterr().out
     assert main(["push", str(tmp_path / "saved"), "not a repo id"]) == 2
+
+
+def test_a_saved_edit_of_a_hub_base_loads_anywhere(hub, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer
+
+    base = save_tiny(tmp_path / "upload", license="mit")
+    hub.seed_repo("tester/tiny-base", {p.name: p.read_bytes() for p in base.iterdir()})
+    session = EditSession.from_pretrained("tester/tiny-base", device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    session.edit(REQUESTS[:2], progress=False)
+    assert session.base.license == "mit"  # read from the base model's card on the Hub
+    session.save_pretrained(tmp_path / "made-here")
+    config = json.loads((tmp_path / "made-here" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tester/tiny-base"
+    card = ModelCard.load(tmp_path / "made-here" / "README.md")
+    assert card.data.base_model == "tester/tiny-base" and card.data.base_model_relation == "adapter"
+    assert card.data.license == "mit"
+
+    # Elsewhere: a copy of the saved edit, and no base model in any local cache.
+    copy = shutil.copytree(tmp_path / "made-here", tmp_path / "elsewhere")
+    shutil.rmtree(tmp_path / "made-here")
+    shutil.rmtree(os.path.join(constants.HF_HUB_CACHE, "models--tester--tiny-base"))
+    model = AutoModelForCausalLM.from_pretrained(copy)  # the base comes from the Hub by its id
+    tokenizer = AutoTokenizer.from_pretrained(copy)
+    ids = torch.tensor([tokenizer("The mother tongue of Danielle Darrieux is").input_ids])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, session.model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_no_push_without_a_license(hub, tmp_path: Path) -> None:
+    session = EditSession.from_pretrained(str(save_tiny(tmp_path / "unlicensed", license=None)), device="cpu",
+                                          **TINY_HPARAMS, layers=(1, 2))
+    session.edit(REQUESTS[:1], progress=False)
+    assert session.base.license is None
+    hub.clear_requests()
+    with pytest.raises(LicenseRequiredError, match="license='…'"):
+        session.push_to_hub("tester/unlicensed")
+    assert hub.requests == []
+    session.push_to_hub("tester/unlicensed", license="cc-by-4.0")
+    card = ModelCard(hub.file("tester/unlicensed", "round-1", "README.md").decode())
+    assert card.data.license == "cc-by-4.0"
+
+
+def test_push_verbs_as_transformers_has_them(hub, session: EditSession) -> None:
+    pushed = session.push_to_hub("bare-name", commit_message="edits {round}", commit_description="round {round}")
+    assert [p.tag for p in pushed] == ["round-1", "round-2", "round-3"]
+    assert "tester/bare-name" in hub.repo_ids()  # a bare name goes to the token's own namespace
+    assert [c.title for c in hub.commits("tester/bare-name")[:3]] == ["edits 3", "edits 2", "edits 1"]
+
+    session.rollback(1)
+    session.push_to_hub("tester/reviewed")
+    session.edit(REQUESTS[3:], progress=False)
+    proposed = session.push_to_hub("tester/reviewed", create_pr=True)
+    assert [(p.round, p.tag, p.pr_revision) for p in proposed] == [(2, "", "refs/pr/1")]
+    assert hub.tags("tester/reviewed") == {"round-1": hub.head("tester/reviewed")}
+    assert hub.pull_requests("tester/reviewed") == {1: proposed[0].commit}
+    assert "rounds/002/report.json" in hub.files("tester/reviewed", "refs/pr/1")

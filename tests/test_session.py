@@ -5,10 +5,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FIXTURES, TINY_HPARAMS, save_tiny
+from transformers import AutoTokenizer
 
 from nse_hub import EditSession, load_requests
-from nse_hub.adapters import BaseModelMismatchError
-from nse_hub.requests import RequestError
+from nse_hub.errors import (
+    BaseModelMismatchError,
+    CheckpointError,
+    ConfigError,
+    RequestError,
+    VersionNotFoundError,
+)
 
 REQUESTS = load_requests(FIXTURES / "requests.json")
 
@@ -56,8 +62,8 @@ def test_save_load_continue_equals_an_uninterrupted_session(tiny_dir: Path, tmp_
     first = session_for(tiny_dir)
     first.edit(REQUESTS[:2], progress=False)
     first.edit(REQUESTS[2:3], progress=False)
-    first.save(tmp_path / "saved")
-    resumed = EditSession.load(tmp_path / "saved", device="cpu")
+    first.save_pretrained(tmp_path / "saved")
+    resumed = EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu")
     assert len(resumed.rounds) == 2 and resumed.context_templates == first.context_templates
     resumed.edit(REQUESTS[3:], progress=False)
 
@@ -145,3 +151,73 @@ def test_a_different_base_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(BaseModelMismatchError) as error:
         EditSession.from_pretrained(str(tmp_path / "saved"), base_model=str(other), device="cpu")
     assert "fingerprint" in str(error.value)
+
+
+def test_one_round_resolver_for_every_version_argument(tiny_dir: Path, tmp_path: Path) -> None:
+    session = session_for(tiny_dir)
+    session.edit(REQUESTS[:2], progress=False)
+    session.edit(REQUESTS[2:3], progress=False)
+    calls = {
+        "merge": lambda: session.merge(round=7),
+        "card": lambda: session.card(round=7),
+        "save_pretrained": lambda: session.save_pretrained(tmp_path / "x", round=7),
+        "export_adapter": lambda: session.export_adapter(tmp_path / "y", round=7),
+        "rollback": lambda: session.rollback(7),
+    }
+    for name, call in calls.items():
+        with pytest.raises(VersionNotFoundError, match=r"round 7 does not exist: the session has rounds [01]–2"):
+            call()
+        assert len(session.rounds) == 2, name
+    with pytest.raises(VersionNotFoundError, match="rounds 1–2"):
+        session.export_adapter(tmp_path / "z", round=0)  # version 0 has no adapter to export
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    session.save_pretrained(tmp_path / "saved")
+    with pytest.raises(VersionNotFoundError, match="round 5 does not exist: the saved edit"):
+        EditSession.from_pretrained(str(tmp_path / "saved"), round=5, device="cpu")
+
+
+def test_saving_a_resumed_session_runs_no_preparation(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    session = session_for(tiny_dir)
+    session.edit(REQUESTS[:2], progress=False)
+    session.save_pretrained(tmp_path / "saved")
+    monkeypatch.setenv("NSE_HUB_CACHE", str(tmp_path / "empty-cache"))  # another machine: no statistics cache
+
+    import nse_hub.session as session_module
+
+    def no_preparation(*_args, **_kwargs):
+        raise AssertionError("the second-moment pass ran")
+
+    monkeypatch.setattr(session_module, "second_moments", no_preparation)
+    monkeypatch.setattr(session_module, "generate_context_templates", no_preparation)
+    resumed = EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu")
+    resumed.save_pretrained(tmp_path / "again")
+    resumed.export_adapter(tmp_path / "adapter")
+    assert "round-1" in str(resumed.card())
+    fresh = session_for(save_tiny(tmp_path / "other-base"))
+    fresh.save_pretrained(tmp_path / "empty")  # a session saved before its first round
+    assert EditSession.from_pretrained(str(tmp_path / "empty"), device="cpu").rounds == []
+
+
+def test_a_saved_edit_keeps_its_method_and_takes_the_given_tokenizer(tiny_dir: Path, tmp_path: Path) -> None:
+    session = session_for(tiny_dir)
+    session.edit(REQUESTS[:1], progress=False)
+    session.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ConfigError, match=r"made with method .nse., not .memit."):
+        EditSession.from_pretrained(str(tmp_path / "saved"), method="memit", device="cpu")
+    with pytest.raises(ConfigError, match="fixed by the saved edit"):
+        EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu", v_lr=1.0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    resumed = EditSession.from_pretrained(str(tmp_path / "saved"), method="nse", tokenizer=tokenizer, device="cpu")
+    assert resumed.tokenizer is tokenizer
+    # The saved edit carries the tokenizer, as adapter repositories do.
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert saved("Danielle Darrieux").input_ids == tokenizer("Danielle Darrieux").input_ids
+
+
+def test_an_edit_from_a_newer_format_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    session = session_for(tiny_dir)
+    session.save_pretrained(tmp_path / "saved")
+    state = tmp_path / "saved" / "nse_session" / "session.json"
+    state.write_text(state.read_text().replace('"format": 2', '"format": 99'))
+    with pytest.raises(CheckpointError, match=r"format 99.*upgrade"):
+        EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu")

@@ -12,7 +12,8 @@ from conftest import FIXTURES, save_tiny
 from safetensors.torch import load_file
 
 from nse_hub import EditSession, load_requests
-from nse_hub.adapters import ADAPTER_WEIGHTS, BaseModelMismatchError, factor_bytes, read_adapter
+from nse_hub.adapters import ADAPTER_WEIGHTS, factor_bytes, read_adapter
+from nse_hub.errors import BaseModelMismatchError
 
 pytestmark = pytest.mark.slow
 

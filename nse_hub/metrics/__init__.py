@@ -7,6 +7,7 @@ resolved to ``<dir>/<dirname>.py`` and never looked up on the Hub. This module s
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,4 +28,18 @@ def load_edit_metrics(**kwargs: Any) -> evaluate.EvaluationModule:
     return evaluate.load(EDIT_METRICS_PATH, **kwargs)
 
 
-__all__ = ["EDIT_METRICS_PATH", "load_edit_metrics"]
+@cache
+def _shared_edit_metrics() -> evaluate.EvaluationModule:
+    return load_edit_metrics(keep_in_memory=True)
+
+
+def compute_edit_metrics(**inputs: Any) -> dict[str, float]:
+    """The edit metrics of per-record ``inputs`` (the module's argument names), through one loaded module.
+
+    Every figure nse-hub reports — round tables, model cards, evaluations — is computed here, so the
+    formulas live in the metric module alone.
+    """
+    return _shared_edit_metrics().compute(**inputs) or {}
+
+
+__all__ = ["EDIT_METRICS_PATH", "compute_edit_metrics", "load_edit_metrics"]

@@ -1,0 +1,182 @@
+"""Sequential-editing runs: N edits in rounds of B, evaluated as they go and at the end; resumable; plotted.
+
+A run can last longer than a working day (2000 edits on a CPU). With ``state_dir`` it saves the session
+after every round (a normal saved edit) and its own progress (``run.json``: the running curve and round
+timings) beside it, so that :func:`run_sequential` called again with the same arguments continues from the
+last saved round instead of starting over::
+
+    session = resume_session("smollm2-135m", "runs/nse-2000", method="nse")   # fresh, or the saved rounds
+    run = run_sequential(session, requests, 100, running_every=5, state_dir="runs/nse-2000")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nse_hub.checkpoint import is_checkpoint
+from nse_hub.errors import CheckpointError
+from nse_hub.evaluation import METRIC_NAMES, EvalOptions, Evaluation, evaluate_session
+from nse_hub.io import atomic_write_json
+from nse_hub.requests import EditRequest
+from nse_hub.session import EditSession
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+SESSION_DIR = "session"
+
+
+@dataclass
+class SequentialRun:
+    """One method's sequential editing run: the running curve, the final evaluation, the time per round."""
+
+    method: str
+    batch: int
+    curve: list[Evaluation]
+    final: Evaluation | None
+    round_seconds: list[dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "batch": self.batch, "curve": [e.to_dict() for e in self.curve],
+                "final": self.final.to_dict() if self.final else None, "round_seconds": self.round_seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SequentialRun:
+        return cls(method=data["method"], batch=int(data["batch"]),
+                   curve=[Evaluation(**e) for e in data["curve"]],
+                   final=Evaluation(**data["final"]) if data.get("final") else None,
+                   round_seconds=list(data["round_seconds"]))
+
+
+def resume_session(model: str, state_dir: str | Path | None, **kwargs: Any) -> EditSession:
+    """The session a run continues: the one saved in ``state_dir`` if there is one, else a new one on ``model``.
+
+    ``kwargs`` (method, hyperparameters, device) apply to a new session; a saved one keeps its own.
+    """
+    saved = Path(state_dir) / SESSION_DIR if state_dir else None
+    if saved is not None and is_checkpoint(saved):
+        device = kwargs.get("device")
+        return EditSession.from_pretrained(str(saved), device=device)
+    return EditSession.from_pretrained(model, **kwargs)
+
+
+def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch: int, *, running: bool = True,
+                   running_every: int = 1, options: EvalOptions | None = None, suite: str | Path | None = None,
+                   suite_examples: int = 100, progress: bool = False,
+                   state_dir: str | Path | None = None) -> SequentialRun:
+    """Edit ``requests`` in rounds of ``batch``; evaluate every ``running_every`` rounds (running protocol, the
+    edits so far) and at the end (final protocol, every edit).
+
+    Args:
+        session: the session to edit; with ``state_dir``, one from :func:`resume_session`.
+        requests: all edits of the run, in order.
+        batch: edits per round.
+        running: measure the running curve.
+        running_every: rounds between running evaluations (the last round is always measured).
+        options: what to measure besides teacher-forced comparisons (fluency only in the final protocol).
+        suite, suite_examples: the general-ability suite for the final evaluation.
+        progress: progress bars inside each round.
+        state_dir: save the session and the run's progress here after every round, and resume from them.
+
+    Raises:
+        CheckpointError: ``state_dir`` holds a run of other requests or another batch size.
+    """
+    state = Path(state_dir) if state_dir else None
+    run = _load_run(state, session, requests, batch)
+    running_options = dataclasses.replace(options or EvalOptions(), fluency_records=0)
+    rounds = (len(requests) + batch - 1) // batch
+    for index in range(len(session.rounds), rounds):
+        start = index * batch
+        report = session.edit(requests[start:start + batch], progress=progress)
+        run.round_seconds.append(report.seconds)
+        if running and ((index + 1) % running_every == 0 or index + 1 == rounds):
+            run.curve.append(evaluate_session(session, requests[: start + batch], protocol="running",
+                                              options=running_options, record=False))
+        if state is not None:
+            session.save_pretrained(state / SESSION_DIR)
+            atomic_write_json(state / RUN_FILE, run.to_dict())
+        logger.info("round %d/%d done (%d edits)", index + 1, rounds, min(len(requests), start + batch))
+    if run.final is None:
+        run.final = evaluate_session(session, requests, protocol="final", options=options, suite=suite,
+                                     suite_examples=suite_examples)
+        if state is not None:
+            session.save_card(state / SESSION_DIR)
+            atomic_write_json(state / RUN_FILE, run.to_dict())
+    return run
+
+
+def _load_run(state: Path | None, session: EditSession, requests: Sequence[EditRequest],
+              batch: int) -> SequentialRun:
+    fresh = SequentialRun(session.config.method, batch, [], None, [])
+    if state is None or not session.rounds:
+        return fresh
+    path = state / RUN_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{state} holds a saved session but no {RUN_FILE}: it is not a run's state; "
+                              "give an empty folder to start a run")
+    run = SequentialRun.from_dict(json.loads(path.read_text()))
+    done = [r.request for report in session.rounds for r in report.requests]
+    if run.batch != batch or done != list(requests[: len(done)]):
+        raise CheckpointError(f"{state} holds a run of other edits or another batch size ({run.batch}); "
+                              "resume it with the same data, limit and batch, or give a new folder")
+    # Rounds saved after the last run.json write are redone from the saved session, not lost.
+    run.round_seconds = run.round_seconds[: len(session.rounds)]
+    run.curve = [e for e in run.curve if e.rounds <= len(session.rounds)]
+    if len(session.rounds) * batch < len(requests):
+        run.final = None
+    return run
+
+
+def plot_curves(runs: Sequence[SequentialRun], path: str | Path, base: Evaluation | None = None,
+                metrics: Sequence[str] = ("efficacy", "generalization", "specificity", "efficacy_generation")
+                ) -> Path:
+    """A PNG with one panel per metric against the number of edits (running protocol), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = curve_figure(runs, base, metrics)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def curve_figure(runs: Sequence[SequentialRun], base: Evaluation | None = None,
+                 metrics: Sequence[str] = ("efficacy", "generalization", "specificity", "efficacy_generation"),
+                 ) -> Any:
+    """The matplotlib figure of :func:`plot_curves` (its axes hold the plotted data, for tests and notebooks)."""
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in metrics if any(m in e.metrics for run in runs for e in run.curve)]
+    figure, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.2 * max(1, len(shown)), 3.6), squeeze=False)
+    for axis, metric in zip(axes[0], shown):
+        for run in runs:
+            points = [(e.edits, e.metrics[metric]) for e in run.curve if metric in e.metrics]
+            axis.plot(*zip(*points), marker="o", markersize=3, label=run.method.upper())
+        if base is not None and metric in base.metrics:
+            axis.axhline(base.metrics[metric], color="grey", linestyle="--", linewidth=1, label="unedited")
+        axis.set_title(METRIC_NAMES.get(metric, metric))
+        axis.set_xlabel("edits (running protocol)")
+        axis.set_ylim(0, 100)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("%")
+    if shown:
+        axes[0][-1].legend(loc="lower left")
+    figure.tight_layout()
+    return figure
+
+
+def write_results(path: str | Path, base: Evaluation | None, runs: Sequence[SequentialRun],
+                  settings: dict[str, Any]) -> None:
+    """``results.json``: the settings, the unedited model's evaluation and every run, atomically."""
+    atomic_write_json(path, {"settings": settings, "base": base.to_dict() if base else None,
+                             "runs": [run.to_dict() for run in runs]})
