@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nse_hub.architectures import ModelLayout
+from nse_hub.stats import default_stat_samples, warn_sample_size
 
 Method = Literal["nse", "memit", "memit_seq", "alphaedit"]
 #: The editing methods, in the order the CLI offers them. All share one engine (``nse_hub.algorithm.rounds``).
@@ -50,7 +51,10 @@ class EditConfig:
         context_prefixes, context_length: the context templates are ``"{}"`` plus one generation
             of ``context_length`` tokens from each prefix, made by the unedited model.
         mom2_dataset, mom2_n_samples, mom2_sample_length: the corpus for ``C = E[k kᵀ]``:
-            ``"model"`` (text sampled from the model itself), local text files, or a Hub dataset id.
+            ``"model"`` (text sampled from the model itself), local text files, a ``datasets``
+            folder (``save_to_disk`` or data files), or a Hub dataset id. :func:`make_config` sets
+            ``mom2_n_samples`` by :func:`nse_hub.stats.default_stat_samples` (at least 10·d_ff tokens)
+            unless a preset or the caller fixes it, and warns when the caller sets fewer.
         seed: seeds context templates and model-sampled corpora.
         nullspace_threshold: AlphaEdit only. The null space is spanned by the eigenvectors of ``C``
             whose eigenvalue is below ``nullspace_threshold × mean eigenvalue of C`` (a share of
@@ -225,6 +229,11 @@ def make_config(layout: ModelLayout, embedded_name: str | None = None, method: s
     check_names(hparams)
     preset = preset_for(layout, embedded_name)
     base: dict[str, Any] = dict(PRESETS[preset]) if preset else {"layers": automatic_layers(layout.num_layers)}
+    sample_length = hparams.get("mom2_sample_length", base.get("mom2_sample_length", EditConfig.mom2_sample_length))
+    if "mom2_n_samples" in hparams:
+        warn_sample_size(layout.intermediate_size, hparams["mom2_n_samples"], sample_length)
+    elif "mom2_n_samples" not in base:
+        base["mom2_n_samples"] = default_stat_samples(layout.intermediate_size, sample_length)
     config = EditConfig(**{**base, "method": method, "preset": preset, **hparams})
     problems = config.problems(num_layers=layout.num_layers)
     if problems:

@@ -4,14 +4,24 @@ A corpus is named by a string:
 
 * ``"model"`` — text sampled from the (unedited) model itself: works offline, for any model;
 * a local file, folder or glob of ``.txt``/``.jsonl``/``.json`` files (a ``text`` field per record);
+* a folder written by ``datasets``' ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (its
+  ``train`` split, or its only one), read with ``load_from_disk``;
+* a local dataset folder of ``.parquet``/``.arrow``/``.csv`` files (e.g. a downloaded Hub dataset
+  repository), read with ``datasets.load_dataset(folder)``;
 * anything else is a Hub dataset id, optionally ``id:config`` (``"wikitext:wikitext-103-raw-v1"``),
-  streamed with ``datasets``.
+  streamed with ``datasets`` (offline it works only where ``datasets`` has it cached).
+
+Every kind but ``"model"`` reads the ``text`` field of each record. Sequences can be skipped from the
+start (``token_sequences(..., skip=k)``) without producing them again where that is cheap, so that an
+interrupted statistics pass resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +31,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from nse_hub.errors import ConfigError
 from nse_hub.tokens import encode, pad_id
 
 # Short openings for model-sampled text: varied enough to cover ordinary prose.
@@ -29,7 +40,10 @@ SAMPLE_STARTS = (
     "According to", "During", "Although", "Since", "His", "Her", "Its", "Our", "If", "As",
 )
 
-CorpusKind = Literal["model", "files", "hub"]
+CorpusKind = Literal["model", "files", "disk", "folder", "hub"]
+
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
+DATA_SUFFIXES = (".parquet", ".arrow", ".csv")
 
 # Sampling batch size is fixed (not a setting): it decides which random numbers each sample gets, so
 # changing it would change the corpus behind a cached statistics file.
@@ -47,30 +61,76 @@ class Corpus:
     def parse(cls, name: str) -> Corpus:
         if name == "model":
             return cls("model")
+        if _saved_dataset(Path(name).expanduser()):
+            return cls("disk", name)
         if _local_files(name):
             return cls("files", name)
+        if _local_files(name, DATA_SUFFIXES):
+            return cls("folder", name)
         if Path(name).expanduser().exists():
-            raise ValueError(f"corpus {name!r} holds no .txt, .json or .jsonl files")
+            raise ConfigError(f"corpus {name!r} holds no .txt, .json, .jsonl, .parquet, .arrow or .csv files "
+                             "and is no dataset saved with save_to_disk")
         return cls("hub", name)
 
     @property
     def key(self) -> str:
-        """A stable name for caches: files are identified by their content, not their path."""
+        """A stable name for caches: local data is identified by its content, not its path."""
         if self.kind == "model":
             return "model-samples-v1"  # bump when the sampling procedure changes
         if self.kind == "files":
-            digest = hashlib.sha256()
-            for path in _local_files(self.source):
-                digest.update(path.read_bytes())
-            return f"files-{digest.hexdigest()[:16]}"
+            return f"files-{_content_digest(_stat_signature(_local_files(self.source)))}"
+        if self.kind == "folder":
+            return f"folder-{_content_digest(_stat_signature(_local_files(self.source, DATA_SUFFIXES)))}"
+        if self.kind == "disk":
+            return f"disk-{_saved_fingerprint(Path(self.source).expanduser())}"
         return "hub-" + self.source.replace("/", "--").replace(":", "--")
 
     def describe(self) -> str:
         return {"model": "text sampled from the unedited model", "files": f"local text files {self.source}",
+                "disk": f"dataset saved with save_to_disk at {self.source}",
+                "folder": f"local dataset folder {self.source}",
                 "hub": f"Hub dataset {self.source}"}[self.kind]
 
 
-def _local_files(name: str) -> list[Path]:
+def _stat_signature(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    return tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+
+
+@functools.lru_cache(maxsize=32)
+def _content_digest(signature: tuple[tuple[str, int, int], ...]) -> str:
+    """SHA-256 of the files' bytes, in order; computed once per process while the files stay unchanged."""
+    digest = hashlib.sha256()
+    for name, _size, _mtime in signature:
+        with open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and (((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+                              or (path / "dataset_dict.json").is_file())
+
+
+def _saved_split(path: Path) -> Path:
+    """The folder of the split that is read: the dataset itself, or a DatasetDict's ``train`` (or only) split."""
+    if (path / "state.json").is_file():
+        return path
+    splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+    if "train" not in splits and len(splits) != 1:
+        raise ValueError(f"the saved DatasetDict at {path} has splits {splits} and none is called 'train'")
+    return path / ("train" if "train" in splits else splits[0])
+
+
+def _saved_fingerprint(path: Path) -> str:
+    """``datasets``' own fingerprint of the saved split: it changes whenever its content does."""
+    state = json.loads((_saved_split(path) / "state.json").read_text())
+    return str(state.get("_fingerprint") or _content_digest(_stat_signature(
+        sorted(p for p in _saved_split(path).iterdir() if p.suffix == ".arrow"))))
+
+
+def _local_files(name: str, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
     path = Path(name).expanduser()
     if path.is_file():
         return [path]
@@ -81,7 +141,7 @@ def _local_files(name: str) -> list[Path]:
     else:
         return []
     return sorted(Path(p) for p in glob.glob(pattern, recursive=True)
-                  if Path(p).is_file() and Path(p).suffix in (".txt", ".json", ".jsonl"))
+                  if Path(p).is_file() and Path(p).suffix in suffixes)
 
 
 def _texts_from_files(paths: list[Path]) -> Iterator[str]:
@@ -101,27 +161,56 @@ def _texts_from_files(paths: list[Path]) -> Iterator[str]:
                 yield record
 
 
-def _texts_from_hub(name: str) -> Iterator[str]:
-    from datasets import load_dataset
-
-    dataset_id, _, config = name.partition(":")
-    dataset = load_dataset(dataset_id, config or None, split="train", streaming=True)
-    for record in dataset:
+def _texts_from_records(records) -> Iterator[str]:
+    if "text" not in (getattr(records, "column_names", None) or ["text"]):
+        raise ValueError(f"the dataset has no 'text' column (columns: {records.column_names})")
+    for record in records:
         text = record.get("text") if isinstance(record, dict) else None
         if isinstance(text, str) and text.strip():
             yield text
 
 
+def _texts_from_hub(name: str) -> Iterator[str]:
+    from datasets import load_dataset
+
+    dataset_id, _, config = name.partition(":")
+    yield from _texts_from_records(load_dataset(dataset_id, config or None, split="train", streaming=True))
+
+
+def _texts_from_folder(name: str) -> Iterator[str]:
+    from datasets import load_dataset
+
+    yield from _texts_from_records(load_dataset(str(Path(name).expanduser()), split="train", streaming=True))
+
+
+def _texts_from_disk(name: str) -> Iterator[str]:
+    from datasets import load_from_disk
+
+    yield from _texts_from_records(load_from_disk(str(_saved_split(Path(name).expanduser()))))
+
+
+def _texts(corpus: Corpus) -> Iterator[str]:
+    if corpus.kind == "files":
+        return _texts_from_files(_local_files(corpus.source))
+    return {"disk": _texts_from_disk, "folder": _texts_from_folder, "hub": _texts_from_hub}[corpus.kind](corpus.source)
+
+
 def token_sequences(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, n_samples: int, length: int,
-                    model: PreTrainedModel | None = None, seed: int = 0) -> Iterator[list[int]]:
-    """Yield up to ``n_samples`` token sequences of at most ``length`` tokens from ``corpus``."""
+                    model: PreTrainedModel | None = None, seed: int = 0, skip: int = 0) -> Iterator[list[int]]:
+    """Yield up to ``n_samples`` token sequences of at most ``length`` tokens from ``corpus``.
+
+    ``skip``: leave out the first ``skip`` of them (the same sequences as a full run's, from there on);
+    model-sampled text is not generated for them, except for the rest of a sampling batch.
+    """
     if corpus.kind == "model":
         if model is None:
             raise ValueError("a model-sampled corpus needs the model")
-        yield from sample_from_model(model, tokenizer, n_samples, length, seed)
+        yield from sample_from_model(model, tokenizer, n_samples, length, seed, skip=skip)
         return
-    texts = _texts_from_files(_local_files(corpus.source)) if corpus.kind == "files" else _texts_from_hub(corpus.source)
-    produced = 0
+    yield from itertools.islice(_text_windows(_texts(corpus), tokenizer, length), skip, n_samples)
+
+
+def _text_windows(texts: Iterator[str], tokenizer: PreTrainedTokenizerBase, length: int) -> Iterator[list[int]]:
     for text in texts:
         ids = encode(tokenizer, text)
         for start in range(0, len(ids), length):
@@ -129,19 +218,20 @@ def token_sequences(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, n_sample
             if len(window) < 8 and start > 0:
                 break
             yield window
-            produced += 1
-            if produced >= n_samples:
-                return
 
 
 @torch.no_grad()
 def sample_from_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_samples: int, length: int,
-                      seed: int = 0) -> Iterator[list[int]]:
-    """Sample ``n_samples`` continuations of ``length`` tokens from the model (top-k 50), reproducibly."""
+                      seed: int = 0, skip: int = 0) -> Iterator[list[int]]:
+    """Sample ``n_samples`` continuations of ``length`` tokens from the model (top-k 50), reproducibly.
+
+    Each sampling batch has its own seed, so ``skip`` starts at the batch holding sample ``skip``.
+    """
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
-    made = 0
-    batch_index = 0
+    batch_index = skip // SAMPLING_BATCH
+    made = batch_index * SAMPLING_BATCH
+    drop = skip - made
     while made < n_samples:
         count = min(SAMPLING_BATCH, n_samples - made)
         starts = [encode(tokenizer, SAMPLE_STARTS[(made + i) % len(SAMPLE_STARTS)]) for i in range(count)]
@@ -157,6 +247,8 @@ def sample_from_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                 pad_token_id=pad, eos_token_id=None,
             )
         for row, start in enumerate(starts):
-            yield out[row, width - len(start):].tolist()[:length]
+            if row >= drop:
+                yield out[row, width - len(start):].tolist()[:length]
+        drop = 0
         made += count
         batch_index += 1
