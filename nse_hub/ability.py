@@ -23,8 +23,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nse_hub.architectures import ModelLayout
 from nse_hub.errors import MissingFileError
-from nse_hub.scoring import next_token_logprobs, score_targets, target_text
-from nse_hub.tokens import continuation_ids, encode, pad_id, pad_right
+from nse_hub.scoring import logprobs_at, next_token_logprobs, score_targets, target_text
+from nse_hub.tokens import continuation_ids, encode, pad_id
+from nse_hub.tracing import model_device
 
 
 @dataclass(frozen=True)
@@ -135,18 +136,14 @@ def perplexity_texts(source: str | Path, count: int = 200, skip: int = 100) -> l
 def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
                texts: Sequence[str], batch_size: int = 32) -> float:
     """exp(total NLL / total predicted tokens), each text scored on its own."""
-    device = next(model.parameters()).device
-    decoder = layout.decoder(model)
     total, count = 0.0, 0
     encoded = [ids for ids in (encode(tokenizer, t) for t in texts) if len(ids) > 1]
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        ids, mask = pad_right(chunk, pad_id(tokenizer), device)
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         rows = [r for r, seq in enumerate(chunk) for _ in range(len(seq) - 1)]
         cols = [c for seq in chunk for c in range(len(seq) - 1)]
-        labels = torch.tensor([t for seq in chunk for t in seq[1:]], device=device)
-        logprobs = torch.log_softmax(layout.logits(model, hidden[rows, cols]).float(), dim=-1)
+        labels = torch.tensor([t for seq in chunk for t in seq[1:]], device=model_device(model))
+        logprobs = logprobs_at(model, layout, chunk, pad_id(tokenizer), rows, cols)
         total -= float(logprobs.gather(1, labels[:, None]).sum())
         count += len(labels)
     return math.exp(total / count)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nse_hub.errors import UnsupportedArchitectureError
+from nse_hub.tracing import model_device
 
 WeightLayout = Literal["linear", "conv1d"]
 
@@ -204,9 +205,8 @@ def _layer_returns_tuple(model: nn.Module, layer: nn.Module) -> bool:
     seen: list[bool] = []
     handle = layer.register_forward_hook(lambda _m, _a, out: seen.append(isinstance(out, tuple)))
     try:
-        device = next(model.parameters()).device
         with torch.no_grad():
-            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model_device(model)), use_cache=False)
     finally:
         handle.remove()
     return bool(seen and seen[0])

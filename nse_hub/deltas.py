@@ -140,7 +140,6 @@ class KeyMemory:
 
     def __init__(self, layers: Sequence[int], size: int, device: torch.device | str) -> None:
         self.layers = tuple(layers)
-        self.size = size
         self.device = device
         self.rounds: list[dict[int, torch.Tensor]] = []
         self._sums = {layer: torch.zeros(size, size, dtype=torch.float64, device=device) for layer in self.layers}

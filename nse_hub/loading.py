@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from nse_hub.architectures import ModelLayout
 from nse_hub.models import resolve_model
 from nse_hub.tokens import encode
-from nse_hub.tracing import read_output, run_forward, stop_after
+from nse_hub.tracing import model_device, read_output, run_forward, stop_after
 
 # Above this many parameters a CUDA model runs in bfloat16 by default (README "GPU").
 BF16_ABOVE_PARAMETERS = 2_000_000_000
@@ -33,11 +33,6 @@ def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or dtype == "auto":
         return None
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of a model's parameters (nse-hub keeps a model on one device)."""
-    return next(model.parameters()).device
 
 
 def load_base_model(name_or_path: str, revision: str | None = None, device: str | torch.device | None = None,

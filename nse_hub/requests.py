@@ -340,11 +340,3 @@ def with_attribute_snippets(records: Sequence[Mapping[str, Any]], requests: Sequ
         snippets = table.get((rewrite["relation_id"], target["id"]), [])
         out.append(replace(request, reference_snippets=tuple(snippets)))
     return out
-
-
-def save_requests(requests: Iterable[EditRequest], path: str | Path) -> None:
-    """Write requests as JSONL in nse-hub's schema."""
-    from nse_hub.io import atomic_write_text
-
-    lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in requests)
-    atomic_write_text(path, lines)

@@ -14,7 +14,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nse_hub.architectures import ModelLayout
-from nse_hub.tokens import continuation_ids, encode, pad_id, pad_right
+from nse_hub.tokens import continuation_ids, encode, pad_id, pad_left, pad_right
+from nse_hub.tracing import model_device
 
 
 def target_text(target: str) -> str:
@@ -44,14 +45,25 @@ class TargetScore:
         return sum(self.token_correct) / len(self.token_correct)
 
 
+def logprobs_at(model: PreTrainedModel, layout: ModelLayout, sequences: Sequence[Sequence[int]], pad: int,
+                rows: Sequence[int], cols: Sequence[int]) -> torch.Tensor:
+    """Next-token log-probabilities at positions ``(rows[i], cols[i])`` of right-padded ``sequences``.
+
+    The decoder runs once; the output head runs only at those positions, which on small models with large
+    vocabularies is most of the cost of a forward pass.
+    """
+    ids, mask = pad_right(sequences, pad, model_device(model))
+    hidden = layout.decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return torch.log_softmax(layout.logits(model, hidden[list(rows), list(cols)]).float(), dim=-1)
+
+
 @torch.no_grad()
 def score_targets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
                   prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> list[TargetScore]:
     """Teacher-forced log-probabilities of each ``target`` after its ``prompt``."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    device = next(model.parameters()).device
-    decoder = layout.decoder(model)
+    device = model_device(model)
     items = []
     for prompt, target in zip(prompts, targets):
         prompt_ids = encode(tokenizer, prompt)
@@ -62,19 +74,16 @@ def score_targets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, la
     scores: dict[int, TargetScore] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        ids, mask = pad_right([items[i][0] for i in chunk], pad_id(tokenizer), device)
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         rows, cols, labels = [], [], []
         for row, i in enumerate(chunk):
             _, first, target_ids = items[i]
             rows += [row] * len(target_ids)
             cols += range(first, first + len(target_ids))
             labels += target_ids
-        logits = layout.logits(model, hidden[rows, cols]).float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = logprobs_at(model, layout, [items[i][0] for i in chunk], pad_id(tokenizer), rows, cols)
         labels_t = torch.tensor(labels, device=device)
         picked = logprobs.gather(1, labels_t[:, None]).squeeze(1).tolist()
-        correct = (logits.argmax(-1) == labels_t).tolist()
+        correct = (logprobs.argmax(-1) == labels_t).tolist()
         offset = 0
         for i in chunk:
             n = len(items[i][2])
@@ -88,16 +97,11 @@ def next_token_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                         prompts: Sequence[str], candidates: Sequence[Sequence[int]],
                         batch_size: int = 32) -> list[list[float]]:
     """Log-probabilities of candidate next tokens after each prompt: one forward pass per prompt."""
-    device = next(model.parameters()).device
-    decoder = layout.decoder(model)
     encoded = [encode(tokenizer, p) for p in prompts]
     out: list[list[float]] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        ids, mask = pad_right(chunk, pad_id(tokenizer), device)
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        last = hidden[torch.arange(len(chunk), device=device), torch.tensor([len(c) - 1 for c in chunk])]
-        logprobs = torch.log_softmax(layout.logits(model, last).float(), dim=-1)
+        logprobs = logprobs_at(model, layout, chunk, pad_id(tokenizer), range(len(chunk)), [len(c) - 1 for c in chunk])
         for row, options in enumerate(candidates[start:start + batch_size]):
             out.append(logprobs[row, list(options)].tolist())
     return out
@@ -107,16 +111,14 @@ def next_token_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
 def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                     max_new_tokens: int, batch_size: int = 16) -> list[str]:
     """Greedy continuations of each prompt (the continuation only, decoded)."""
-    device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     encoded = [encode(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=device)
+        ids, mask = pad_left([encoded[i] for i in chunk], pad, model_device(model))
+        width = ids.shape[1]
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                              pad_token_id=pad, top_p=None, top_k=None, temperature=None)
         for row, i in enumerate(chunk):

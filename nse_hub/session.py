@@ -63,6 +63,7 @@ from nse_hub.probes import measure_probes
 from nse_hub.report import RoundReport, request_report
 from nse_hub.requests import EditRequest, RequestLike, parse_requests
 from nse_hub.stats import StatsSpec, matrix_sha256, second_moments
+from nse_hub.tracing import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class EditSession:
         if problems:
             raise ConfigError("invalid edit configuration: " + "; ".join(problems))
         self.config = config
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.deltas = WeightDeltas(model, self.layout, config.layers)
         self.memory = KeyMemory(config.layers, self.layout.intermediate_size, self.device)
         self.rounds: list[RoundReport] = []

@@ -67,6 +67,19 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0
 
 
+def pad_left(sequences: Sequence[Sequence[int]], pad: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into ``(input_ids, attention_mask)`` tensors (for ``generate``)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def pad_right(sequences: Sequence[Sequence[int]], pad: int,
               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists into ``(input_ids, attention_mask)`` tensors."""

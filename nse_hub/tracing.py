@@ -17,6 +17,19 @@ import torch
 from torch import nn
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (nse-hub keeps a model on one device)."""
+    return next(model.parameters()).device
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block with torch's RNG seeded to ``seed``, and give the caller's RNG state back afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 class StopForward(Exception):
     """Raised by a hook to end a forward pass early; caught by :func:`run_forward`."""
 

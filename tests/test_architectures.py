@@ -29,7 +29,8 @@ def test_detects_layout(family: str) -> None:
     assert layout.layer_returns_tuple == (family == "gptj")
     # The weight view is always d_model × d_ff, whatever the module stores.
     assert tuple(layout.weight_view(layout.projection(model, 2)).shape) == (32, d_ff)
-    assert layout.final_norm(model) is not None
+    final_norms = {"gpt2": "transformer.ln_f", "gptj": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
+    assert layout.final_norm(model) is model.get_submodule(final_norms.get(family, "model.norm"))
 
 
 def test_stored_layout_round_trips_for_conv1d() -> None:

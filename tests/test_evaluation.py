@@ -13,9 +13,10 @@ from nse_hub import EditSession, load_requests
 from nse_hub.ability import TASKS, perplexity, suite_accuracy
 from nse_hub.architectures import ModelLayout
 from nse_hub.cli import main
+from nse_hub.errors import CheckpointError
 from nse_hub.evaluation import EvalOptions, evaluate_session, measure_requests
 from nse_hub.scoring import score_targets
-from nse_hub.sequential import plot_curves, run_sequential
+from nse_hub.sequential import curve_figure, plot_curves, run_sequential
 
 REQUESTS = load_requests(FIXTURES / "requests.json")
 
@@ -59,14 +60,32 @@ def test_zsre_records_use_token_accuracy() -> None:
     metrics = measure_requests(model, tokenizer, ModelLayout.detect(model), requests, EvalOptions(generation=False))
     assert set(metrics) == {"efficacy_token_accuracy", "generalization_token_accuracy",
                             "specificity_token_accuracy"}
-    assert all(0 <= v <= 100 for v in metrics.values())
+
+    def accuracy(prompts: list[str], answers: list[str]) -> float:  # tokens, then records (one prompt each)
+        scores = score_targets(model, tokenizer, ModelLayout.detect(model), prompts, answers)
+        return 100 * sum(s.token_accuracy for s in scores) / len(scores)
+
+    assert metrics["efficacy_token_accuracy"] == pytest.approx(
+        accuracy([r.text for r in requests], [r.target_new for r in requests]))
+    assert metrics["generalization_token_accuracy"] == pytest.approx(
+        accuracy([r.paraphrases[0] for r in requests], [r.target_new for r in requests]))
+    assert metrics["specificity_token_accuracy"] == pytest.approx(
+        accuracy([r.neighbors[0].prompt for r in requests], [r.neighbors[0].answer for r in requests]))
 
 
 def test_fluency_is_bounded_to_the_chosen_records() -> None:
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     options = EvalOptions(generation=False, fluency_records=2, fluency_tokens=12)
     metrics = measure_requests(model, tokenizer, ModelLayout.detect(model), REQUESTS, options)
-    assert metrics["fluency"] > 0
+    # By hand: the first two records' prompts (rewrite + paraphrases) generated, n-gram entropy, records averaged.
+    from nse_hub.metrics.edit_metrics.edit_metrics import n_gram_entropy
+    from nse_hub.scoring import generate_greedy
+
+    per_record = []
+    for r in REQUESTS[:2]:
+        texts = generate_greedy(model, tokenizer, [r.text, *r.paraphrases], 12)
+        per_record.append(sum(n_gram_entropy(t) for t in texts) / len(texts))
+    assert metrics["fluency"] == pytest.approx(100 * sum(per_record) / 2)
 
 
 def test_consistency_compares_generations_with_the_attribute_snippets(tmp_path: Path) -> None:
@@ -137,6 +156,43 @@ def test_sequential_run_and_plot(tiny_dir: Path, tmp_path: Path) -> None:
     assert run.final.protocol == "final" and run.final.edits == 4 and len(run.round_seconds) == 2
     path = plot_curves([run], tmp_path / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = curve_figure([run])
+    panels = {axis.get_title(): axis for axis in figure.axes}
+    assert set(panels) == {"Efficacy", "Generalization", "Specificity", "Efficacy (generation)"}
+    (line,) = panels["Efficacy"].get_lines()
+    assert list(line.get_xdata()) == [2, 4]
+    assert list(line.get_ydata()) == [e.metrics["efficacy"] for e in run.curve]
+
+
+def test_an_interrupted_run_resumes_from_its_state(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from nse_hub.sequential import resume_session
+
+    options = EvalOptions(generation=False)
+    state = tmp_path / "state"
+    whole = run_sequential(EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2)),
+                           REQUESTS, batch=1, options=options)
+
+    session = resume_session(str(tiny_dir), state, device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    edit = EditSession.edit
+    calls = []
+
+    def crash_on_round_3(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return edit(self, *args, **kwargs)
+
+    monkeypatch.setattr(EditSession, "edit", crash_on_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(session, REQUESTS, batch=1, options=options, state_dir=state)
+    monkeypatch.undo()
+    resumed = resume_session(str(tiny_dir), state, device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    assert len(resumed.rounds) == 2
+    run = run_sequential(resumed, REQUESTS, batch=1, options=options, state_dir=state)
+    assert [e.edits for e in run.curve] == [1, 2, 3, 4] and len(run.round_seconds) == 4
+    assert run.final.metrics == pytest.approx(whole.final.metrics)
+    with pytest.raises(CheckpointError, match="other edits or another batch"):
+        run_sequential(resume_session(str(tiny_dir), state, device="cpu"), REQUESTS[::-1], batch=1, state_dir=state)
 
 
 def test_suite_accuracy_and_labels(suite: Path) -> None:

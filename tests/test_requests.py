@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import COUNTERFACT, FIXTURES, needs_shared_data
 
-from nse_hub.requests import EditRequest, Probe, RequestError, load_requests, parse_requests, save_requests
+from nse_hub.requests import EditRequest, Probe, RequestError, load_requests, parse_requests
 
 
 def test_own_schema_json() -> None:
@@ -97,6 +97,6 @@ def test_empty_file(tmp_path: Path) -> None:
 
 def test_save_and_reload_round_trip(tmp_path: Path) -> None:
     requests = load_requests(FIXTURES / "requests.json")
-    save_requests(requests, tmp_path / "out.jsonl")
+    (tmp_path / "out.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in requests))
     assert load_requests(tmp_path / "out.jsonl") == requests
     assert json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["subject"] == "Danielle Darrieux"

@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nse_hub.tokens import encode, pad_id
+from nse_hub.tracing import model_device, seeded
 
 TemplateGroups = list[list[str]]
 
@@ -20,12 +21,11 @@ def generate_context_templates(model: PreTrainedModel, tokenizer: PreTrainedToke
     The two groups are weighted equally when keys are averaged, as in the reference. Braces in
     generated text are replaced by spaces so that the templates format safely.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     generated = []
     for index, prefix in enumerate(prefixes):
         ids = torch.tensor([encode(tokenizer, prefix)], device=device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed * 1_000 + index)
+        with seeded(seed * 1_000 + index, device):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
                                  max_new_tokens=max(1, length - ids.shape[1]), pad_token_id=pad_id(tokenizer))
         text = tokenizer.decode(out[0], skip_special_tokens=True)
