@@ -1,11 +1,15 @@
-"""Sequential editing: N CounterFact edits in rounds of b with NSE and MEMIT, on SmolLM2 by default.
+"""Sequential editing: N CounterFact edits in rounds of B with any methods, on SmolLM2 by default; resumable.
 
-Writes ``results.json`` (every figure with its protocol), ``curves.png`` (metrics against the number
-of edits, running protocol) and prints the Markdown tables that benchmarks/README.md records: the
-final protocol for the unedited model and each method, and general ability (suite accuracy,
-perplexity) before and after.
+Every method's session is saved after each round under ``--state`` (default ``~/.cache/nse-hub/runs/<name>``),
+with its running curve, so that an interrupted run continues where it stopped when the same command is run
+again (a 2000-edit run takes hours on a CPU: run it in parts). Methods can run in separate processes on the same
+``--state``/``--out`` (one ``--methods`` each); the unedited model's evaluation is made once and reused.
+
+Writes ``results.json`` (every figure with its protocol, finished and unfinished runs), ``curves.png`` (metrics
+against the number of edits, running protocol) and prints the Markdown tables that benchmarks/README.md records.
 
     python benchmarks/sequential.py --edits 100 --batch 10
+    python benchmarks/sequential.py --edits 2000 --batch 100 --methods nse --running-every 5 --name counterfact-2000x100
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import argparse
 import json
 from pathlib import Path
 
-from nse_hub import EditSession, load_requests
-from nse_hub.evaluation import EvalOptions, evaluate_session
-from nse_hub.sequential import plot_curves, run_sequential, write_results
+from nse_hub import load_requests
+from nse_hub.evaluation import EvalOptions, Evaluation, evaluate_session
+from nse_hub.io import atomic_write_json
+from nse_hub.models import cache_dir
+from nse_hub.sequential import RUN_FILE, SequentialRun, plot_curves, resume_session, run_sequential, write_results
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 COLUMNS = (("efficacy", "ES"), ("generalization", "PS"), ("specificity", "NS"), ("score", "S"),
@@ -24,7 +30,8 @@ COLUMNS = (("efficacy", "ES"), ("generalization", "PS"), ("specificity", "NS"), 
 
 
 def final_table(results: dict) -> str:
-    rows = [("unedited", results["base"])] + [(run["method"].upper(), run["final"]) for run in results["runs"]]
+    rows = [("unedited", results["base"])] + [(run["method"], run["final"]) for run in results["runs"]
+                                               if run.get("final")]
     header = "| model | " + " | ".join(label for _, label in COLUMNS) + " | perplexity | " + \
         " | ".join(rows[0][1]["general"].get("tasks", {})) + " |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -37,15 +44,28 @@ def final_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def curve_table(results: dict, metrics: tuple[str, ...] = ("efficacy", "generalization", "specificity",
+                                                           "efficacy_generation")) -> str:
+    """The running protocol at each measured point: method × edits so far."""
+    lines = ["| method | edits | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for run in results["runs"]:
+        for point in run["curve"]:
+            cells = [f"{point['metrics'][m]:.1f}" if m in point["metrics"] else "–" for m in metrics]
+            lines.append(f"| {run['method']} | {point['edits']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def speed_table(results: dict) -> str:
     lines = ["| method | rounds | mean s/round | values | keys | solve | scoring |", "|---|---|---|---|---|---|---|"]
     for run in results["runs"]:
         seconds = run["round_seconds"]
+        if not seconds:
+            continue
 
         def mean(key: str, seconds: list = seconds) -> float:
             return sum(s.get(key, 0.0) for s in seconds) / len(seconds)
 
-        lines.append(f"| {run['method'].upper()} | {len(seconds)} | {mean('total'):.1f} | {mean('values'):.1f} | "
+        lines.append(f"| {run['method']} | {len(seconds)} | {mean('total'):.1f} | {mean('values'):.1f} | "
                      f"{mean('keys'):.1f} | {mean('solve'):.2f} | {mean('scoring'):.1f} |")
     return "\n".join(lines)
 
@@ -64,36 +84,56 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHARED / "counterfact_easyedit" / "counterfact-edit.json")
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--batch", type=int, default=10)
-    parser.add_argument("--methods", nargs="+", default=["nse", "memit"])
+    parser.add_argument("--methods", nargs="+", default=["nse", "memit_seq"])
+    parser.add_argument("--running-every", type=int, default=1, help="rounds between running evaluations")
     parser.add_argument("--suite", type=Path, default=SHARED / "glue_eval" / "dataset")
     parser.add_argument("--suite-examples", type=int, default=100)
     parser.add_argument("--fluency-records", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_setting,
-                        help="a hyperparameter on top of the preset, for both methods (value read as JSON)")
+                        help="a hyperparameter on top of the preset, for every method (value read as JSON)")
     parser.add_argument("--device")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--name", help="results folder name (default sequential-<edits>x<batch>)")
+    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<name>)")
+    parser.add_argument("--state", type=Path, help="where sessions are saved after every round (resumable)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write results.json, curves.png and the tables from the saved state, editing nothing")
     args = parser.parse_args()
-    out = args.out or Path(__file__).parent / "results" / f"sequential-{args.edits}x{args.batch}"
+    name = args.name or f"sequential-{args.edits}x{args.batch}"
+    out = args.out or Path(__file__).parent / "results" / name
+    state = args.state or cache_dir() / "runs" / name
     requests = load_requests(args.data, limit=args.edits)
     options = EvalOptions(fluency_records=args.fluency_records)
     suite = args.suite if args.suite.is_dir() else None
-    base_session = EditSession.from_pretrained(args.model, device=args.device)
-    base = evaluate_session(base_session, requests, options=options, suite=suite, suite_examples=args.suite_examples)
-    del base_session
-    runs, configs = [], {}
-    for method in args.methods:
-        session = EditSession.from_pretrained(args.model, method=method, device=args.device, **dict(args.set))
-        configs[method] = session.config.to_dict()
-        runs.append(run_sequential(session, requests, args.batch, options=options, suite=suite,
-                                   suite_examples=args.suite_examples))
-        print(f"{method}: final {runs[-1].final.metrics}", flush=True)
     settings = {"model": args.model, "data": str(args.data), "edits": args.edits, "batch": args.batch,
-                "suite_examples": args.suite_examples, "options": vars(options),
-                "config": configs}
+                "running_every": args.running_every, "suite_examples": args.suite_examples,
+                "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(options).items()},
+                "hparams": dict(args.set)}
+
+    base_file = state / "base.json"
+    if not base_file.is_file() and not args.report_only:
+        session = resume_session(args.model, None, device=args.device)
+        atomic_write_json(base_file, evaluate_session(session, requests, options=options, suite=suite,
+                                                      suite_examples=args.suite_examples).to_dict())
+        del session
+    if not args.report_only:
+        for method in args.methods:
+            folder = state / method
+            session = resume_session(args.model, folder, method=method, device=args.device, **dict(args.set))
+            settings[f"config_{method}"] = session.config.to_dict()
+            run = run_sequential(session, requests, args.batch, running_every=args.running_every, options=options,
+                                 suite=suite, suite_examples=args.suite_examples, state_dir=folder)
+            print(f"{method}: final {run.final.metrics if run.final else None}", flush=True)
+
+    runs = [SequentialRun.from_dict(json.loads(p.read_text())) for p in sorted(state.glob(f"*/{RUN_FILE}"))]
+    base = Evaluation(**json.loads(base_file.read_text())) if base_file.is_file() else None
     write_results(out / "results.json", base, runs, settings)
-    plot_curves(runs, out / "curves.png", base)
+    if any(run.curve for run in runs):
+        plot_curves(runs, out / "curves.png", base)
     results = json.loads((out / "results.json").read_text())
-    print(final_table(results))
+    if results["base"]:
+        print(final_table(results))
+    print()
+    print(curve_table(results))
     print()
     print(speed_table(results))
 
