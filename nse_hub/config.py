@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nse_hub.architectures import ModelLayout
+from nse_hub.errors import ConfigError, MissingFileError
+from nse_hub.io import atomic_write_json
 from nse_hub.stats import default_stat_samples, warn_sample_size
 
+CONFIG_FILE = "edit_config.json"
 Method = Literal["nse", "memit", "memit_seq", "alphaedit"]
 #: The editing methods, in the order the CLI offers them. All share one engine (``nse_hub.algorithm.rounds``).
 METHODS: tuple[str, ...] = ("nse", "memit", "memit_seq", "alphaedit")
@@ -24,84 +27,112 @@ METHODS: tuple[str, ...] = ("nse", "memit", "memit_seq", "alphaedit")
 USES_KEY_MEMORY: tuple[str, ...] = ("nse", "memit_seq", "alphaedit")
 
 
+def _setting(default: Any, help: str, **kwargs: Any) -> Any:
+    """A config field with its help text (read by :meth:`EditConfig.help` and error messages), as PEFT does."""
+    factory = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
+    return field(**factory, metadata={"help": help}, **kwargs)
+
+
 @dataclass
 class EditConfig:
     """Everything that determines what an edit round writes.
 
-    Attributes:
-        method: ``"nse"`` (values on the original weights, neuron selection, iterative passes with
-            the residual filter); ``"memit"`` (kmeng01/memit: values on the current weights, all
-            neurons, one pass, ``ΔW = R Kᵀ (λC + K Kᵀ)⁻¹`` without earlier rounds' keys);
-            ``"memit_seq"`` (the same plus the key memory of earlier rounds in the solve, as the NSE
-            repository's sequential MEMIT); ``"alphaedit"`` (MEMIT's values and passes, the update
-            projected onto the null space of ``C`` and solved with the key memory and an L2 term).
-        layers: the consecutive decoder layers whose MLP output projection is rewritten; the last
-            one is the z-layer where value targets live.
-        v_lr, v_num_grad_steps, v_weight_decay, clamp_norm_factor, kl_factor, v_early_stop_loss:
-            the Adam optimisation of each value target ``z = h + δ`` (see NSE.md).
-        mom2_update_weight: λ, the weight of the corpus second moment ``C`` in the solve.
-        neuron_threshold: share ``p`` of the summed key magnitude that the selected neurons cover.
-        alpha, upper_bound: requests whose residual norm is at most ``alpha`` or at least
-            ``upper_bound`` are left out of an update pass.
-        thresholds: ``"relative"`` reads ``alpha``/``upper_bound`` as multiples of each request's
-            hidden-state norm ‖h‖ at the z-layer (scale-free); ``"absolute"`` as plain norms, as the
-            reference configurations do.
-        max_iterations: the reference's loop bound; its loop exits at the top of the last
-            iteration, so at most ``max_iterations - 1`` update passes run.
-        context_prefixes, context_length: the context templates are ``"{}"`` plus one generation
-            of ``context_length`` tokens from each prefix, made by the unedited model.
-        mom2_dataset, mom2_n_samples, mom2_sample_length: the corpus for ``C = E[k kᵀ]``:
-            ``"model"`` (text sampled from the model itself), local text files, a ``datasets``
-            folder (``save_to_disk`` or data files), or a Hub dataset id. :func:`make_config` sets
-            ``mom2_n_samples`` by :func:`nse_hub.stats.default_stat_samples` (at least 10·d_ff tokens)
-            unless a preset or the caller fixes it, and warns when the caller sets fewer.
-        seed: seeds context templates and model-sampled corpora.
-        nullspace_threshold: AlphaEdit only. The null space is spanned by the eigenvectors of ``C``
-            whose eigenvalue is below ``nullspace_threshold × mean eigenvalue of C`` (a share of
-            ``trace(C) / d_ff``, so it carries over between models; the reference's absolute cutoff 2e-2
-            does not).
-        L2: AlphaEdit only: the weight of ``‖ΔW‖²`` in its objective (reference: 10).
-        norm_anchor: NAS norm anchoring (arXiv 2602.02543), any method. Each value's MLP-output part
-            ``v* = v₀ + δ`` is rescaled to the anchor norm: the mean ``‖v*‖`` of the session's first
-            round, whose values are computed on the original weights.
-        norm_anchor_max_ratio: with ``norm_anchor``, requests whose ``‖v*‖`` exceeds this multiple of
-            the anchor are skipped (not written) and reported.
-        batch_size: sequences per forward pass outside the value optimisation.
+    Every field carries its help text (``EditConfig.help()`` lists them all; ``dataclasses.fields`` gives each
+    one's ``metadata["help"]``). A config saves and loads itself with :meth:`save_pretrained` and
+    :meth:`from_pretrained`, and reads the reference implementations' ``hparams/*.json`` with
+    :meth:`from_reference`.
     """
 
-    method: Method = "nse"
-    layers: tuple[int, ...] = ()
-    v_lr: float = 0.5
-    v_num_grad_steps: int = 25
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    v_early_stop_loss: float = 0.05
-    mom2_update_weight: float = 1e4
-    neuron_threshold: float = 1.0
-    alpha: float = 0.1
-    upper_bound: float = 3.0
-    thresholds: Literal["relative", "absolute"] = "relative"
-    max_iterations: int = 3
-    context_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
-    context_length: int = 10
-    mom2_dataset: str = "model"
-    mom2_n_samples: int = 320
-    mom2_sample_length: int = 64
-    seed: int = 0
-    batch_size: int = 64
-    nullspace_threshold: float = 0.01
-    L2: float = 10.0
-    norm_anchor: bool = False
-    norm_anchor_max_ratio: float = 2.0
-    preset: str | None = field(default=None, compare=False)
+    method: Method = _setting(
+        "nse", '"nse" (values on the original weights, neuron selection, iterative passes with the residual '
+        'filter); "memit" (kmeng01/memit: values on the current weights, all neurons, one pass, '
+        "ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ without earlier rounds' keys); \"memit_seq\" (the same plus the key memory of "
+        'earlier rounds, as the NSE repository\'s sequential MEMIT); "alphaedit" (MEMIT\'s values and passes, the '
+        "update projected onto the null space of C and solved with the key memory and an L2 term).")
+    layers: tuple[int, ...] = _setting(
+        (), "The consecutive decoder layers whose MLP output projection is rewritten; the last one is the "
+        "z-layer where value targets live.")
+    v_lr: float = _setting(0.5, "Adam's learning rate for each value target's shift δ (z = h + δ).")
+    v_num_grad_steps: int = _setting(25, "Adam steps of the value optimisation (fewer when the loss falls below "
+                                         "v_early_stop_loss).")
+    v_weight_decay: float = _setting(0.5, "Weight of ‖δ‖ / ‖h‖² in the value loss.")
+    clamp_norm_factor: float = _setting(0.75, "‖δ‖ is clamped to this multiple of ‖h‖ after each step.")
+    kl_factor: float = _setting(0.0625, "Weight of the KL term that keeps '{subject} is a' predictions as they "
+                                        "were.")
+    v_early_stop_loss: float = _setting(0.05, "A request's value optimisation stops once its loss is below this.")
+    mom2_update_weight: float = _setting(1e4, "λ, the weight of the corpus second moment C in the solve: larger "
+                                              "preserves more, edits less strongly.")
+    neuron_threshold: float = _setting(1.0, "NSE: the share p of the summed key magnitude that the selected "
+                                            "neurons cover (1: every neuron a key activates).")
+    alpha: float = _setting(0.1, "NSE: requests whose residual norm is at most this (× ‖h‖ with relative "
+                                 "thresholds) are left out of an update pass: already written.")
+    upper_bound: float = _setting(3.0, "NSE: requests whose residual norm is at least this (× ‖h‖ with relative "
+                                       "thresholds) are left out of an update pass: outliers.")
+    thresholds: Literal["relative", "absolute"] = _setting(
+        "relative", '"relative" reads alpha/upper_bound as multiples of each request\'s hidden-state norm ‖h‖ at '
+        'the z-layer (scale-free); "absolute" as plain norms, as the reference configurations do.')
+    max_iterations: int = _setting(3, "NSE: the reference's loop bound; its loop exits at the top of the last "
+                                      "iteration, so at most max_iterations - 1 update passes run.")
+    context_prefixes: tuple[str, ...] = _setting(
+        ("The", "Therefore", "Because", "I", "You"), "The context templates are \"{}\" plus one generation "
+        "from each of these prefixes, made by the unedited model.")
+    context_length: int = _setting(10, "Tokens of each context template's generation.")
+    mom2_dataset: str = _setting(
+        "model", 'The corpus for C = E[k kᵀ]: "model" (text sampled from the model itself), local text files, a '
+        "datasets folder (save_to_disk or data files), or a Hub dataset id.")
+    mom2_n_samples: int = _setting(
+        320, "Corpus samples for C. Without a preset, make_config sets it to at least 10·d_ff tokens "
+        "(nse_hub.stats.default_stat_samples) and warns when the caller sets fewer.")
+    mom2_sample_length: int = _setting(64, "Tokens per corpus sample.")
+    seed: int = _setting(0, "Seeds the context templates and model-sampled corpora.")
+    batch_size: int = _setting(64, "Sequences per forward pass outside the value optimisation.")
+    nullspace_threshold: float = _setting(
+        0.01, "AlphaEdit: the null space is spanned by the eigenvectors of C whose eigenvalue is below this "
+        "share of C's mean eigenvalue (relative, so it carries over between models; the reference's absolute "
+        "cutoff 2e-2 does not).")
+    L2: float = _setting(10.0, "AlphaEdit: the weight of ‖ΔW‖² in its objective (reference: 10).")
+    norm_anchor: bool = _setting(
+        False, "NAS norm anchoring (arXiv 2602.02543), any method: each value's MLP-output part is rescaled to "
+        "the anchor norm, the mean ‖v*‖ of the session's first round (computed on the original weights).")
+    norm_anchor_max_ratio: float = _setting(2.0, "With norm_anchor: requests whose ‖v*‖ exceeds this multiple of "
+                                                 "the anchor are skipped (not written) and reported.")
+    preset: str | None = _setting(None, "The measured preset these settings started from (informational).",
+                                  compare=False)
+
+    @classmethod
+    def help(cls, name: str | None = None) -> str:
+        """The help text of one field, or of every field (one per line) when ``name`` is ``None``."""
+        fields = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+        if name is not None:
+            check_names({name: None})
+            return fields[name]
+        return "\n".join(f"{key}: {text}" for key, text in fields.items())
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write ``edit_config.json`` into ``save_directory`` (atomically); returns its path."""
+        path = Path(save_directory) / CONFIG_FILE
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory_or_file: str | Path, **overrides: Any) -> EditConfig:
+        """Read a config written by :meth:`save_pretrained` (a folder or the JSON file), with ``overrides``."""
+        path = Path(directory_or_file)
+        path = path / CONFIG_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise MissingFileError(f"no edit configuration at {path}: write one with EditConfig.save_pretrained")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path} is not valid JSON ({error})") from error
+        return cls.from_dict({**data, **overrides})
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(x) for x in self.layers)
         self.context_prefixes = tuple(self.context_prefixes)
         problems = self.problems()
         if problems:
-            raise ValueError("invalid edit configuration: " + "; ".join(problems))
+            raise ConfigError("invalid edit configuration: " + "; ".join(problems))
 
     def problems(self, num_layers: int | None = None) -> list[str]:
         """Everything wrong with these settings (empty when they are usable)."""
@@ -186,8 +217,9 @@ def check_names(hparams: Mapping[str, Any]) -> None:
     for name in hparams:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(names)}"
-            raise ValueError(f"unknown hyperparameter '{name}'; {hint}")
+            hint = (f"did you mean '{close[0]}' ({EditConfig.help(close[0])})?" if close
+                    else f"known: {', '.join(names)}")
+            raise ConfigError(f"unknown hyperparameter '{name}'; {hint}")
 
 
 # Measured on the embedded models; see README "Presets" for the numbers behind each choice.
@@ -237,7 +269,7 @@ def make_config(layout: ModelLayout, embedded_name: str | None = None, method: s
     config = EditConfig(**{**base, "method": method, "preset": preset, **hparams})
     problems = config.problems(num_layers=layout.num_layers)
     if problems:
-        raise ValueError("invalid edit configuration: " + "; ".join(problems))
+        raise ConfigError("invalid edit configuration: " + "; ".join(problems))
     if not preset and "v_lr" not in hparams and hidden_rms is not None:
         config = config.replace(v_lr=float(f"{V_LR_PER_HIDDEN_RMS * hidden_rms(config.z_layer):.2g}"))
     return config
