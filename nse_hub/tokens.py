@@ -67,26 +67,25 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0
 
 
-def pad_left(sequences: Sequence[Sequence[int]], pad: int,
-             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into ``(input_ids, attention_mask)`` tensors (for ``generate``)."""
+def _pad(sequences: Sequence[Sequence[int]], pad: int, device: torch.device | str,
+         left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
+        where = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, where] = torch.tensor(seq, dtype=torch.long)
+        mask[row, where] = 1
     return ids.to(device), mask.to(device)
+
+
+def pad_left(sequences: Sequence[Sequence[int]], pad: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into ``(input_ids, attention_mask)`` tensors (for ``generate``)."""
+    return _pad(sequences, pad, device, left=True)
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad: int,
               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists into ``(input_ids, attention_mask)`` tensors."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
+    return _pad(sequences, pad, device, left=False)
