@@ -129,15 +129,18 @@ class NullSpace:
 
 
 def null_space(second_moment: torch.Tensor, threshold: float) -> NullSpace:
-    """The null space of ``C`` as AlphaEdit uses it, with a relative cutoff.
+    """The null space of ``C`` as AlphaEdit uses it, with a cutoff relative to ``C``'s median eigenvalue.
 
-    Eigenvectors of ``C`` whose eigenvalue is below ``threshold × trace(C) / d_ff`` (a share of the
-    mean eigenvalue) span it: the directions that the corpus' keys hardly use, so that an update
-    confined to them leaves the outputs for those keys nearly unchanged.
+    Eigenvectors of ``C`` whose eigenvalue is below ``threshold × median eigenvalue`` span it: the
+    directions that the corpus' keys hardly use, so that an update confined to them leaves the
+    outputs for those keys nearly unchanged. ``threshold = 1`` keeps about half of the directions.
+    The median is used because the mean (the trace) can be dominated by a few massive-activation
+    directions (SmolLM2's layer 2: one eigenvalue is 88 % of the trace), and an absolute cutoff such
+    as the reference's 2e-2 depends on the model's scale.
     """
     c = second_moment.double()
     eigenvalues, vectors = torch.linalg.eigh((c + c.T) / 2)
-    cutoff = threshold * float(eigenvalues.mean())
+    cutoff = threshold * float(eigenvalues.median())
     return NullSpace(vectors[:, eigenvalues < cutoff].contiguous(), cutoff)
 
 
