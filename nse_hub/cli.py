@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from importlib.resources import files
@@ -112,6 +113,19 @@ def cmd_push(args: argparse.Namespace) -> int:
         console.print(f"round {p.round}: commit {p.commit[:10]}, tag {p.tag}")
     console.print(f"{args.repo_id} is at round {len(session.rounds)}" + ("" if pushed else " (nothing to push)"))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nse_hub.serving import ServerOptions, describe_plan, plan_serving, serve
+
+    plan = plan_serving(args.source, args.versions, max_rank=args.max_rank, base_model=args.base_model,
+                        served_name=args.served_model_name)
+    for line in describe_plan(plan):
+        console.print(line, highlight=False)
+    options = ServerOptions(host=args.host, port=args.port, dtype=args.dtype,
+                            extra_args=tuple(shlex.split(args.vllm_args)))
+    return serve(plan, options, python=args.serve_python, adapters_dir=args.adapters_dir, dry_run=args.dry_run,
+                 echo=lambda line: console.print(line, highlight=False, soft_wrap=True))
 
 
 def _print_evaluation(title: str, evaluation: Any) -> None:
@@ -227,6 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--branch", default="main", help="push to this branch instead of main")
     push.add_argument("--device")
     push.set_defaults(func=cmd_push)
+
+    serve = sub.add_parser("serve", help="serve every chosen version through vLLM's OpenAI-compatible server",
+                           description="Each version is a LoRA model named round-N; 'base' is the unedited model. "
+                                       "vLLM runs from the serving environment (make serve-env).")
+    serve.add_argument("source", help="a saved edit (folder or Hub repo)")
+    serve.add_argument("--versions", default="all", help="round-2,round-5,… or all (default: all)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-rank", type=int,
+                       help="truncate versions above this rank (1, 8, 16, 32, 64, 128, 256, 320 or 512; lossy, "
+                            "the error is printed)")
+    serve.add_argument("--dtype", default="auto", help="vLLM's --dtype (auto, float32, bfloat16 …)")
+    serve.add_argument("--base-model", help="serve on this copy of the base (default: the recorded one)")
+    serve.add_argument("--served-model-name", help="the base's model name (default: the base's name)")
+    serve.add_argument("--serve-python", help="Python of the vLLM environment (default: $NSE_HUB_SERVE_PYTHON, "
+                                              "then .venv-serve)")
+    serve.add_argument("--adapters-dir", help="write the version adapters here and keep them (default: a "
+                                              "temporary folder)")
+    serve.add_argument("--dry-run", action="store_true", help="write the adapters, print the vLLM command, exit")
+    serve.add_argument("--vllm-args", default="", metavar="'ARGS'",
+                       help="more vLLM arguments, quoted as one: --vllm-args='--max-model-len 2048'")
+    serve.set_defaults(func=cmd_serve)
 
     evaluate = sub.add_parser("eval", help="edit metrics, sequential-editing curves and general ability")
     evaluate.add_argument("model", help="a saved edit (evaluated as it is), or a base model to edit --data into")

@@ -1,0 +1,465 @@
+"""Serving every version of a saved edit at once through vLLM's multi-LoRA engine.
+
+``nse-hub serve`` runs in the editing environment and does three things:
+
+1. **plan** (:func:`plan_serving`): read the saved edit's factors straight from its folder (no base
+   model weights are loaded), build each chosen version — the version after round *k* is rounds
+   ``1..k`` stacked, the root adapter is the latest — pack it with :func:`nse_hub.adapters.pack`, and
+   check its rank against the values vLLM accepts for ``--max-lora-rank``. A version above them is
+   refused unless ``max_rank`` truncates it (lossy; the relative error is reported per module).
+2. **write** (:func:`write_adapters`): every version as a standalone PEFT adapter folder, plus an
+   all-zero adapter named ``base`` for the unedited model.
+3. **start** (:func:`server_command`, :func:`serve`): vLLM's OpenAI-compatible server from the serving
+   environment (``make serve-env``), with one LoRA module per version.
+
+Why a zero adapter for the base: vLLM's CPU LoRA kernels index the "no LoRA" marker ``-1`` as the
+last adapter slot, so a request without an adapter batched with adapter requests can come back
+edited. Base requests therefore go through ``base`` (an explicit, all-zero adapter), and one slot
+more than there are adapters is reserved, so the last slot stays empty and even a request to the
+plain served model name is computed without an edit.
+
+:class:`VersionedLLM` is the offline counterpart (``vllm.LLM`` with one ``LoRARequest`` per prompt),
+for batch generation over several versions at serving speed from the serving environment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nse_hub.adapters import CompressionReport, no_update, pack, read_adapter, save_adapter
+from nse_hub.architectures import ModelLayout
+from nse_hub.checkpoint import SessionMeta, is_checkpoint, read_meta, round_dir
+from nse_hub.deltas import Factors
+from nse_hub.errors import NSEHubError, VersionNotFoundError
+
+logger = logging.getLogger(__name__)
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
+BASE_ADAPTER = "base"  # the all-zero adapter that serves the unedited model
+VERSION_NAME = "round-{}"  # the same names as the Hub tags
+SERVE_PYTHON_ENV = "NSE_HUB_SERVE_PYTHON"
+SERVE_VENV = ".venv-serve"
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+LOSSLESS_ERROR = 1e-5  # relative errors below this are float32 rounding of an exact re-factorisation
+
+
+class ServeError(NSEHubError, ValueError):
+    """A version that cannot be served as asked, or no serving environment; says what to do."""
+
+
+@dataclass(frozen=True)
+class VersionAdapter:
+    """One served version: its name, the round it is the state after, and its stored factors.
+
+    Attributes:
+        name: the model name clients ask for (``round-3``, or ``base`` for the zero adapter).
+        round: the version (0 for the base).
+        factors: per edited layer, the factors as they will be written.
+        compression: what packing did to each module (ranks before and after, relative error).
+    """
+
+    name: str
+    round: int
+    factors: dict[int, Factors]
+    compression: tuple[CompressionReport, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        """The largest stored rank: what vLLM's ``max_lora_rank`` must cover."""
+        return max(f.rank for f in self.factors.values())
+
+    @property
+    def relative_error(self) -> float:
+        """The worst module's relative Frobenius error against the exact version."""
+        return max((r.relative_error for r in self.compression), default=0.0)
+
+    @property
+    def lossy(self) -> bool:
+        """Whether ``max_rank`` truncation changed this version (beyond float32 rounding)."""
+        return self.relative_error > LOSSLESS_ERROR
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """Everything needed to write the adapters and start vLLM.
+
+    Attributes:
+        source: the saved edit's local folder (a Hub repo is downloaded first).
+        base_model: what vLLM loads as the base (a local folder or a Hub id).
+        base_revision: the base's Hub revision, if any.
+        served_name: the model name of the base itself in the OpenAI API.
+        layout: the base model's layout (module names and sizes).
+        adapters: the zero ``base`` adapter first, then the chosen versions in round order.
+        max_lora_rank: the smallest value vLLM accepts that covers every adapter's rank.
+        meta: the saved edit's ``session.json``.
+    """
+
+    source: Path
+    base_model: str
+    base_revision: str | None
+    served_name: str
+    layout: ModelLayout
+    adapters: tuple[VersionAdapter, ...]
+    max_lora_rank: int
+    meta: SessionMeta
+
+    @property
+    def max_loras(self) -> int:
+        """Adapter slots: one per adapter plus a spare, so that the last slot always stays empty."""
+        return len(self.adapters) + 1
+
+    @property
+    def versions(self) -> tuple[VersionAdapter, ...]:
+        """The edit versions (without the zero base adapter)."""
+        return tuple(a for a in self.adapters if a.round > 0)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the vLLM server is started.
+
+    Attributes:
+        host: the address to listen on (loopback by default: the API has no authentication).
+        port: the port.
+        dtype: vLLM's ``--dtype`` (``auto``, ``float32``, ``bfloat16`` …).
+        extra_args: further vLLM arguments, appended as given (later ones win).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "auto"
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+# --- choosing versions and checking ranks -----------------------------------------------------------
+
+
+def parse_versions(spec: str | None, rounds: int) -> list[int]:
+    """The rounds named by ``spec``: ``all`` (or empty), or a comma list of ``round-k`` or ``k``.
+
+    Raises:
+        VersionNotFoundError: a name that is not a version of this saved edit.
+    """
+    if rounds < 1:
+        raise VersionNotFoundError("the saved edit has no rounds yet: there is no edited version to serve")
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return list(range(1, rounds + 1))
+    chosen: list[int] = []
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        text = item.lower().removeprefix("round-")
+        if not text.isdigit() or not 1 <= int(text) <= rounds:
+            raise VersionNotFoundError(f"--versions: {item!r} is not a version of this saved edit; "
+                             f"it has round-1 … round-{rounds} (or use 'all')")
+        if int(text) not in chosen:
+            chosen.append(int(text))
+    return sorted(chosen)
+
+
+def vllm_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that covers ``rank``.
+
+    Raises:
+        ServeError: ``rank`` is above the largest value vLLM serves.
+    """
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ServeError(f"rank {rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+
+
+def check_max_rank(max_rank: int | None) -> None:
+    """Refuse a ``--max-rank`` that vLLM would not accept as ``max_lora_rank``."""
+    if max_rank is not None and max_rank not in VLLM_LORA_RANKS:
+        allowed = ", ".join(map(str, VLLM_LORA_RANKS))
+        raise ServeError(f"--max-rank {max_rank} is not a rank vLLM serves; choose one of {allowed}")
+
+
+def fit_version(name: str, round: int, layout: ModelLayout, factors: Mapping[int, Factors],
+                max_rank: int | None = None) -> VersionAdapter:
+    """Pack one version's factors (see :func:`nse_hub.adapters.pack`) and check the rank vLLM will see.
+
+    Raises:
+        ServeError: without ``max_rank``, a module whose rank no ``max_lora_rank`` covers.
+    """
+    check_max_rank(max_rank)
+    stored, reports = pack(layout, factors, max_rank)
+    version = VersionAdapter(name, round, stored, tuple(reports))
+    if version.rank > VLLM_LORA_RANKS[-1]:
+        worst = max(reports, key=lambda r: r.stored_rank)
+        raise ServeError(
+            f"{name} has rank {worst.stored_rank} at {worst.module}, above vLLM's largest max_lora_rank "
+            f"({VLLM_LORA_RANKS[-1]}), and an adapter above it stops the whole engine; pass --max-rank "
+            f"{VLLM_LORA_RANKS[-1]} (or lower) to truncate it — lossy, the relative error is reported")
+    return version
+
+
+# --- reading versions from a saved edit -------------------------------------------------------------
+
+
+def locate_saved_edit(source: str | os.PathLike[str], revision: str | None = None) -> Path:
+    """The local folder of a saved edit: ``source`` itself, or a Hub repo's snapshot.
+
+    Raises:
+        ServeError: ``source`` is neither.
+    """
+    from nse_hub.hub import download_saved_edit
+
+    path = Path(source).expanduser()
+    folder = (path if is_checkpoint(path) else None) if path.exists() else download_saved_edit(str(source), revision)
+    if folder is None:
+        raise ServeError(f"{source} is not a saved nse-hub edit (a folder with nse_session/session.json, "
+                         "or a Hub repo pushed by nse-hub)")
+    return folder
+
+
+def base_layout(base_model: str, revision: str | None = None) -> ModelLayout:
+    """The base model's layout from its config alone (built on the ``meta`` device: no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_model, revision=revision)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return ModelLayout.detect(model, probe=False)
+
+
+def version_factors(folder: Path, layout: ModelLayout, meta: SessionMeta, round: int) -> dict[int, Factors]:
+    """The cumulative factors of the version after ``round``.
+
+    The latest version is the saved edit's root adapter; an earlier one stacks the increments in
+    ``rounds/001 … rounds/round``, the same factors :meth:`EditSession.export_adapter` writes.
+    """
+    if round == meta.rounds:
+        factors, _ = read_adapter(folder, layout)
+        return factors
+    parts: dict[int, list[Factors]] = {}
+    for index in range(1, round + 1):
+        increment, _ = read_adapter(folder / round_dir(index), layout)
+        for layer, f in increment.items():
+            parts.setdefault(layer, []).append(f)
+    return {layer: Factors.stack(stack) for layer, stack in sorted(parts.items())}
+
+
+def resolve_base(meta: SessionMeta, base_model: str | None = None) -> str:
+    """What vLLM loads as the base: ``base_model``, the embedded model's folder (fetched once), or the recorded one."""
+    from nse_hub.models import resolve_model
+
+    if base_model:
+        return resolve_model(base_model)
+    return resolve_model(meta.base.embedded) if meta.base.embedded else meta.base.name_or_path
+
+
+def plan_serving(source: str | os.PathLike[str], versions: str | None = "all", *, max_rank: int | None = None,
+                 base_model: str | None = None, served_name: str | None = None,
+                 revision: str | None = None) -> ServePlan:
+    """Read, pack and rank-check the chosen versions of a saved edit.
+
+    Args:
+        source: a saved edit's folder or a Hub repo holding one.
+        versions: ``all`` or a comma list (``round-2,round-5`` or ``2,5``).
+        max_rank: truncate versions above this rank (one of :data:`VLLM_LORA_RANKS`; lossy where it cuts).
+        base_model: serve on this base instead of the recorded one (the same weights).
+        served_name: the base's model name in the API (default: the embedded name or the folder name).
+        revision: the Hub revision of ``source`` (default: its latest, which holds every round).
+
+    Raises:
+        ServeError: an unknown version, a rank vLLM cannot serve, or an invalid ``max_rank``.
+    """
+    check_max_rank(max_rank)
+    folder = locate_saved_edit(source, revision)
+    meta = read_meta(folder)
+    rounds = parse_versions(versions, meta.rounds)
+    base = resolve_base(meta, base_model)
+    layout = base_layout(base, meta.base.revision)
+    zero = VersionAdapter(BASE_ADAPTER, 0, no_update(layout, meta.config.layers[0]))
+    fitted = [fit_version(VERSION_NAME.format(k), k, layout,
+                          version_factors(folder, layout, meta, k) or no_update(layout, meta.config.layers[0]),
+                          max_rank) for k in rounds]
+    adapters = (zero, *fitted)
+    name = served_name or meta.base.embedded or Path(base.rstrip("/")).name
+    if name == BASE_ADAPTER or name in (a.name for a in fitted):
+        raise ServeError(f"the served model name {name!r} is taken by an adapter; choose another")
+    return ServePlan(folder, base, meta.base.revision, name, layout, adapters,
+                     vllm_rank(max(a.rank for a in adapters)), meta)
+
+
+def describe_plan(plan: ServePlan) -> list[str]:
+    """One line per served model name, with ranks and, for truncated versions, their error."""
+    lines = [f"{plan.served_name}, {BASE_ADAPTER}: the unedited base {plan.base_model} "
+             f"({BASE_ADAPTER!r} routes it through an all-zero adapter)"]
+    for version in plan.versions:
+        note = f"; LOSSY: truncated, relative error {version.relative_error:.2e}" if version.lossy else ""
+        lines.append(f"{version.name}: rank {version.rank} on {len(version.factors)} modules{note}")
+        if version.lossy:
+            lines += [f"    {r.module}: rank {r.stacked_rank} → {r.stored_rank}, relative error "
+                      f"{r.relative_error:.2e}" for r in version.compression if r.relative_error > LOSSLESS_ERROR]
+    lines.append(f"max_lora_rank {plan.max_lora_rank}, {plan.max_loras} adapter slots (one spare)")
+    return lines
+
+
+# --- writing adapters and starting vLLM -------------------------------------------------------------
+
+
+def write_adapters(plan: ServePlan, root: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write every adapter of ``plan`` as a standalone PEFT adapter folder ``root/<name>``; name → folder."""
+    root = Path(root)
+    base = plan.meta.base
+    written = {}
+    for adapter in plan.adapters:
+        header = {"base_model": base.portable_id, "module_sha256": base.module_sha256, "round": adapter.round,
+                  "increment": False, "layers": list(plan.meta.config.layers)}
+        save_adapter(root / adapter.name, plan.layout, adapter.factors, base.portable_id, base.revision, header)
+        written[adapter.name] = root / adapter.name
+    return written
+
+
+def find_serve_python(explicit: str | os.PathLike[str] | None = None,
+                      candidates: Sequence[Path] | None = None) -> Path:
+    """The Python of the serving environment.
+
+    Looked for in order: ``explicit`` (``--serve-python``), ``$NSE_HUB_SERVE_PYTHON``, this interpreter
+    if it has vLLM, then ``.venv-serve`` in the working directory and in the nse-hub checkout.
+
+    Raises:
+        ServeError: none found; the message says how to make one.
+    """
+    how = (f"make one with `make serve-env` in the nse-hub checkout (it builds {SERVE_VENV} with vLLM), "
+           f"or point --serve-python / ${SERVE_PYTHON_ENV} at a Python that has vLLM")
+    for given in (explicit, os.environ.get(SERVE_PYTHON_ENV)):
+        if given:
+            if not Path(given).is_file():
+                raise ServeError(f"the serving Python {given} does not exist; {how}")
+            return Path(given)
+    if candidates is None:
+        if importlib.util.find_spec("vllm") is not None:
+            return Path(sys.executable)
+        checkout = Path(__file__).resolve().parents[1]
+        candidates = [Path.cwd() / SERVE_VENV / "bin" / "python", checkout / SERVE_VENV / "bin" / "python"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ServeError(f"no serving environment with vLLM was found; {how}")
+
+
+def server_command(plan: ServePlan, adapters: Mapping[str, Path], python: str | os.PathLike[str],
+                   options: ServerOptions | None = None) -> list[str]:
+    """The command line that starts vLLM's OpenAI-compatible server for ``plan``."""
+    options = options or ServerOptions()
+    command = [str(python), "-m", VLLM_SERVER_MODULE,
+               "--model", plan.base_model, "--served-model-name", plan.served_name,
+               "--host", options.host, "--port", str(options.port), "--dtype", options.dtype,
+               "--enable-lora", "--max-lora-rank", str(plan.max_lora_rank),
+               "--max-loras", str(plan.max_loras), "--max-cpu-loras", str(plan.max_loras),
+               "--lora-modules", *(f"{name}={Path(path).resolve()}" for name, path in adapters.items())]
+    if plan.base_revision:
+        command += ["--revision", plan.base_revision]
+    return command + list(options.extra_args)
+
+
+def run_server(command: Sequence[str]) -> int:
+    """Run the server in the foreground until it exits or Ctrl-C; its exit status."""
+    process = subprocess.Popen(list(command))
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        try:
+            return process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+
+def serve(plan: ServePlan, options: ServerOptions | None = None, *, python: str | None = None,
+          adapters_dir: str | os.PathLike[str] | None = None, dry_run: bool = False,
+          echo: Callable[[str], Any] = print) -> int:
+    """Write the adapters and run vLLM's server (or, with ``dry_run``, only print its command).
+
+    Without ``adapters_dir`` the adapters go to a temporary folder, removed when the server stops
+    (kept by ``dry_run``, since the printed command needs it).
+    """
+    interpreter = find_serve_python(python)
+    root = Path(adapters_dir) if adapters_dir else Path(tempfile.mkdtemp(prefix="nse-hub-serve-"))
+    try:
+        command = server_command(plan, write_adapters(plan, root), interpreter, options)
+        echo(" ".join(command))
+        if dry_run:
+            return 0
+        return run_server(command)
+    finally:
+        if adapters_dir is None and not dry_run:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+# --- offline batch generation (serving environment) -------------------------------------------------
+
+
+class VersionedLLM:
+    """Offline batch generation over several versions on one ``vllm.LLM`` (run it in the serving env).
+
+    Each prompt names its version (``base``, ``round-3`` …) and gets that version's ``LoRARequest``;
+    ``base`` goes through the zero adapter, like the server. vLLM starts worker processes, so a
+    script that builds one needs an ``if __name__ == "__main__":`` guard::
+
+        from nse_hub.serving import VersionedLLM
+
+        if __name__ == "__main__":
+            llm = VersionedLLM.from_saved_edit("darrieux", "all", "/tmp/darrieux-adapters", dtype="float32")
+            print(llm.generate(["The mother tongue of Danielle Darrieux is"] * 2, ["base", "round-1"]))
+
+    Args:
+        plan: the versions (see :func:`plan_serving`).
+        adapters: name → adapter folder (see :func:`write_adapters`).
+        **llm_kwargs: passed to ``vllm.LLM`` (``dtype``, ``max_model_len``, ``seed`` …).
+    """
+
+    def __init__(self, plan: ServePlan, adapters: Mapping[str, Path], **llm_kwargs: Any) -> None:
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        self.plan = plan
+        self.requests = {name: LoRARequest(name, index, str(Path(path).resolve()))
+                         for index, (name, path) in enumerate(adapters.items(), start=1)}
+        llm_kwargs.setdefault("max_loras", plan.max_loras)
+        llm_kwargs.setdefault("max_cpu_loras", plan.max_loras)
+        self.llm = LLM(model=plan.base_model, revision=plan.base_revision, enable_lora=True,
+                       max_lora_rank=plan.max_lora_rank, **llm_kwargs)
+
+    @classmethod
+    def from_saved_edit(cls, source: str | os.PathLike[str], versions: str | None, adapters_dir: str | os.PathLike[str],
+                        *, max_rank: int | None = None, **llm_kwargs: Any) -> VersionedLLM:
+        """Plan ``versions`` of a saved edit, write their adapters to ``adapters_dir`` and start the engine."""
+        plan = plan_serving(source, versions, max_rank=max_rank)
+        return cls(plan, write_adapters(plan, adapters_dir), **llm_kwargs)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], versions: Sequence[str], max_tokens: int = 16,
+                 **sampling: Any) -> list[str]:
+        """Greedy (by default) continuations, one per prompt, each from its version; one batch."""
+        return [out.text for out in self.generate_outputs(prompts, versions, max_tokens, **sampling)]
+
+    def generate_outputs(self, prompts: Sequence[str | Sequence[int]], versions: Sequence[str],
+                         max_tokens: int = 16, **sampling: Any) -> list[Any]:
+        """Like :meth:`generate`, but vLLM's first ``CompletionOutput`` per prompt (text, token ids …)."""
+        from vllm import SamplingParams
+
+        if len(prompts) != len(versions):
+            raise ValueError(f"{len(prompts)} prompts but {len(versions)} versions")
+        unknown = sorted(set(versions) - set(self.requests))
+        if unknown:
+            raise ServeError(f"unknown versions {unknown}; this engine serves {sorted(self.requests)}")
+        params = SamplingParams(**{"temperature": 0.0, "max_tokens": max_tokens, **sampling})
+        inputs = [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
+        results = self.llm.generate(inputs, params, lora_request=[self.requests[v] for v in versions],
+                                    use_tqdm=False)
+        return [r.outputs[0] for r in results]
