@@ -11,6 +11,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from nse_hub.adapters import CompressionReport
 from nse_hub.checkpoint import SessionMeta
 from nse_hub.corpus import Corpus
+from nse_hub.lineage import fact_key, lineage_lines
 from nse_hub.models import EMBEDDED_MODELS
 from nse_hub.report import ROUND_METRICS, RoundReport, edit_metrics
 
@@ -123,8 +124,28 @@ def _adapter_note(compression: list[CompressionReport]) -> str:
             "an approximation.")
 
 
+def history_lines(meta: SessionMeta, reports: list[RoundReport], repo: str, tags: list[str]) -> list[str]:
+    """The card's History section: lineage (branch point, merges) and what changed from the previous version."""
+    lines = lineage_lines(meta.lineage)
+    if reports:
+        last = reports[-1]
+        earlier = {fact_key(r.request): r.request for report in reports[:-1] for r in report.requests}
+        changed = [r.request for r in last.requests
+                   if (old := earlier.get(fact_key(r.request))) and old.target_new != r.request.target_new]
+        previous, current = tags[len(reports) - 1], tags[len(reports)]
+        what = f"{len(last.requests)} edit{'s' if len(last.requests) != 1 else ''} written"
+        if changed:
+            what += (f", {len(changed)} of them changing a fact an earlier round wrote ("
+                     + ", ".join(_cell(f"{r.subject} → {r.target_new}") for r in changed[:5])
+                     + (", …" if len(changed) > 5 else "") + ")")
+        lines.append(f"Changes from `{previous}`: {what}. With nse-hub, `nse-hub diff {repo}@{previous} "
+                     f"{repo}@{current} --probe` lists them with what each version answers.")
+    return lines
+
+
 def build_card(meta: SessionMeta, reports: list[RoundReport], repo_id: str | None = None,
-               metrics: list[Metric] | None = None, compression: list[CompressionReport] | None = None) -> ModelCard:
+               metrics: list[Metric] | None = None, compression: list[CompressionReport] | None = None,
+               tags: list[str] | None = None) -> ModelCard:
     """The model card of the version after ``len(reports)`` rounds.
 
     Args:
@@ -133,8 +154,11 @@ def build_card(meta: SessionMeta, reports: list[RoundReport], repo_id: str | Non
         repo_id: the Hub repository (for the loading code); a placeholder when saving locally.
         metrics: figures to report; default: :func:`running_metrics` of the reports.
         compression: what packaging did to the cumulative adapter (the card says when it is lossy).
+        tags: the tag of each version ``0..len(reports)`` (default ``round-N``; a branch's rounds are
+            ``<branch>/round-N``).
     """
     version = len(reports)
+    tags = tags or [f"round-{k}" for k in range(version + 1)]
     metrics = running_metrics(reports) if metrics is None else metrics
     base = meta.base
     base_id = base.portable_id
@@ -170,10 +194,13 @@ def build_card(meta: SessionMeta, reports: list[RoundReport], repo_id: str | Non
         method_description=METHODS.get(meta.config.method, ("", meta.config.method.upper()))[1],
         weights_note=weights_note,
         license=base.license or "not stated (see the base model's terms)",
-        rounds=[{"round": r.round, "date": r.created[:10] or "–", "edits": len(r.requests),
+        rounds=[{"round": r.round, "tag": tags[r.round] if r.round < len(tags) else f"round-{r.round}",
+                 "date": r.created[:10] or "–", "edits": len(r.requests),
                  "method": method_name(r.method), "seconds": f"{r.seconds.get('total', 0):.0f}",
                  "efficacy": _efficacy(r)} for r in reports],
         version=version,
+        tag=tags[version],
+        history=history_lines(meta, reports, repo_id or "path/to/this/folder", tags),
         total_edits=len(requests),
         edits=[{"round": number, "subject": _cell(r.request.subject), "prompt": _cell(r.request.text),
                 "old": _cell(r.request.target_true or "?"), "new": _cell(r.request.target_new),

@@ -8,9 +8,12 @@
     rounds/001/adapter_config.json, …safetensors      each round's increment as its own adapter
     rounds/001/keys.safetensors                       that round's key memory contribution
     rounds/001/report.json                            that round's RoundReport
+    rounds/001/values.safetensors                     that round's value targets (optional; NSE's are
+                                                      reused when the round is merged into another history)
     nse_session/session.json                          base model, hyperparameters, context templates,
                                                       statistics reference, number of rounds, and
-                                                      the evaluations recorded for each version
+                                                      the evaluations recorded for each version, and
+                                                      the lineage (branch point, merged rounds)
 
 Saving writes the new round folders first, then the root files, ``session.json`` last, and removes
 round folders beyond the saved version only after that; every file is replaced atomically. A save
@@ -40,7 +43,9 @@ from nse_hub.errors import AdapterError, CheckpointError
 from nse_hub.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
 from nse_hub.report import RoundReport
 
-FORMAT_VERSION = 2  # 2: methods memit (classic) and memit_seq; lossy-adapter record
+# 2: methods memit (classic) and memit_seq; lossy-adapter record. Later additions are optional (older readers
+# ignore them, this one reads files without them): "lineage" in session.json, rounds/NNN/values.safetensors.
+FORMAT_VERSION = 2
 LEGACY_MEMIT = "memit_seq"
 SESSION_FILE = "nse_session/session.json"
 MANIFEST_FILE = "edits.jsonl"
@@ -48,6 +53,7 @@ CARD_FILE = "README.md"
 ROUNDS_DIR = "rounds"
 KEYS_FILE = "keys.safetensors"
 REPORT_FILE = "report.json"
+VALUES_FILE = "values.safetensors"
 
 
 def round_dir(index: int) -> str:
@@ -67,18 +73,21 @@ class SessionMeta:
     format: int = FORMAT_VERSION
     evaluations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     adapter: dict[str, Any] = field(default_factory=dict)  # {"lossy": bool, "modules": [CompressionReport …]}
+    # Where this history comes from: {"parent": {...}, "merges": [...]} (see nse_hub.lineage); {} for none.
+    lineage: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "nse_hub_version": self.nse_hub_version, "rounds": self.rounds,
                 "base": asdict(self.base), "config": self.config.to_dict(),
                 "context_templates": self.context_templates, "stats": self.stats,
-                "evaluations": self.evaluations, "adapter": self.adapter, **self.extra}
+                "evaluations": self.evaluations, "adapter": self.adapter,
+                **({"lineage": self.lineage} if self.lineage else {}), **self.extra}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionMeta:
         known = {"format", "nse_hub_version", "rounds", "base", "config", "context_templates", "stats",
-                 "evaluations", "adapter"}
+                 "evaluations", "adapter", "lineage"}
         saved_format = int(data.get("format", 1))
         if saved_format > FORMAT_VERSION:
             raise CheckpointError(f"this edit was saved in format {saved_format} by nse-hub "
@@ -91,16 +100,22 @@ class SessionMeta:
                    context_templates=data["context_templates"], stats=data["stats"], rounds=int(data["rounds"]),
                    nse_hub_version=data.get("nse_hub_version", ""), format=FORMAT_VERSION,
                    evaluations=dict(data.get("evaluations", {})), adapter=dict(data.get("adapter", {})),
+                   lineage=dict(data.get("lineage") or {}),
                    extra={k: v for k, v in data.items() if k not in known})
 
 
 @dataclass
 class RoundData:
-    """One round as saved: its increment, its keys and its report."""
+    """One round as saved: its increment, its keys, its report and (when known) its value targets.
+
+    ``values`` holds tensors ``targets`` and ``hidden`` (``n × d_model``) and ``loss``, ``nll``, ``steps``
+    (``n``): the round's :class:`~nse_hub.algorithm.ValueResult`; ``None`` for rounds saved without them.
+    """
 
     factors: dict[int, Factors]
     keys: dict[int, torch.Tensor]
     report: RoundReport
+    values: dict[str, torch.Tensor] | None = None
 
 
 def is_checkpoint(folder: str | Path) -> bool:
@@ -150,6 +165,8 @@ def write_checkpoint(folder: str | Path, layout: ModelLayout, meta: SessionMeta,
                          base.revision, {**header, "round": index, "increment": True})
             save_file({f"layer_{layer}": k.contiguous() for layer, k in data.keys.items()}, str(tmp / KEYS_FILE))
             atomic_write_json(tmp / REPORT_FILE, data.report.to_dict())
+            if data.values is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in data.values.items()}, str(tmp / VALUES_FILE))
     save_adapter(folder, layout, cumulative or no_update(layout, first_layer), base.portable_id, base.revision,
                  {**header, "round": len(rounds), "increment": False})
     if tokenizer is not None:
@@ -184,6 +201,8 @@ def _round_is_current(target: Path, data: RoundData) -> bool:
     report = target / REPORT_FILE
     if not (report.is_file() and (target / ADAPTER_WEIGHTS).is_file() and (target / KEYS_FILE).is_file()):
         return False
+    if data.values is not None and not (target / VALUES_FILE).is_file():
+        return False  # values known now but not saved then: write the round again
     try:
         return json.loads(report.read_text()) == json.loads(json.dumps(data.report.to_dict()))
     except json.JSONDecodeError:
@@ -213,4 +232,15 @@ def read_round(folder: str | Path, layout: ModelLayout, index: int) -> RoundData
         raise CheckpointError(f"{path} is incomplete: {Path(error.filename).name} is missing") from None
     except (SafetensorError, OSError, json.JSONDecodeError, KeyError, ValueError) as error:
         raise CheckpointError(f"{path} is damaged ({error}); restore it from a backup or the Hub") from None
-    return RoundData(factors, keys, report)
+    return RoundData(factors, keys, report, read_values(path))
+
+
+def read_values(round_folder: str | Path) -> dict[str, torch.Tensor] | None:
+    """A round folder's stored value targets, or ``None`` when it has none (saved before they were stored)."""
+    path = Path(round_folder) / VALUES_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is damaged ({error}); restore it from a backup or the Hub") from None

@@ -59,7 +59,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     requests = load_requests(args.requests, limit=args.limit, offset=args.offset)
     session = EditSession.from_pretrained(args.model, method=args.method, device=args.device,
-                                          **_hparams(args.set))
+                                          stats_repo=args.stats_repo, **_hparams(args.set))
     console.print(f"{session} — {len(requests)} edits in rounds of {args.batch_size}")
     _edit_rounds(session, requests, args.batch_size, Path(args.out))
     console.print(f"Saved to {args.out} (load with EditSession.from_pretrained or stock PEFT).")
@@ -192,6 +192,85 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from nse_hub.history import diff
+
+    result = diff(args.a, args.b, probe=args.probe, device=args.device)
+    console.print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        console.print(f"Wrote {args.json}")
+    return 0
+
+
+def cmd_merge_history(args: argparse.Namespace) -> int:
+    from nse_hub.evaluation import EvalOptions
+    from nse_hub.history import merge_history
+
+    session, plan, evaluation = merge_history(args.a, args.b, args.out, prefer=args.prefer, evaluate=args.evaluate,
+                                              options=EvalOptions(generation=not args.no_generation),
+                                              device=args.device, stats_repo=args.stats_repo)
+    for c in plan.conflicts:
+        console.print(f"conflict {c.describe()}: kept {c.resolution}", highlight=False)
+    for r in session.lineage["merges"][-1]["rounds"]:
+        console.print(f"{args.b} round {r['source_round']} → round {r['round']} (values {r['values']}"
+                      + (f", {r['dropped']} edit(s) dropped" if r["dropped"] else "") + ")")
+    if evaluation is not None:
+        _print_evaluation(f"merged version ({len(session.rounds)} rounds)", evaluation)
+    console.print(f"Saved the merged version (round {len(session.rounds)}) to {args.out}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from nse_hub import EditSession
+    from nse_hub.stats_hub import pull_statistics
+
+    session = EditSession.from_pretrained(args.model, device=args.device, **_hparams(args.set))
+    if args.action == "push":
+        folder = session.push_statistics(args.repo_id, private=args.private or None)
+        console.print(f"Pushed the second moments of {session} to the dataset {args.repo_id} ({folder})")
+    else:
+        fetched = pull_statistics(args.repo_id, session.stats_spec, session.layout, session.config.layers)
+        console.print(f"Downloaded {len(fetched)} of {len(session.config.layers)} modules' second moments "
+                      f"from {args.repo_id} into the local cache")
+    return 0
+
+
+def _add_history_commands(sub: Any) -> None:
+    diff = sub.add_parser("diff", help="facts added, removed and changed between two versions",
+                          description="A and B: saved-edit folders or repo@revision (a branch, tag or commit).")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.add_argument("--probe", action="store_true",
+                      help="load both versions and show what each answers (greedy continuation, p(new)/p(old))")
+    diff.add_argument("--json", metavar="FILE", help="also write the diff as JSON")
+    diff.add_argument("--device")
+    diff.set_defaults(func=cmd_diff)
+
+    merge = sub.add_parser("merge-history", help="merge version B's rounds since the common ancestor into A",
+                           description="B's rounds after the common ancestor are re-applied on top of A as new "
+                                       "rounds (NSE: stored values reused, only the solves run again).")
+    merge.add_argument("a", help="ours: a saved-edit folder or repo@revision")
+    merge.add_argument("b", help="theirs: a saved-edit folder or repo@revision")
+    merge.add_argument("--out", required=True, help="folder to save the merged version to")
+    merge.add_argument("--prefer", choices=["ours", "theirs"], help="resolve every conflict for this side")
+    merge.add_argument("--evaluate", action="store_true",
+                       help="evaluate the merged version on the union of both branches' edits (final protocol)")
+    merge.add_argument("--no-generation", action="store_true", help="skip the generation-based figures")
+    merge.add_argument("--stats-repo", help="Hub dataset repo of shared second moments")
+    merge.add_argument("--device")
+    merge.set_defaults(func=cmd_merge_history)
+
+    stats = sub.add_parser("stats", help="share second moments through a Hub dataset repo")
+    stats.add_argument("action", choices=["push", "pull"])
+    stats.add_argument("model", help="embedded name, Hub id, local model folder or saved edit")
+    stats.add_argument("repo_id", help="the dataset repo (namespace/name)")
+    stats.add_argument("--private", action="store_true", help="create the dataset as private")
+    stats.add_argument("--device")
+    stats.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    stats.set_defaults(func=cmd_stats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nse-hub", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -216,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA if available)")
     edit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a hyperparameter, e.g. --set mom2_update_weight=15000")
+    edit.add_argument("--stats-repo", help="Hub dataset repo of shared second moments (nse-hub stats push)")
     edit.set_defaults(func=cmd_edit)
 
     export = sub.add_parser("export", help="write one version of a saved edit as a standalone adapter")
@@ -289,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     evaluate.set_defaults(func=cmd_eval)
+
+    _add_history_commands(sub)
 
     demo = sub.add_parser("demo", help="the main job end to end on the embedded default model")
     demo.add_argument("--model", default="smollm2-135m")

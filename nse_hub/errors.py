@@ -86,11 +86,28 @@ class HubError(NSEHubError, RuntimeError):
     """A push or pull that the Hub refused; says why and what to do, never shows the token."""
 
 
+class HistoryConflictError(NSEHubError, ValueError):
+    """Two branches that write the same fact (subject and prompt template) differently, found before a merge
+    writes anything; lists every conflict. Resolve them with ``prefer="ours"|"theirs"`` or per conflict.
+
+    Attributes:
+        conflicts: the unresolved :class:`nse_hub.lineage.Conflict` objects.
+    """
+
+    def __init__(self, conflicts: list, ours: str = "ours", theirs: str = "theirs") -> None:
+        self.conflicts = list(conflicts)
+        lines = [f"  {i}. {c.describe()}" for i, c in enumerate(self.conflicts, start=1)]
+        super().__init__(f"merging {theirs} into {ours}: {len(self.conflicts)} conflict(s), nothing was written:\n"
+                         + "\n".join(lines) + "\nResolve them with prefer='ours'|'theirs' (--prefer ours|theirs) "
+                         "or per conflict (resolutions={(subject, prompt template): 'ours'|'theirs'}).")
+
+
 __all__ = [
     "AdapterError",
     "BaseModelMismatchError",
     "CheckpointError",
     "ConfigError",
+    "HistoryConflictError",
     "HubError",
     "LicenseRequiredError",
     "MissingFileError",

@@ -1,5 +1,8 @@
 """Pushing saved edits to the Hugging Face Hub (a commit and a tag per round) and pulling them back.
 
+Rounds on ``main`` are tagged ``round-N``; rounds pushed to another branch ``<branch>/round-N`` (a branch
+started from a version of the same repository begins at that version's commit).
+
 Every Hub call goes through ``huggingface_hub``; tokens come from the argument, ``HF_TOKEN`` or the
 stored login (``hf auth login``) and never leave the HTTP ``Authorization`` header.
 """
@@ -32,6 +35,15 @@ logger = logging.getLogger(__name__)
 
 TAG = "round-{}"
 TAG_PATTERN = re.compile(r"^round-(\d+)$")
+
+
+def tag_name(branch: str, round: int) -> str:
+    """The tag of version ``round`` on ``branch``: ``round-N`` on ``main``, ``<branch>/round-N`` elsewhere."""
+    return TAG.format(round) if branch == "main" else f"{branch}/{TAG.format(round)}"
+
+
+def tag_pattern(branch: str) -> re.Pattern[str]:
+    return TAG_PATTERN if branch == "main" else re.compile(rf"^{re.escape(branch)}/round-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,8 @@ def _explain(error: HfHubHTTPError, action: str, repo_id: str) -> HubError:
 def _version_on_hub(api: HfApi, repo_id: str, branch: str) -> tuple[int, int, str | None]:
     """(highest round tag, rounds recorded at the branch head, head commit)."""
     refs = api.list_repo_refs(repo_id)
-    tagged = [int(m.group(1)) for tag in refs.tags if (m := TAG_PATTERN.match(tag.name))]
+    pattern = tag_pattern(branch)
+    tagged = [int(m.group(1)) for tag in refs.tags if (m := pattern.match(tag.name))]
     head = next((b.target_commit for b in refs.branches if b.name == branch), None)
     at_head = 0
     if head is not None:
@@ -118,6 +131,10 @@ class PushOptions:
         revision: the branch to push to (created from ``main`` if missing).
         create_pr: open a pull request with the new versions instead of committing to ``revision``; the
             commits of a pull request get no ``round-N`` tags until it is merged and pushed again.
+        branch_start: ``(repo_id, revision)`` the session was started from (its branch point): a new branch
+            of that repository starts there instead of at ``main``.
+        inherited: rounds the branch shares with its parent (its branch point); a branch other than ``main``
+            does not tag them again.
     """
 
     commit_message: str | None = None
@@ -126,6 +143,8 @@ class PushOptions:
     token: str | bool | None = None
     revision: str = "main"
     create_pr: bool = False
+    branch_start: tuple[str, str] | None = None
+    inherited: int = 0
 
 
 def push_versions(repo_id: str, rounds: int, write_version: Callable[[int, Path], None],
@@ -155,13 +174,16 @@ def push_versions(repo_id: str, rounds: int, write_version: Callable[[int, Path]
         api.create_repo(repo_id, private=options.private, exist_ok=True)
         branch = options.revision
         if branch != "main":
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
+            start = None
+            if options.branch_start and options.branch_start[0] in (repo_id, repo_id.split("/", 1)[1]):
+                start = options.branch_start[1]
+            api.create_branch(repo_id, branch=branch, revision=start, exist_ok=True)
         tagged, at_head, head = _version_on_hub(api, repo_id, branch)
         done = max(tagged, at_head)
         if done > rounds:
             raise HubError(f"{repo_id} already holds {done} rounds, more than this session's {rounds}; "
                            "resume from the Hub version, or push to a new repository or branch")
-        checks = [(tagged, TAG.format(tagged))] if tagged else []
+        checks = [(tagged, tag_name(branch, tagged))] if tagged else []
         if at_head > tagged and head is not None:
             checks.append((at_head, head))
         for index, revision in checks:
@@ -169,9 +191,10 @@ def push_versions(repo_id: str, rounds: int, write_version: Callable[[int, Path]
                 raise HubError(f"round {index} on {repo_id} differs from this session's round {index}; "
                                "push to a new repository or branch, or resume from the Hub version")
         pushed = []
-        if at_head > tagged and head is not None and not options.create_pr:  # committed, then the tag failed
-            api.create_tag(repo_id, tag=TAG.format(at_head), revision=head, exist_ok=True)
-            pushed.append(PushedRound(at_head, head, TAG.format(at_head), ""))
+        inherited = options.inherited if branch != "main" else 0
+        if at_head > max(tagged, inherited) and head is not None and not options.create_pr:  # the tag failed
+            api.create_tag(repo_id, tag=tag_name(branch, at_head), revision=head, exist_ok=True)
+            pushed.append(PushedRound(at_head, head, tag_name(branch, at_head), ""))
         target = branch
         for version in range(done + 1, rounds + 1):
             result = _push_one(api, repo_id, version, write_version, target, options)
@@ -200,7 +223,7 @@ def _push_one(api: HfApi, repo_id: str, version: int, write_version: Callable[[i
     if options.create_pr:
         logger.info("Pushed round %d to %s in %s", version, repo_id, info.pr_url or revision)
         return PushedRound(version, info.oid, "", info.pr_url or info.commit_url, info.pr_revision or revision)
-    tag = TAG.format(version)
+    tag = tag_name(options.revision, version)
     api.create_tag(repo_id, tag=tag, revision=info.oid, tag_message=f"nse-hub edit round {version}", exist_ok=True)
     logger.info("Pushed round %d to %s (%s)", version, repo_id, info.oid[:10])
     return PushedRound(version, info.oid, tag, info.commit_url)

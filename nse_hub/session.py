@@ -38,6 +38,7 @@ from nse_hub._version import __version__
 from nse_hub.adapters import CompressionReport, no_update, pack, save_adapter
 from nse_hub.algorithm import RoundInputs, generate_context_templates, optimize_values, run_round
 from nse_hub.algorithm.rounds import ValueOptimizer
+from nse_hub.algorithm.values import ValueResult
 from nse_hub.architectures import ModelLayout
 from nse_hub.base import BaseModelInfo, check_base, describe_base
 from nse_hub.card import Metric, build_card
@@ -55,14 +56,16 @@ from nse_hub.config import EditConfig, make_config
 from nse_hub.deltas import KeyMemory, WeightDeltas
 from nse_hub.errors import ConfigError, LicenseRequiredError, VersionNotFoundError
 from nse_hub.fingerprint import model_sha256
-from nse_hub.hub import PushedRound, PushOptions, download_saved_edit, push_versions
+from nse_hub.hub import PushedRound, PushOptions, download_saved_edit, push_versions, tag_name
 from nse_hub.io import atomic_write_text
+from nse_hub.lineage import HistoryDiff, MergePlan, Side, Version, diff_versions, plan_merge, probe_diff, report_digest
 from nse_hub.loading import hidden_rms, load_base_model
 from nse_hub.models import embedded_model_of, is_embedded
 from nse_hub.probes import measure_probes
 from nse_hub.report import RoundReport, request_report
 from nse_hub.requests import EditRequest, RequestLike, parse_requests
 from nse_hub.stats import StatsSpec, matrix_sha256, second_moments
+from nse_hub.stats_hub import pull_statistics, push_statistics
 from nse_hub.tracing import model_device
 
 logger = logging.getLogger(__name__)
@@ -95,6 +98,8 @@ class EditSession:
         base: the identity of the base model (names, license, fingerprints).
         rounds: one :class:`RoundReport` per round, in order.
         evaluations: figures recorded per version by :func:`nse_hub.evaluate_session`; cards report them.
+        lineage: where this history comes from: ``parent`` (the version it was started from when that was
+            chosen by ``revision``/``round``: the branch point) and ``merges`` (see :meth:`merge_history`).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: EditConfig,
@@ -115,6 +120,11 @@ class EditSession:
         self._stats_sha256: dict[str, str] = {}
         self.base = base or describe_base(model, self.layout, self.deltas.original_sha256)
         self.evaluations: dict[int, list[Metric]] = {}
+        self.lineage: dict[str, Any] = {}
+        self._values: list[dict[str, torch.Tensor] | None] = []  # per round, its value targets when known
+        self.stats_repo: str | None = None  # a Hub dataset repo sharing the second moments (see stats_hub)
+        self._stats_token: str | bool | None = None
+        self._card_branch = "main"
         # How value targets are optimised; benchmarks swap in optimize_values_reference to compare.
         self.value_optimizer: ValueOptimizer = optimize_values
 
@@ -125,7 +135,8 @@ class EditSession:
                         tokenizer: PreTrainedTokenizerBase | None = None, revision: str | None = None,
                         round: int | None = None, base_model: str | PreTrainedModel | None = None,
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                        token: str | bool | None = None, **hparams: Any) -> EditSession:
+                        token: str | bool | None = None, stats_repo: str | None = None,
+                        **hparams: Any) -> EditSession:
         """Start a session on a model, or resume a saved one.
 
         Args:
@@ -143,7 +154,12 @@ class EditSession:
             device, dtype: where and in which precision to run (default: CUDA if available;
                 float32, or bfloat16 on CUDA above 2B parameters).
             token: Hub token (default: ``HF_TOKEN`` or the stored login).
+            stats_repo: a Hub dataset repo of second moments (:mod:`nse_hub.stats_hub`): statistics missing
+                from the local cache are downloaded from it (checked by sha256) instead of measured.
             **hparams: :class:`EditConfig` fields overriding the preset/automatic settings.
+
+        A saved edit resumed at a chosen version (``revision=`` or ``round=``) records it as its parent in
+        ``session.lineage`` (the branch point), which its cards and later merges use.
 
         Raises:
             ConfigError: unknown or invalid hyperparameters, or settings given for a saved edit.
@@ -153,8 +169,12 @@ class EditSession:
         if isinstance(model_or_name, str):
             saved = _locate_saved_edit(model_or_name, revision, token)
             if saved is not None:
-                return cls._resume(saved, method=method, tokenizer=tokenizer, round=round, base_model=base_model,
-                                   device=device, dtype=dtype, token=token, hparams=hparams)
+                session = cls._resume(saved, method=method, tokenizer=tokenizer, round=round,
+                                      base_model=base_model, device=device, dtype=dtype, token=token,
+                                      hparams=hparams)
+                session._set_parent(model_or_name, saved, revision, round)
+                session.stats_repo, session._stats_token = stats_repo, token
+                return session
             embedded = model_or_name if is_embedded(model_or_name) else None
             model, loaded_tokenizer = load_base_model(model_or_name, revision, device, dtype, token)
             tokenizer = tokenizer or loaded_tokenizer
@@ -168,6 +188,7 @@ class EditSession:
                              hidden_rms=lambda layer: hidden_rms(model, tokenizer, layout, layer), **hparams)
         session = cls(model, tokenizer, config)
         session.base.revision = revision
+        session.stats_repo, session._stats_token = stats_repo, token
         return session
 
     @classmethod
@@ -196,12 +217,33 @@ class EditSession:
         session._stats_sha256 = dict(meta.stats.get("sha256", {}))
         session.evaluations = {int(v): [Metric(**m) for m in metrics]
                                for v, metrics in meta.evaluations.items() if int(v) <= version}
+        session.lineage = _lineage_upto(meta.lineage, version)
+        session._saved_rounds = meta.rounds
         for index in range(1, version + 1):
             data = read_round(folder, session.layout, index)
             session.deltas.append_round(data.factors)
             session.memory.add_round(data.keys)
             session.rounds.append(data.report)
+            session._values.append(data.values)
         return session
+
+    def _set_parent(self, name: str, folder: Path, revision: str | None, round: int | None) -> None:
+        """Record the version this session was started from as its branch point, when one was chosen.
+
+        Resuming a saved edit at its head without naming a version continues that history (its lineage is
+        kept); naming one (``revision=``, ``round=``) starts a branch there, unless it is the head of a
+        history that already records its own branch point.
+        """
+        saved = getattr(self, "_saved_rounds", len(self.rounds))
+        if round is None and revision is None:
+            return
+        if self.lineage.get("parent") and len(self.rounds) == saved and round is None:
+            return  # the head of a branch, by its name: continue it
+        commit = folder.name if folder.parent.name == "snapshots" else None
+        parent = {"source": name, "revision": revision, "commit": commit, "round": len(self.rounds)}
+        if self.lineage.get("parent"):
+            parent["parent"] = self.lineage["parent"]
+        self.lineage = {**self.lineage, "parent": parent}
 
     # --- editing ------------------------------------------------------------------------------------
 
@@ -216,7 +258,10 @@ class EditSession:
         """
         if isinstance(requests, (EditRequest, dict)):
             requests = [requests]
-        parsed = parse_requests(requests)
+        return self._apply(parse_requests(requests), progress)
+
+    def _apply(self, parsed: list[EditRequest], progress: bool, values: ValueResult | None = None) -> RoundReport:
+        """One round of ``parsed``; ``values``: precomputed value targets to reuse (see :func:`run_round`)."""
         started = time.perf_counter()
         seconds = self._prepare(progress)
         tic = time.perf_counter()
@@ -225,7 +270,7 @@ class EditSession:
         inputs = RoundInputs(self.model, self.tokenizer, self.layout, self.config, self.deltas, self.memory,
                              self._second_moments, self.context_templates)
         try:
-            outcome = run_round(inputs, parsed, optimize=self.value_optimizer)
+            outcome = run_round(inputs, parsed, optimize=self.value_optimizer, values=values)
         except BaseException:
             self.deltas.discard_round()
             raise
@@ -243,6 +288,7 @@ class EditSession:
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         self.rounds.append(report)
+        self._values.append(_values_dict(outcome.optimized))
         return report
 
     def rollback(self, round: int) -> None:
@@ -251,7 +297,9 @@ class EditSession:
         self.deltas.truncate(version)
         self.memory.truncate(version)
         self.rounds = self.rounds[:version]
+        self._values = self._values[:version]
         self.evaluations = {v: m for v, m in self.evaluations.items() if v <= version}
+        self.lineage = _lineage_upto(self.lineage, version)
 
     def merge(self, round: int | None = None) -> PreTrainedModel:
         """A standalone copy of the model with the deltas up to ``round`` (default: all) merged in:
@@ -293,6 +341,9 @@ class EditSession:
         return StatsSpec(self.base.model_sha256, c.mom2_dataset, c.mom2_n_samples, c.mom2_sample_length, c.seed)
 
     def _load_second_moments(self, progress: bool) -> dict[int, torch.Tensor]:
+        if self.stats_repo:
+            pull_statistics(self.stats_repo, self.stats_spec, self.layout, self.config.layers,
+                            token=self._stats_token)
         matrices = second_moments(self.model, self.tokenizer, self.layout, self.config.layers, self.stats_spec,
                                   self.config.batch_size, progress=progress)
         for layer, matrix in matrices.items():
@@ -330,7 +381,8 @@ class EditSession:
         version = resolve_round(round, len(self.rounds))
         if license:
             self.base.license = license
-        rounds = [RoundData(self.deltas.rounds[i], self.memory.rounds[i], self.rounds[i]) for i in range(version)]
+        rounds = [RoundData(self.deltas.rounds[i], self.memory.rounds[i], self.rounds[i],
+                            self._values[i] if i < len(self._values) else None) for i in range(version)]
         stored, compression = self._packed(version, max_rank)
         meta = self._meta(version, compression)
         write_checkpoint(save_directory, self.layout, meta, rounds, stored,
@@ -382,7 +434,9 @@ class EditSession:
             commit_message, commit_description: per commit; ``{round}`` is replaced by the round.
             private: visibility when the repository is created.
             token: Hub token (default: ``HF_TOKEN`` or the stored login).
-            revision: the branch to push to (default ``main``; created if missing). ``branch`` is an alias.
+            revision: the branch to push to (default ``main``; created if missing, from the branch point in
+                ``lineage`` when this session was started from a version of the same repository). ``branch``
+                is an alias. Rounds on a branch other than ``main`` are tagged ``<branch>/round-N``.
             create_pr: open a pull request with the new versions instead (no tags until merged).
             max_rank: truncate the cumulative adapters (lossy; the cards say so and by how much).
             license: the license to publish under; required when the base model's is unknown.
@@ -402,14 +456,22 @@ class EditSession:
             raise LicenseRequiredError(
                 f"the license of the base model {self.base.portable_id} is unknown, and an edit is published under "
                 "its base's terms: pass license='…' (e.g. the base's license identifier, such as 'apache-2.0')")
+        parent = self.lineage.get("parent") or {}
+        start = (parent["source"], parent.get("commit") or parent.get("revision")) \
+            if parent.get("commit") or parent.get("revision") else None
         options = PushOptions(commit_message=commit_message, commit_description=commit_description, private=private,
-                              token=token, revision=revision or branch or "main", create_pr=create_pr)
-        return push_versions(
-            repo_id, len(self.rounds),
-            write_version=lambda version, folder: self.save_pretrained(folder, round=version, max_rank=max_rank,
-                                                                       repo_id=repo_id),
-            report_of=lambda version: json.loads(json.dumps(self.rounds[version - 1].to_dict())),
-            options=options)
+                              token=token, revision=revision or branch or "main", create_pr=create_pr,
+                              branch_start=start, inherited=self._branch_point)
+        self._card_branch = options.revision
+        try:
+            return push_versions(
+                repo_id, len(self.rounds),
+                write_version=lambda version, folder: self.save_pretrained(folder, round=version, max_rank=max_rank,
+                                                                           repo_id=repo_id),
+                report_of=lambda version: json.loads(json.dumps(self.rounds[version - 1].to_dict())),
+                options=options)
+        finally:
+            self._card_branch = "main"
 
     def card(self, round: int | None = None, repo_id: str | None = None) -> ModelCard:
         """The model card of the version after ``round`` (default: the latest), for an exact adapter."""
@@ -424,7 +486,13 @@ class EditSession:
 
     def _build_card(self, version: int, repo_id: str | None, compression: list[CompressionReport]) -> ModelCard:
         return build_card(self._meta(version, compression), self.rounds[:version], repo_id=repo_id,
-                          metrics=self.evaluations.get(version), compression=compression)
+                          metrics=self.evaluations.get(version), compression=compression,
+                          tags=[tag_name(self._card_branch if k > self._branch_point else "main", k)
+                                for k in range(version + 1)])
+
+    @property
+    def _branch_point(self) -> int:
+        return int((self.lineage.get("parent") or {}).get("round", 0))
 
     def _card_text(self, version: int, repo_id: str | None, compression: list[CompressionReport]) -> str:
         return str(self._build_card(version, repo_id, compression))
@@ -439,11 +507,113 @@ class EditSession:
                    "modules": [dataclasses.asdict(r) for r in compression]}
         return SessionMeta(base=self.base, config=self.config, context_templates=self.context_templates,
                            stats=stats, rounds=version, nse_hub_version=__version__, evaluations=evaluations,
-                           adapter=adapter)
+                           adapter=adapter, lineage=_lineage_upto(self.lineage, version))
+
+    # --- history ----------------------------------------------------------------------------------------
+
+    def as_version(self, label: str = "this session") -> Version:
+        """This session's history as a :class:`~nse_hub.lineage.Version` (for diffs and merges)."""
+        return Version(label, self.base, self.config, list(self.rounds), copy.deepcopy(self.lineage),
+                       list(self._values))
+
+    def diff(self, other: EditSession | Version, probe: bool = False, max_new_tokens: int = 8) -> HistoryDiff:
+        """The facts added, removed and changed from this version to ``other`` (same base model).
+
+        With ``probe`` (``other`` must be a session), each changed fact's prompt is answered by both versions:
+        greedy continuation and the probabilities of the new and old answers.
+
+        Raises:
+            BaseModelMismatchError: ``other`` was made on another base model (both fingerprints named).
+        """
+        theirs = other.as_version("other") if isinstance(other, EditSession) else other
+        result = diff_versions(self.as_version(), theirs)
+        if probe:
+            if not isinstance(other, EditSession):
+                raise ConfigError("probing a diff needs both versions loaded: pass an EditSession")
+            result = probe_diff(result, (self.model, self.tokenizer, self.layout),
+                                (other.model, other.tokenizer, other.layout), max_new_tokens, self.config.batch_size)
+        return result
+
+    def merge_history(self, other: EditSession | Version, prefer: Side | None = None,
+                      resolutions: dict[Any, Side] | None = None, progress: bool = False) -> MergePlan:
+        """Merge another branch of this history into this session: its rounds after the common ancestor are
+        re-applied on top of this version as new rounds.
+
+        NSE rounds reuse their stored value targets (computed on the original weights, so valid on top of
+        any history) and only solve again; the other methods, and rounds saved without values, optimise them
+        again. Conflicts (a fact written with different targets on both branches) are found before anything
+        is written and resolved per conflict (``resolutions``, keyed by ``(subject, prompt template)``, the
+        subject, or the prompt) or by ``prefer``: ``"ours"`` drops the other branch's write, ``"theirs"``
+        re-applies it on top. The merge is recorded in ``lineage`` (and so in cards).
+
+        Returns:
+            the plan that was carried out (rounds, conflicts with their resolutions).
+
+        Raises:
+            HistoryConflictError: conflicts left unresolved (all listed); nothing was written.
+            BaseModelMismatchError: ``other`` was made on another base model.
+            ConfigError: ``other`` used another method or other edit layers.
+        """
+        theirs = other.as_version("theirs") if isinstance(other, EditSession) else other
+        plan = plan_merge(self.as_version("ours"), theirs, prefer, resolutions)
+        record: dict[str, Any] = {"from": theirs.label, "ancestor": plan.ancestor, "rounds": [],
+                                  "conflicts": [c.to_dict() for c in plan.conflicts]}
+        for planned in plan.rounds:
+            if not planned.requests:
+                continue
+            values = _value_result(planned.values) if planned.values is not None else None
+            report = self._apply(planned.requests, progress, values)
+            record["rounds"].append({"round": report.round, "source_round": planned.source_round,
+                                     "digest": planned.digest, "merged_digest": report_digest(report),
+                                     "values": "reused" if values is not None else "recomputed",
+                                     "dropped": len(planned.dropped)})
+        self.lineage.setdefault("merges", []).append(record)
+        return plan
+
+    def push_statistics(self, repo_id: str, token: str | bool | None = None, private: bool | None = None) -> str:
+        """Upload this session's second moments to a Hub dataset repo (measured first if needed); returns the
+        folder in the repo. Sessions started with ``stats_repo=repo_id`` then download instead of measuring."""
+        with self.deltas.original():
+            if self._second_moments is None:
+                self._second_moments = self._load_second_moments(progress=False)
+        return push_statistics(repo_id, self.stats_spec, self.layout, self.config.layers, token=token,
+                               private=private)
 
     def __repr__(self) -> str:
         return (f"EditSession({self.base.name_or_path!r}, method={self.config.method!r}, "
                 f"layers={list(self.config.layers)}, rounds={len(self.rounds)})")
+
+
+def _values_dict(values: ValueResult | None) -> dict[str, torch.Tensor] | None:
+    """A round's value targets as saved tensors (rounds/NNN/values.safetensors)."""
+    if values is None:
+        return None
+    return {"targets": values.targets.detach().float().cpu(), "hidden": values.hidden.detach().float().cpu(),
+            "loss": torch.tensor(values.loss, dtype=torch.float64),
+            "nll": torch.tensor(values.nll, dtype=torch.float64),
+            "steps": torch.tensor(values.steps, dtype=torch.int64)}
+
+
+def _value_result(saved: dict[str, torch.Tensor]) -> ValueResult:
+    return ValueResult(saved["targets"], saved["hidden"], saved["loss"].tolist(), saved["nll"].tolist(),
+                       [int(x) for x in saved["steps"].tolist()])
+
+
+def _lineage_upto(lineage: dict[str, Any], version: int) -> dict[str, Any]:
+    """The lineage of the version after ``version`` rounds: merges of later rounds are left out."""
+    out = copy.deepcopy(lineage)
+    if (out.get("parent") or {}).get("round", 0) > version:
+        out.pop("parent")
+    merges = []
+    for merge in out.get("merges", []):
+        merge["rounds"] = [r for r in merge.get("rounds", []) if r["round"] <= version]
+        if merge["rounds"]:
+            merges.append(merge)
+    if merges:
+        out["merges"] = merges
+    else:
+        out.pop("merges", None)
+    return out
 
 
 def _locate_saved_edit(name: str, revision: str | None, token: str | bool | None) -> Path | None:

@@ -68,6 +68,8 @@ class RoundOutcome:
         value_norms: with ``norm_anchor``: per request, ``‖v₀ + δ‖`` before rescaling.
         norm_skipped: with ``norm_anchor``: per request, whether it was skipped (norm above
             ``norm_anchor_max_ratio ×`` the anchor) and so not written.
+        optimized: the value targets as the optimiser returned them (before NAS rescaling), or as
+            given to :func:`run_round`: what a later round may reuse.
     """
 
     values: ValueResult
@@ -81,6 +83,7 @@ class RoundOutcome:
     norm_anchor: float | None = None
     value_norms: list[float] = field(default_factory=list)
     norm_skipped: list[bool] = field(default_factory=list)
+    optimized: ValueResult | None = None
 
 
 class _Clock:
@@ -198,11 +201,15 @@ def _null_space(inputs: RoundInputs, layer: int) -> NullSpace:
 
 
 def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
-              optimize: ValueOptimizer = optimize_values) -> RoundOutcome:
+              optimize: ValueOptimizer = optimize_values, values: ValueResult | None = None) -> RoundOutcome:
     """Write ``requests`` into the model as a pending round of ``inputs.deltas``.
 
     The caller commits the round (``deltas.commit_round()`` and ``memory.add_round(outcome.keys)``)
     or discards it; nothing else changes (except the engine's derived state: null spaces, anchor).
+
+    ``values`` are precomputed value targets of ``requests`` (a stored round's ``outcome.optimized``):
+    they replace the optimisation. Only NSE's are valid on top of another history, since NSE
+    computes them on the original weights; the other methods compute them on the current weights.
 
     Raises:
         SingularSystemError: a layer's system is singular or not positive definite.
@@ -216,9 +223,14 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
         return inputs.deltas.original() if config.method == "nse" else nullcontext()
 
     with clock.phase("values"):
-        value_batch = build_value_batch(inputs.tokenizer, requests, [t for g in inputs.context_templates for t in g])
-        with value_weights():
-            values = optimize(model, layout, value_batch, config, pad)
+        if values is None:
+            value_batch = build_value_batch(inputs.tokenizer, requests,
+                                            [t for g in inputs.context_templates for t in g])
+            with value_weights():
+                values = optimize(model, layout, value_batch, config, pad)
+        elif values.targets.shape[0] != len(requests):
+            raise ValueError(f"{values.targets.shape[0]} precomputed value targets for {len(requests)} requests")
+    optimized = values
     targets = values.targets.to(inputs.memory.device)
     hidden_norm = values.hidden.norm(dim=1).to(inputs.memory.device)
 
@@ -289,4 +301,4 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
     if not residual_before:
         residual_before = residual_after
     return RoundOutcome(values, final_keys, residual_before, residual_after, kept_per_pass, selected,
-                        dict(clock.seconds), nullspace_dims, **nas)
+                        dict(clock.seconds), nullspace_dims, **nas, optimized=optimized)
