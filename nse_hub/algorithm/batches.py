@@ -42,6 +42,16 @@ class ValueBatch:
     def num_requests(self) -> int:
         return len(self.plain_row)
 
+    def subset(self, requests: Sequence[int]) -> ValueBatch:
+        """The rows of ``requests`` only, renumbered ``0..len(requests)-1`` in the order given."""
+        number = {request: k for k, request in enumerate(requests)}
+        rows = [row for row, owner in enumerate(self.request_of) if owner in number]
+        new_row = {row: k for k, row in enumerate(rows)}
+        return ValueBatch([self.sequences[r] for r in rows], [self.lookup[r] for r in rows],
+                          [number[self.request_of[r]] for r in rows], [self.target_positions[r] for r in rows],
+                          [self.labels[r] for r in rows], [new_row[self.plain_row[q]] for q in requests],
+                          [new_row[self.kl_row[q]] for q in requests])
+
 
 def build_value_batch(tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
                       templates: Sequence[str]) -> ValueBatch:
