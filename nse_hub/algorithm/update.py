@@ -7,13 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from nse_hub.deltas import Factors
+from nse_hub.errors import SingularSystemError
 
-
-class SingularSystemError(ValueError):
-    """An update's linear system is singular or not positive definite, so no trustworthy update exists.
-
-    The message names the layer and the setting that fixes it; nothing is solved in that case.
-    """
+__all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "neuron_update", "null_space", "select_neurons",
+           "solve_general", "solve_spd", "through_post_norm"]
 
 
 def _where(layer: int | None) -> str:
