@@ -60,3 +60,18 @@ def test_progress_bar_counts_steps_times_chunks(capsys: pytest.CaptureFixture) -
     assert "values (4 requests)" in err and "/8" in err  # 4 steps × 2 chunks
     optimize_values(model, layout, batch, config, pad_id(tokenizer), progress=False)
     assert "values" not in capsys.readouterr().err
+
+
+def test_default_chunks_follow_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nse_hub.algorithm import values
+
+    model, _, layout, batch = _setup()
+    need = values.sequence_bytes(model, layout, batch, z=1)
+    assert need > 0
+    assert values.chunk_sequences(model, layout, batch, z=1) >= len(batch.sequences)  # small rounds: one chunk
+    monkeypatch.setitem(values.CHUNK_BYTES, "cpu", 2 * need * (len(TEMPLATES) + 1))
+    assert values.chunk_sequences(model, layout, batch, z=1) == 2 * (len(TEMPLATES) + 1)
+    seen = []
+    monkeypatch.setattr(values, "value_chunks", lambda b, limit: seen.append(limit) or [list(range(b.num_requests))])
+    optimize_values(model, layout, batch, EditConfig(layers=(0, 1), v_num_grad_steps=2), 0)
+    assert seen == [2 * (len(TEMPLATES) + 1)]

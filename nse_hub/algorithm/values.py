@@ -13,8 +13,8 @@ so it computes what the reference's one-request-at-a-time loop computes, with le
 * the reference's last forward pass, whose only use is an early-stop test that cannot change δ
   any more, is not run.
 
-Memory stays bounded as rounds grow: a round with more than ``max_sequences`` sequences (default
-:data:`CHUNK_SEQUENCES` for the device) is split into chunks of whole requests, each optimised by
+Memory stays bounded as rounds grow: a round with more than ``max_sequences`` sequences (default:
+as many as :data:`CHUNK_BYTES` of the device holds) is split into chunks of whole requests, each optimised by
 its own Adam loop; since the losses are independent per request this changes nothing but which
 sequences share a forward pass. A round that fits in one chunk runs exactly as before.
 
@@ -209,12 +209,42 @@ def _group_rows(widths: list[int], overhead: int = GROUP_OVERHEAD_TOKENS["cpu"])
     return [sorted(order[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
-# Most sequences that one Adam loop of the value optimisation runs together; a larger round is split
-# into chunks of whole requests. Memory grows with the chunk: SmolLM2 on the CPU, a round of 100
-# (700 sequences) peaked at 1.6 GiB RSS in chunks of 70 sequences and 4.9 GiB in chunks of 512, about
-# 8 MiB per sequence (activations kept for the backward pass, prefix key/value caches, logits).
-# 256 sequences (36 requests with 6 templates) are enough rows for full matrix-multiply speed on a CPU.
-CHUNK_SEQUENCES = {"cpu": 256, "cuda": 4096}
+# Memory one chunk of the value optimisation may use, by device type; a round that needs more is split
+# into chunks of whole requests (see chunk_sequences). Measured on SmolLM2 on the CPU: 100 requests
+# (700 sequences) reached 1.6 GiB RSS in chunks of 70 sequences and 5.0 GiB in chunks of 512 (process
+# RSS seen by ps during the runs; the model alone is about 1 GiB), about 8 MiB per sequence, which
+# sequence_bytes estimates as 7.5 MiB for those requests. With 2 GiB a CPU chunk holds about 270 SmolLM2
+# sequences, still hundreds of rows for its matrix multiplies; a round of 10 (70 sequences) stays one chunk.
+CHUNK_BYTES = {"cpu": 2 * 2**30, "cuda": 16 * 2**30}
+
+
+def sequence_bytes(model: PreTrainedModel, layout: ModelLayout, batch: ValueBatch, z: int) -> int:
+    """Estimated memory one sequence of ``batch`` takes in the value optimisation.
+
+    Activations the backward pass keeps in every layer above the z-layer (about 6·d_model + 4·d_ff
+    values per suffix token), three copies of the prefix key/value cache per step, and four
+    vocabulary-sized float32 rows per position whose logits are read.
+    """
+    config = model.config.get_text_config()
+    size = next(model.parameters()).element_size()
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (layout.hidden_size // heads if heads else layout.hidden_size)
+    kv_width = (getattr(config, "num_key_value_heads", None) or heads or 1) * head_dim
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = len(batch.sequences)
+    suffix = sum(len(s) - c for s, c in zip(batch.sequences, batch.lookup)) / rows
+    prefix = max(batch.lookup)
+    read = (sum(len(labels) for labels in batch.labels) + batch.num_requests) / rows
+    activations = (layout.num_layers - z - 1) * (6 * layout.hidden_size + 4 * layout.intermediate_size) * suffix * size
+    cache = 3 * layout.num_layers * 2 * kv_width * prefix * size
+    return int(activations + cache + 4 * 4 * vocab * read)
+
+
+def chunk_sequences(model: PreTrainedModel, layout: ModelLayout, batch: ValueBatch, z: int) -> int:
+    """Default bound on the sequences of one chunk: :data:`CHUNK_BYTES` for the device over :func:`sequence_bytes`."""
+    device = next(model.parameters()).device
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
+    return max(1, budget // max(1, sequence_bytes(model, layout, batch, z)))
 
 
 def value_chunks(batch: ValueBatch, max_sequences: int) -> list[list[int]]:
@@ -238,10 +268,9 @@ def optimize_values(model: PreTrainedModel, layout: ModelLayout, batch: ValueBat
     """Optimise all requests' value targets together (see the module docstring).
 
     ``progress`` shows a bar over optimiser steps × chunks; ``max_sequences`` bounds the sequences
-    of one chunk (default: :data:`CHUNK_SEQUENCES` for the model's device).
+    of one chunk (default: :func:`chunk_sequences`, from the device's :data:`CHUNK_BYTES`).
     """
-    device = next(model.parameters()).device
-    limit = max_sequences or CHUNK_SEQUENCES.get(device.type, CHUNK_SEQUENCES["cuda"])
+    limit = max_sequences or chunk_sequences(model, layout, batch, config.z_layer)
     chunks = value_chunks(batch, limit)
     per_chunk = max(config.v_num_grad_steps - 1, 0)
     with tqdm(total=per_chunk * len(chunks), desc=f"values ({batch.num_requests} requests)", unit="step",
