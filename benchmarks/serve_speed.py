@@ -11,7 +11,9 @@ ignored, so every engine generates the same count):
   ``base`` adapter of an engine with LoRA, which is how ``nse-hub serve`` answers base requests);
 - ``1 version``: every prompt on the latest chosen version;
 - ``N versions interleaved``: prompt *i* on version *i mod N* (PEFT: a mixed-adapter batch,
-  ``generate(adapter_names=…)``).
+  ``generate(adapter_names=…)``). An edit with fewer than N rounds adds copies of its versions under other
+  adapter names (recorded as ``copies``): the cost depends on how many adapters a batch holds and their
+  ranks, not on their values.
 
 Figures are generated tokens per second of wall time; the median of ``--repeats`` runs after one
 warm-up. vLLM runs offline (``vllm.LLM``, no HTTP), with ``enforce_eager`` unless ``--compile``.
@@ -24,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -112,7 +115,8 @@ def vllm_speeds(plan, adapters: dict[str, Path], versions: list[str], prompts: l
     results = {"base (no LoRA engine)": plain_engine_speed(LLM(model=plan.base_model, **common), prompts, params,
                                                            repeats)}
     gc.collect()
-    llm = VersionedLLM(plan, adapters, **common)
+    slots = len(adapters) + 1  # every adapter plus the spare slot, as nse-hub serve sets it
+    llm = VersionedLLM(plan, adapters, max_loras=slots, max_cpu_loras=slots, **common)
 
     def run(names: list[str]) -> int:
         outputs = llm.generate_outputs(prompts, names, max_tokens, ignore_eos=True)
@@ -144,14 +148,23 @@ def main() -> None:
 
     from nse_hub.serving import plan_serving, write_adapters
 
-    versions = [f"round-{k}" for k in range(1, args.versions + 1)]
-    plan = plan_serving(args.edit, ",".join(versions))
+    plan = plan_serving(args.edit, "all")
     adapters = write_adapters(plan, args.adapters_dir)
+    real = [v.name for v in plan.versions][-args.versions:]
+    copies = []
+    while len(real) + len(copies) < args.versions:  # fewer rounds than asked: the same weights, another name
+        source = real[len(copies) % len(real)]
+        name = f"{source}-copy{len(copies) + 1}"
+        shutil.copytree(adapters[source], Path(args.adapters_dir) / name, dirs_exist_ok=True)
+        adapters[name] = Path(args.adapters_dir) / name
+        copies.append(name)
+    versions = copies + real  # the last one is the latest real version: the "1 version" condition
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     results = {
         "settings": {"edit": args.edit, "base": plan.base_model, "versions": versions, "prompts": len(prompts),
                      "max_tokens": args.max_tokens, "repeats": args.repeats, "dtype": "float32",
                      "vllm_enforce_eager": not args.compile, "max_lora_rank": plan.max_lora_rank,
+                     "copies": copies,
                      "ranks": {v.name: v.rank for v in plan.versions}},
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch_threads": torch.get_num_threads(),
                     "python": sys.version.split()[0], "torch": torch.__version__, "vllm": vllm.__version__,

@@ -211,8 +211,9 @@ def _serve_python() -> Path | None:
         return None
 
 
+# Round 1 writes the first two facts, round 2 the third; the Louvre is a neighbour no round may change.
 SERVE_PROMPTS = ["The Eiffel Tower is located in the city of", "The mother tongue of Danielle Darrieux is",
-                 "The Louvre is located in the city of"]
+                 "The capital of Japan is", "The Louvre is located in the city of"]
 MAX_TOKENS = 8
 
 
@@ -319,4 +320,5 @@ def test_real_server_answers_each_version_like_peft(smollm2_edit: Path, tmp_path
         reference = expected[BASE_ADAPTER if model == plan.served_name else model][index]
         assert got[model, index] == reference, (model, SERVE_PROMPTS[index], tokenizer.decode(got[model, index]),
                                                 tokenizer.decode(reference))
-    assert any(got["round-2", i] != got[BASE_ADAPTER, i] for i in range(len(prompt_ids)))
+    assert got["round-1", 0] != got[BASE_ADAPTER, 0] and got["round-2", 2] != got["round-1", 2]
+    assert got["round-2", 3] == got[BASE_ADAPTER, 3]
