@@ -48,6 +48,66 @@ def figures(session: EditSession, requests: list, options: EvalOptions) -> dict[
     return {key: round(metrics[key], 1) for key in ("efficacy", "generalization", "specificity") if key in metrics}
 
 
+def phase_root(args, work: Path, common: list) -> None:
+    if (work / "root").is_dir():
+        return
+    print("round-1 (shared)", flush=True)
+    session = EditSession.from_pretrained(args.model, device=args.device)
+    session.edit(common, progress=False)  # includes the one-time statistics pass
+    session.save_pretrained(work / "root")
+
+
+def phase_linear(args, work: Path, edits_a: list, edits_b: list, options: EvalOptions) -> None:
+    """Branch A from round-1, then B's rounds on top of it: the linear history."""
+    session = EditSession.from_pretrained(str(work / "root"), device=args.device)
+    print("branch A", flush=True)
+    seconds_a = rounds(session, edits_a, args.batch)
+    session.save_pretrained(work / "branch-a")
+    part = {"branch_a": {"edits": figures(session, edits_a, options), "seconds": round(seconds_a, 1),
+                         "rounds": len(session.rounds)}}
+    print("B's rounds on top of A: the linear history", flush=True)
+    seconds_b_on_a = rounds(session, edits_b, args.batch)
+    session.save_pretrained(work / "linear")
+    part["linear"] = {"edits": figures(session, edits_a + edits_b, options),
+                      "seconds_b_rounds": round(seconds_b_on_a, 1), "rounds": len(session.rounds)}
+    (work / "linear.json").write_text(json.dumps(part, indent=2))
+
+
+def phase_branch_b(args, work: Path, edits_b: list, options: EvalOptions) -> None:
+    print("branch B from round-1", flush=True)
+    session = EditSession.from_pretrained(str(work / "root"), revision=None, round=1, device=args.device)
+    seconds_b = rounds(session, edits_b, args.batch)
+    session.save_pretrained(work / "branch-b")
+    part = {"branch_b": {"edits": figures(session, edits_b, options), "seconds": round(seconds_b, 1),
+                         "rounds": len(session.rounds)}}
+    (work / "branch-b.json").write_text(json.dumps(part, indent=2))
+
+
+def phase_merge(args, work: Path, requests: list, edits_a: list, edits_b: list, options: EvalOptions) -> dict:
+    print("merge B into A", flush=True)
+    merged = EditSession.from_pretrained(str(work / "branch-a"), device=args.device)
+    merged._prepare(progress=False)  # statistics and templates load once per session, as in B's own run
+    tic = time.perf_counter()
+    plan = merged.merge_history(read_version(str(work / "branch-b"), values=True))
+    merge_seconds = time.perf_counter() - tic
+    merged.save_pretrained(work / "merged")
+    linear = EditSession.from_pretrained(str(work / "linear"), device=args.device)
+    gap = 0.0
+    with torch.no_grad():
+        for r in edits_b[:8]:
+            ids = linear.tokenizer(r.text, return_tensors="pt").input_ids.to(linear.device)
+            gap = max(gap, (merged.model(input_ids=ids).logits - linear.model(input_ids=ids).logits).abs().max().item())
+    result = {**json.loads((work / "linear.json").read_text()), **json.loads((work / "branch-b.json").read_text())}
+    result["linear"]["all_with_round_1"] = figures(linear, requests, options)
+    result["merged"] = {"edits": figures(merged, edits_a + edits_b, options),
+                        "all_with_round_1": figures(merged, requests, options),
+                        "seconds": round(merge_seconds, 1), "plan": plan.to_dict(), "rounds": len(merged.rounds),
+                        "max_logit_gap_vs_linear": gap}
+    result["merge_speedup_vs_rerunning_b_on_a"] = round(result["linear"]["seconds_b_rounds"] / merge_seconds, 2)
+    result["merge_speedup_vs_b_own_rounds"] = round(result["branch_b"]["seconds"] / merge_seconds, 2)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -56,7 +116,9 @@ def main() -> None:
     parser.add_argument("--branch", type=int, default=50, help="edits per branch")
     parser.add_argument("--batch", type=int, default=25, help="edits per round on the branches")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--work", help="folder for the saved edits (default: a temporary one)")
+    parser.add_argument("--phase", choices=["all", "root", "linear", "branch-b", "merge"], default="all",
+                        help="run one phase (root first; linear and branch-b may run in parallel; merge last)")
+    parser.add_argument("--work", help="folder for the saved edits and partial results (default: a temporary one)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "history-merge.json"))
     args = parser.parse_args()
 
@@ -65,61 +127,29 @@ def main() -> None:
     common, edits_a, edits_b = (requests[:args.common], requests[args.common:args.common + args.branch],
                                 requests[args.common + args.branch:])
     options = EvalOptions(generation=False)
-    result: dict = {"settings": vars(args), "machine": f"{platform.processor() or platform.machine()}, "
-                    f"{torch.get_num_threads()} threads, shared with other jobs (timings are indicative)"}
-
-    print("round-1 (shared)", flush=True)
-    session = EditSession.from_pretrained(args.model, device=args.device)
-    session.edit(common, progress=False)  # includes the one-time statistics pass
-    session.save_pretrained(work / "root")
-
-    print("branch A, then B on top of it: the linear history", flush=True)
-    seconds_a = rounds(session, edits_a, args.batch)
-    session.save_pretrained(work / "linear")  # rounds 1..k of A: branch A is its version k
-    branch_a = len(session.rounds)
-    result["branch_a"] = {"edits": figures(session, edits_a, options), "seconds": round(seconds_a, 1)}
-    seconds_b_on_a = rounds(session, edits_b, args.batch)
-    session.save_pretrained(work / "linear")
-    result["linear"] = {"edits": figures(session, edits_a + edits_b, options),
-                        "all_with_round_1": figures(session, requests, options),
-                        "seconds_b_rounds": round(seconds_b_on_a, 1), "rounds": len(session.rounds)}
-    linear = session
-
-    print("branch B from round-1", flush=True)
-    session_b = EditSession.from_pretrained(str(work / "root"), revision=None, round=1, device=args.device)
-    seconds_b = rounds(session_b, edits_b, args.batch)
-    session_b.save_pretrained(work / "branch-b")
-    result["branch_b"] = {"edits": figures(session_b, edits_b, options), "seconds": round(seconds_b, 1)}
-    del session_b
-
-    print("merge B into A", flush=True)
-    merged = EditSession.from_pretrained(str(work / "linear"), round=branch_a, device=args.device)
-    merged._prepare(progress=False)  # statistics and templates are loaded once per session, as for B's run
-    tic = time.perf_counter()
-    theirs = read_version(str(work / "branch-b"), values=True)
-    plan = merged.merge_history(theirs)
-    merge_seconds = time.perf_counter() - tic
-    merged.save_pretrained(work / "merged")
-    gap = 0.0
-    with torch.no_grad():
-        for r in edits_b[:8]:
-            ids = linear.tokenizer(r.text, return_tensors="pt").input_ids.to(linear.device)
-            gap = max(gap, (merged.model(input_ids=ids).logits - linear.model(input_ids=ids).logits).abs().max().item())
-    result["merged"] = {"edits": figures(merged, edits_a + edits_b, options),
-                        "all_with_round_1": figures(merged, requests, options),
-                        "seconds": round(merge_seconds, 1), "plan": plan.to_dict(), "rounds": len(merged.rounds),
-                        "max_logit_gap_vs_linear": gap}
-    result["speedup_vs_rerun_on_a"] = round(seconds_b_on_a / merge_seconds, 2)
+    if args.phase in ("all", "root"):
+        phase_root(args, work, common)
+    if args.phase in ("all", "linear"):
+        phase_linear(args, work, edits_a, edits_b, options)
+    if args.phase in ("all", "branch-b"):
+        phase_branch_b(args, work, edits_b, options)
+    if args.phase not in ("all", "merge"):
+        return
+    result = phase_merge(args, work, requests, edits_a, edits_b, options)
+    result = {"settings": {k: v for k, v in vars(args).items() if k != "phase"},
+              "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, shared with other jobs "
+                         "(timings are indicative)", **result}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    rows = [("merged (B merged into A)", result["merged"]["edits"], f"{merge_seconds:.0f} s (merge)"),
-            ("linear (round-1, A, B)", result["linear"]["edits"], f"{seconds_b_on_a:.0f} s (B's rounds on A)"),
-            ("branch A alone (its 50)", result["branch_a"]["edits"], f"{seconds_a:.0f} s"),
-            ("branch B alone (its 50)", result["branch_b"]["edits"], f"{seconds_b:.0f} s")]
+    m, lin, a, b = result["merged"], result["linear"], result["branch_a"], result["branch_b"]
+    rows = [("merged (B merged into A)", 2 * args.branch, m["edits"], f"{m['seconds']:.0f} s (merge)"),
+            ("linear (round-1, A, B)", 2 * args.branch, lin["edits"],
+             f"{lin['seconds_b_rounds']:.0f} s (B's rounds on A)"),
+            ("branch A alone", args.branch, a["edits"], f"{a['seconds']:.0f} s"),
+            ("branch B alone", args.branch, b["edits"], f"{b['seconds']:.0f} s")]
     print("| version | edits | ES | PS | NS | time |\n|---|---|---|---|---|---|")
-    for name, f, t in rows:
-        n = 2 * args.branch if not name.startswith("branch") else args.branch
+    for name, n, f, t in rows:
         print(f"| {name} | {n} | {f.get('efficacy')} | {f.get('generalization')} | {f.get('specificity')} | {t} |")
     print(f"wrote {args.out}; saved edits in {work}")
 
