@@ -204,10 +204,18 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_history(args: argparse.Namespace) -> int:
+    from nse_hub.errors import ConfigError
     from nse_hub.evaluation import EvalOptions
     from nse_hub.history import merge_history
 
+    resolutions = {}
+    for item in args.resolve:
+        subject, _, side = item.rpartition("=")
+        if not subject or side not in ("ours", "theirs"):
+            raise ConfigError(f"--resolve expects SUBJECT=ours or SUBJECT=theirs, got {item!r}")
+        resolutions[subject] = side
     session, plan, evaluation = merge_history(args.a, args.b, args.out, prefer=args.prefer, evaluate=args.evaluate,
+                                              resolutions=resolutions,
                                               options=EvalOptions(generation=not args.no_generation),
                                               device=args.device, stats_repo=args.stats_repo)
     for c in plan.conflicts:
@@ -254,6 +262,8 @@ def _add_history_commands(sub: Any) -> None:
     merge.add_argument("b", help="theirs: a saved-edit folder or repo@revision")
     merge.add_argument("--out", required=True, help="folder to save the merged version to")
     merge.add_argument("--prefer", choices=["ours", "theirs"], help="resolve every conflict for this side")
+    merge.add_argument("--resolve", action="append", default=[], metavar="SUBJECT=SIDE",
+                       help="resolve the conflict on this subject for ours or theirs (repeatable; before --prefer)")
     merge.add_argument("--evaluate", action="store_true",
                        help="evaluate the merged version on the union of both branches' edits (final protocol)")
     merge.add_argument("--no-generation", action="store_true", help="skip the generation-based figures")

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -230,12 +231,13 @@ class EditSession:
     def _set_parent(self, name: str, folder: Path, revision: str | None, round: int | None) -> None:
         """Record the version this session was started from as its branch point, when one was chosen.
 
-        Resuming a saved edit at its head without naming a version continues that history (its lineage is
-        kept); naming one (``revision=``, ``round=``) starts a branch there, unless it is the head of a
-        history that already records its own branch point.
+        Resuming a saved edit at its head (no revision, or a branch such as ``main``) continues that history
+        (its lineage is kept); pinning a version (``round=`` below the head, a ``round-N`` tag or a commit)
+        starts a branch there, unless it is the head of a history that already records its own branch point.
         """
         saved = getattr(self, "_saved_rounds", len(self.rounds))
-        if round is None and revision is None:
+        pinned = revision is not None and bool(re.fullmatch(r"(.+/)?round-\d+|[0-9a-f]{40}", revision))
+        if not pinned and (round is None or round == saved):
             return
         if self.lineage.get("parent") and len(self.rounds) == saved and round is None:
             return  # the head of a branch, by its name: continue it

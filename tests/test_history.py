@@ -233,12 +233,15 @@ def test_merge_with_a_conflict_resolved_by_policy_loads_with_stock_peft(hub, mai
     with pytest.raises(HistoryConflictError, match="Ferrari F40") as error:
         merge_history("tester/merge@main", "tester/merge@customer-a", tmp_path / "never")
     assert len(error.value.conflicts) == 1 and not (tmp_path / "never").exists()
+    assert main(["merge-history", "tester/merge@main", "tester/merge@customer-a", "--out", str(tmp_path / "never"),
+                 "--resolve", "Ferrari F40"]) == 2  # SUBJECT=ours|theirs
 
     assert main(["merge-history", "tester/merge@main", "tester/merge@customer-a", "--out", str(tmp_path / "merged"),
                  "--prefer", "theirs", "--evaluate", "--no-generation", "--device", "cpu"]) == 0
     merged = EditSession.from_pretrained(str(tmp_path / "merged"), device="cpu")
     assert len(merged.rounds) == 4
     assert [r.request.target_new for r in merged.rounds[3].requests] == ["Apple", "Singapore"]
+    assert "parent" not in merged.lineage  # A was main's head: the merge continues main
     record = merged.lineage["merges"][0]
     assert record["ancestor"] == 1 and record["rounds"][0]["values"] == "reused"
     assert record["conflicts"][0]["resolution"] == "theirs"
