@@ -108,6 +108,17 @@ def test_conflicts_resolved_by_policy_and_per_conflict(tiny_session) -> None:
     assert [c.subject for c in error.value.conflicts] == ["Danielle Darrieux"]
 
 
+def test_only_nse_reuses_stored_values(tiny_session) -> None:
+    import dataclasses
+
+    ours = _version("ours", [[DARRIEUX]], session=tiny_session)
+    theirs = _version("theirs", [[REQUESTS[1]]], session=tiny_session)
+    assert plan_merge(ours, theirs).rounds[0].values is not None
+    for version in (ours, theirs):  # MEMIT and AlphaEdit compute values on the current weights
+        version.config = dataclasses.replace(version.config, method="alphaedit")
+    assert plan_merge(ours, theirs).rounds[0].values is None
+
+
 def test_rounds_already_merged_are_not_applied_twice(tiny_session) -> None:
     ours = _version("ours", [[DARRIEUX]], session=tiny_session)
     theirs = _version("theirs", [[REQUESTS[1]]], session=tiny_session)
