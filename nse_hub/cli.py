@@ -14,6 +14,9 @@ from typing import Any
 
 from rich.console import Console
 
+from nse_hub.config import METHODS
+from nse_hub.errors import ConfigError, NSEHubError
+
 # Tables stay readable in logs and pipes, where rich would fall back to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 140)
 
@@ -90,7 +93,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     reports = session.export_adapter(args.out, round=args.round, max_rank=args.max_rank)
     for r in reports:
         note = f", relative error {r.relative_error:.2e}" if r.stored_rank != r.stacked_rank else ""
-        console.print(f"{r.module}: rank {r.stacked_rank} → {r.stored_rank}{note}")
+        kind = " [yellow]lossy[/yellow]" if r.lossy else (" exact" if r.stored_rank != r.stacked_rank else "")
+        console.print(f"{r.module}: rank {r.stacked_rank} → {r.stored_rank}{kind}{note}")
+    if any(r.lossy for r in reports):
+        console.print("[yellow]The exported adapter approximates the edit (--max-rank); its card says so.[/yellow]")
     console.print(f"Wrote the version after round {args.round or len(session.rounds)} to {args.out}")
     return 0
 
@@ -108,9 +114,10 @@ def cmd_push(args: argparse.Namespace) -> int:
     from nse_hub import EditSession
 
     session = EditSession.from_pretrained(args.dir, device=args.device)
-    pushed = session.push_to_hub(args.repo_id, private=args.private, branch=args.branch)
+    pushed = session.push_to_hub(args.repo_id, private=args.private, revision=args.revision,
+                                 create_pr=args.create_pr, license=args.license, commit_message=args.commit_message)
     for p in pushed:
-        console.print(f"round {p.round}: commit {p.commit[:10]}, tag {p.tag}")
+        console.print(f"round {p.round}: commit {p.commit[:10]}, " + (f"tag {p.tag}" if p.tag else p.url))
     console.print(f"{args.repo_id} is at round {len(session.rounds)}" + ("" if pushed else " (nothing to push)"))
     return 0
 
@@ -149,7 +156,8 @@ def _print_evaluation(title: str, evaluation: Any) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from nse_hub import EditSession, load_requests
     from nse_hub.checkpoint import is_checkpoint
-    from nse_hub.evaluation import EvalOptions, evaluate_session, plot_curves, run_sequential, write_results
+    from nse_hub.evaluation import EvalOptions, evaluate_session
+    from nse_hub.sequential import plot_curves, run_sequential, write_results
 
     options = EvalOptions(generation=not args.no_generation, fluency_records=args.fluency_records, idf=args.idf)
     requests = load_requests(args.data, limit=args.limit, offset=args.offset,
@@ -165,12 +173,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             write_results(out / "results.json", evaluation, [], {"model": args.model, "data": args.data})
         if args.record:
             if not Path(args.model).is_dir():
-                raise ValueError(f"--record writes into a local saved edit; {args.model} is not a folder here")
-            session.save_pretrained(args.model)  # the card and session state now carry these figures
+                raise ConfigError(f"--record writes into a local saved edit; {args.model} is not a folder here")
+            session.save_card(args.model)  # only the card and session state change: a push commits just them
             console.print(f"Recorded the figures in {args.model}'s model card; `nse-hub push` publishes them")
         return 0
     if requests is None:
-        raise ValueError("--data is needed to edit a base model and evaluate the edits")
+        raise ConfigError("--data is needed to edit a base model and evaluate the edits")
     base = evaluate_session(session, requests, options=options, suite=args.suite, suite_examples=args.suite_examples)
     _print_evaluation("unedited", base)
     runs = []
@@ -299,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--requests", required=True, help="JSON/JSONL file (nse-hub, CounterFact or zsRE format)")
     edit.add_argument("--batch-size", type=int, default=10, help="edits per round (default 10)")
     edit.add_argument("--out", required=True, help="folder to save the session to (after every round)")
-    edit.add_argument("--method", choices=["nse", "memit"], default="nse")
+    edit.add_argument("--method", choices=METHODS, default="nse")
     edit.add_argument("--limit", type=int, help="use only this many requests")
     edit.add_argument("--offset", type=int, default=0, help="skip this many requests first")
     edit.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA if available)")
@@ -328,7 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("dir", help="a saved edit")
     push.add_argument("repo_id", help="namespace/name; created if missing")
     push.add_argument("--private", action="store_true", help="create the repository as private")
-    push.add_argument("--branch", default="main", help="push to this branch instead of main")
+    push.add_argument("--revision", "--branch", dest="revision", default=None,
+                      help="push to this branch instead of main (created if missing)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request with the new rounds instead")
+    push.add_argument("--license", help="license to publish under (required when the base model's is unknown)")
+    push.add_argument("--commit-message", help="commit title; {round} is replaced by the round")
     push.add_argument("--device")
     push.set_defaults(func=cmd_push)
 
@@ -359,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="requests to evaluate on (CounterFact, zsRE or nse-hub format)")
     evaluate.add_argument("--limit", type=int)
     evaluate.add_argument("--offset", type=int, default=0)
-    evaluate.add_argument("--methods", nargs="+", choices=["nse", "memit"], default=["nse"],
+    evaluate.add_argument("--methods", nargs="+", choices=METHODS, default=["nse"],
                           help="with a base model: the methods to run (default: nse)")
     evaluate.add_argument("--batch-size", type=int, default=10, help="edits per round (default 10)")
     evaluate.add_argument("--protocol", choices=["final", "running", "both"], default="both",
@@ -396,8 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError, PermissionError) as error:
-        console.print(f"[red]error:[/red] {error}")
+    except NSEHubError as error:  # bad input or state; anything else is a bug and keeps its traceback
+        console.print(f"[red]error:[/red] {error}", highlight=False)
         return 2
 
 
