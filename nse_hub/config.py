@@ -87,10 +87,11 @@ class EditConfig:
     seed: int = _setting(0, "Seeds the context templates and model-sampled corpora.")
     batch_size: int = _setting(64, "Sequences per forward pass outside the value optimisation.")
     nullspace_threshold: float = _setting(
-        0.01, "AlphaEdit: the null space is spanned by the eigenvectors of C whose eigenvalue is below this "
-        "multiple of C's median eigenvalue (1 keeps about half of the directions). Relative, so it carries over "
-        "between models and layers; the reference's absolute cutoff 2e-2 does not (on SmolLM2 it keeps 75–85 % "
-        "of the directions).")
+        2.0, "AlphaEdit: the null space is spanned by the eigenvectors of C whose eigenvalue is below this "
+        "multiple of C's median eigenvalue (1 keeps about half of the directions, 2 about three quarters on "
+        "SmolLM2). Relative, so it carries over between models and layers; the reference's absolute cutoff 2e-2 "
+        "does not (on SmolLM2 it keeps 75–87 % of the directions). On SmolLM2, 3 rounds of 10 CounterFact edits, "
+        "final ES/PS/NS: 100/93/73 at 2, 97/90/63 at 1, 87/83/67 at 0.5 (unedited 33/33/67).")
     L2: float = _setting(10.0, "AlphaEdit: the weight of ‖ΔW‖² in its objective (reference: 10).")
     norm_anchor: bool = _setting(
         False, "NAS norm anchoring (arXiv 2602.02543), any method: each value's MLP-output part is rescaled to "
