@@ -272,7 +272,7 @@ class EditSession:
         inputs = RoundInputs(self.model, self.tokenizer, self.layout, self.config, self.deltas, self.memory,
                              self._second_moments, self.context_templates)
         try:
-            outcome = run_round(inputs, parsed, optimize=self.value_optimizer, values=values)
+            outcome = run_round(inputs, parsed, optimize=self.value_optimizer, values=values, progress=progress)
         except BaseException:
             self.deltas.discard_round()
             raise

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from nse_hub.algorithm.batches import ValueBatch, build_key_batch, build_value_batch
+from nse_hub.algorithm.batches import build_key_batch, build_value_batch
 from nse_hub.algorithm.keys import KeyProbe
 from nse_hub.algorithm.update import (
     NullSpace,
@@ -147,7 +147,8 @@ def _keep_mask(config: EditConfig, residual: torch.Tensor, hidden_norm: torch.Te
     return (residual > config.alpha * scale) & (residual < config.upper_bound * scale)
 
 
-ValueOptimizer = Callable[[PreTrainedModel, ModelLayout, ValueBatch, EditConfig, int], ValueResult]
+# (model, layout, batch, config, pad token, *, progress=…) -> value targets
+ValueOptimizer = Callable[..., ValueResult]
 
 # NAS measures its anchor as a mean with the largest 5 % of norms left out.
 _ANCHOR_TRIM = 0.05
@@ -201,7 +202,8 @@ def _null_space(inputs: RoundInputs, layer: int) -> NullSpace:
 
 
 def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
-              optimize: ValueOptimizer = optimize_values, values: ValueResult | None = None) -> RoundOutcome:
+              optimize: ValueOptimizer = optimize_values, values: ValueResult | None = None,
+              progress: bool = False) -> RoundOutcome:
     """Write ``requests`` into the model as a pending round of ``inputs.deltas``.
 
     The caller commits the round (``deltas.commit_round()`` and ``memory.add_round(outcome.keys)``)
@@ -227,7 +229,7 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
             value_batch = build_value_batch(inputs.tokenizer, requests,
                                             [t for g in inputs.context_templates for t in g])
             with value_weights():
-                values = optimize(model, layout, value_batch, config, pad)
+                values = optimize(model, layout, value_batch, config, pad, progress=progress)
         elif values.targets.shape[0] != len(requests):
             raise ValueError(f"{values.targets.shape[0]} precomputed value targets for {len(requests)} requests")
     optimized = values
