@@ -75,6 +75,8 @@ class SessionMeta:
     adapter: dict[str, Any] = field(default_factory=dict)  # {"lossy": bool, "modules": [CompressionReport …]}
     # Where this history comes from: {"parent": {...}, "merges": [...]} (see nse_hub.lineage); {} for none.
     lineage: dict[str, Any] = field(default_factory=dict)
+    # What the engine measured once and must keep: {"norm_anchor": float} with NAS norm anchoring.
+    engine: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,12 +84,13 @@ class SessionMeta:
                 "base": asdict(self.base), "config": self.config.to_dict(),
                 "context_templates": self.context_templates, "stats": self.stats,
                 "evaluations": self.evaluations, "adapter": self.adapter,
-                **({"lineage": self.lineage} if self.lineage else {}), **self.extra}
+                **({"lineage": self.lineage} if self.lineage else {}),
+                **({"engine": self.engine} if self.engine else {}), **self.extra}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionMeta:
         known = {"format", "nse_hub_version", "rounds", "base", "config", "context_templates", "stats",
-                 "evaluations", "adapter", "lineage"}
+                 "evaluations", "adapter", "lineage", "engine"}
         saved_format = int(data.get("format", 1))
         if saved_format > FORMAT_VERSION:
             raise CheckpointError(f"this edit was saved in format {saved_format} by nse-hub "
@@ -100,7 +103,7 @@ class SessionMeta:
                    context_templates=data["context_templates"], stats=data["stats"], rounds=int(data["rounds"]),
                    nse_hub_version=data.get("nse_hub_version", ""), format=FORMAT_VERSION,
                    evaluations=dict(data.get("evaluations", {})), adapter=dict(data.get("adapter", {})),
-                   lineage=dict(data.get("lineage") or {}),
+                   lineage=dict(data.get("lineage") or {}), engine=dict(data.get("engine") or {}),
                    extra={k: v for k, v in data.items() if k not in known})
 
 

@@ -38,7 +38,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from nse_hub._version import __version__
 from nse_hub.adapters import CompressionReport, no_update, pack, save_adapter
 from nse_hub.algorithm import RoundInputs, generate_context_templates, optimize_values, run_round
-from nse_hub.algorithm.rounds import ValueOptimizer
+from nse_hub.algorithm.rounds import EngineState, ValueOptimizer
 from nse_hub.algorithm.values import ValueResult
 from nse_hub.architectures import ModelLayout
 from nse_hub.base import BaseModelInfo, check_base, describe_base
@@ -121,6 +121,8 @@ class EditSession:
         self._stats_sha256: dict[str, str] = {}
         self.base = base or describe_base(model, self.layout, self.deltas.original_sha256)
         self.evaluations: dict[int, list[Metric]] = {}
+        # What the engine derives once and keeps between rounds (AlphaEdit's null spaces, the NAS anchor).
+        self.engine = EngineState()
         self.lineage: dict[str, Any] = {}
         self._values: list[dict[str, torch.Tensor] | None] = []  # per round, its value targets when known
         self.stats_repo: str | None = None  # a Hub dataset repo sharing the second moments (see stats_hub)
@@ -216,6 +218,8 @@ class EditSession:
         session = cls(model, tokenizer, meta.config, base=meta.base)
         session.context_templates = meta.context_templates
         session._stats_sha256 = dict(meta.stats.get("sha256", {}))
+        if version:  # NAS: the anchor measured on the first round stays the session's
+            session.engine.norm_anchor = meta.engine.get("norm_anchor")
         session.evaluations = {int(v): [Metric(**m) for m in metrics]
                                for v, metrics in meta.evaluations.items() if int(v) <= version}
         session.lineage = _lineage_upto(meta.lineage, version)
@@ -270,7 +274,7 @@ class EditSession:
         before = self._measure(parsed)
         seconds["scoring"] = time.perf_counter() - tic
         inputs = RoundInputs(self.model, self.tokenizer, self.layout, self.config, self.deltas, self.memory,
-                             self._second_moments, self.context_templates)
+                             self._second_moments, self.context_templates, self.engine)
         try:
             outcome = run_round(inputs, parsed, optimize=self.value_optimizer, values=values, progress=progress)
         except BaseException:
@@ -302,6 +306,8 @@ class EditSession:
         self._values = self._values[:version]
         self.evaluations = {v: m for v, m in self.evaluations.items() if v <= version}
         self.lineage = _lineage_upto(self.lineage, version)
+        if version == 0:
+            self.engine.norm_anchor = None  # measured again on the next first round
 
     def merge(self, round: int | None = None) -> PreTrainedModel:
         """A standalone copy of the model with the deltas up to ``round`` (default: all) merged in:
@@ -509,7 +515,9 @@ class EditSession:
                    "modules": [dataclasses.asdict(r) for r in compression]}
         return SessionMeta(base=self.base, config=self.config, context_templates=self.context_templates,
                            stats=stats, rounds=version, nse_hub_version=__version__, evaluations=evaluations,
-                           adapter=adapter, lineage=_lineage_upto(self.lineage, version))
+                           adapter=adapter, lineage=_lineage_upto(self.lineage, version),
+                           engine={"norm_anchor": self.engine.norm_anchor}
+                           if self.engine.norm_anchor is not None and version else {})
 
     # --- history ----------------------------------------------------------------------------------------
 

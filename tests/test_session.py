@@ -221,3 +221,20 @@ def test_an_edit_from_a_newer_format_is_refused(tiny_dir: Path, tmp_path: Path) 
     state.write_text(state.read_text().replace('"format": 2', '"format": 99'))
     with pytest.raises(CheckpointError, match=r"format 99.*upgrade"):
         EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu")
+
+
+def test_a_resumed_session_keeps_its_nas_anchor(tiny_dir: Path, tmp_path: Path) -> None:
+    session = session_for(tiny_dir, method="memit_seq", norm_anchor=True)
+    session.edit(REQUESTS[:2], progress=False)
+    anchor = session.engine.norm_anchor
+    assert anchor is not None
+    session.save_pretrained(tmp_path / "saved")
+    resumed = EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu")
+    assert resumed.engine.norm_anchor == anchor  # not measured again on edited weights
+    resumed.edit(REQUESTS[2:3], progress=False)
+    session.edit(REQUESTS[2:3], progress=False)
+    for layer in (1, 2):
+        a, b = session.deltas.rounds[1][layer], resumed.deltas.rounds[1][layer]
+        assert torch.equal(a.B, b.B) and torch.equal(a.A, b.A)
+    resumed.rollback(0)
+    assert resumed.engine.norm_anchor is None

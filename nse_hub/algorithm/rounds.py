@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import math
 import time
-import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -107,23 +106,16 @@ class EngineState:
         null_spaces: AlphaEdit's null space of ``C`` per ``(layer, nullspace_threshold)``; derived
             from the second moments, so recomputed (one eigendecomposition per layer) when lost.
         norm_anchor: the NAS anchor norm, measured on the first round's values (original weights).
-            A resumed session should pass the one it recorded (``RoundOutcome.norm_anchor``).
+            The session owns this state and saves the anchor with it, so a resumed session keeps it.
     """
 
     null_spaces: dict[tuple[int, float], NullSpace] = field(default_factory=dict)
     norm_anchor: float | None = None
 
 
-# One state per session: keyed by the session's WeightDeltas, which lives exactly as long as it.
-_STATES: weakref.WeakKeyDictionary[WeightDeltas, EngineState] = weakref.WeakKeyDictionary()
-
-
 @dataclass
 class RoundInputs:
-    """What a round needs besides its requests (the session owns all of it).
-
-    ``state`` defaults to the one kept for ``deltas`` (that is, for the session).
-    """
+    """What a round needs besides its requests (the session owns all of it, ``state`` included)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -133,11 +125,7 @@ class RoundInputs:
     memory: KeyMemory
     second_moments: dict[int, torch.Tensor]
     context_templates: list[list[str]]
-    state: EngineState | None = None
-
-    def __post_init__(self) -> None:
-        if self.state is None:
-            self.state = _STATES.setdefault(self.deltas, EngineState())
+    state: EngineState = field(default_factory=EngineState)
 
 
 def _keep_mask(config: EditConfig, residual: torch.Tensor, hidden_norm: torch.Tensor) -> torch.Tensor:
