@@ -70,6 +70,7 @@ class RequestReport:
     nll_new_after: float | None = None
     nll_true_before: float | None = None
     nll_true_after: float | None = None
+    norm_skipped: bool = False  # NAS norm anchoring left this request unwritten (its value norm was too large)
 
     def success(self, after: bool = True) -> bool | None:
         """Whether the new target beats the true one on the rewrite prompt (``None`` without a true target)."""
@@ -119,6 +120,8 @@ class RoundReport:
         seconds: wall-clock seconds per phase (``stats``, ``templates``, ``values``, ``keys``, ``solve``,
             ``scoring``) and ``total``.
         created: when the round was made (ISO 8601, UTC).
+        nullspace_dims: AlphaEdit: per edit layer, the dimensions of ``C``'s null space the update used.
+        norm_anchor: with NAS norm anchoring: the anchor norm the values were rescaled to.
     """
 
     round: int
@@ -127,6 +130,8 @@ class RoundReport:
     selected_neurons: dict[int, list[int]]
     seconds: dict[str, float]
     created: str = ""
+    nullspace_dims: dict[int, int] = field(default_factory=dict)
+    norm_anchor: float | None = None
 
     def metrics(self, after: bool = True) -> dict[str, float]:
         """This round's edit metrics (×100) on its own requests, before or after it."""
@@ -161,6 +166,7 @@ class RoundReport:
         for r, raw in zip(self.requests, data["requests"]):
             raw["request"] = r.request.to_dict()
         data["selected_neurons"] = {str(k): v for k, v in self.selected_neurons.items()}
+        data["nullspace_dims"] = {str(k): v for k, v in self.nullspace_dims.items()}
         return data
 
     @classmethod
@@ -174,7 +180,9 @@ class RoundReport:
             requests.append(RequestReport(**_known(RequestReport, raw)))
         return cls(round=data["round"], method=data["method"], requests=requests,
                    selected_neurons={int(k): v for k, v in data["selected_neurons"].items()},
-                   seconds=data["seconds"], created=data.get("created", ""))
+                   seconds=data["seconds"], created=data.get("created", ""),
+                   nullspace_dims={int(k): v for k, v in data.get("nullspace_dims", {}).items()},
+                   norm_anchor=data.get("norm_anchor"))
 
 
 def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +231,7 @@ def request_report(request: EditRequest, before: ProbeScores, after: ProbeScores
         residual_before=outcome.residual_before[i], residual_after=outcome.residual_after[i],
         value_loss=outcome.values.loss[i], value_steps=outcome.values.steps[i],
         edited_in_passes=[kept[i] for kept in outcome.kept],
+        norm_skipped=bool(outcome.norm_skipped[i]) if outcome.norm_skipped else False,
         paraphrases=_probes("paraphrase", request.paraphrases, [request.target_true or ""] * len(request.paraphrases),
                             "paraphrase_true", "paraphrase_new", before, after),
         neighbors=_probes("neighborhood", [n.prompt for n in request.neighbors],

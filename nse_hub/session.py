@@ -291,6 +291,7 @@ class EditSession:
             round=len(self.rounds) + 1, method=self.config.method,
             requests=[request_report(r, before[i], after[i], outcome, i) for i, r in enumerate(parsed)],
             selected_neurons=outcome.selected_neurons, seconds={k: round(v, 3) for k, v in seconds.items()},
+            nullspace_dims=outcome.nullspace_dims, norm_anchor=outcome.norm_anchor,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         self.rounds.append(report)
