@@ -70,14 +70,6 @@ class MemorySampler:
             self.sample()
 
 
-def _efficacy(report) -> float | None:
-    metrics = report.metrics() if hasattr(report, "metrics") else {}
-    value = metrics.get("efficacy") if isinstance(metrics, dict) else None
-    if value is not None:
-        return value / 100 if value > 1 else value
-    return report.efficacy() if hasattr(report, "efficacy") else None
-
-
 def child(implementation: str, model: str, data: Path, edits: int, batch: int) -> dict:
     from nse_hub import EditSession, load_requests
     from nse_hub.algorithm import optimize_values, optimize_values_reference
@@ -107,7 +99,7 @@ def child(implementation: str, model: str, data: Path, edits: int, batch: int) -
             report = session.edit(requests[start:start + batch], progress=False)
             memory.sample()
             per_round.append({phase: report.seconds.get(phase, 0.0) for phase in (*PHASES, "stats")}
-                             | {"edits": len(report.requests), "efficacy": _efficacy(report),
+                             | {"edits": len(report.requests), "efficacy": report.metrics().get("efficacy"),
                                 "value_steps": sum(r.value_steps for r in report.requests)})
     n = sum(r["edits"] for r in per_round)
     per_edit = {phase: sum(r[phase] for r in per_round) / n for phase in PHASES if phase != "templates"}

@@ -85,7 +85,7 @@ def test_rounds_write_the_facts(session: EditSession) -> None:
     assert session.config.preset == "smollm2-135m"
     for report in session.rounds:
         assert all(r.p_new_after > r.p_new_before for r in report.requests)
-        assert report.efficacy(after=True) == 1.0
+        assert report.metrics(after=True)["efficacy"] == 100.0
     first = session.rounds[0].requests[0]
     assert first.p_new_before < 0.1 < 0.5 < first.p_new_after  # Danielle Darrieux: French → English
     ids = session.tokenizer(PROMPT, return_tensors="pt")
