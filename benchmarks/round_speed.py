@@ -137,7 +137,7 @@ def table(results: list[dict]) -> str:
         peak = " / ".join(f"{peaks[k]:.0f}" if k in peaks else "–" for k in ("values", "rest of round"))
         lines.append(f"| {r['implementation']} | {r['batch']} | {len(r['rounds'])} | {e['values']:.2f} | "
                      f"{e['keys']:.2f} | {e['solve']:.3f} | {e['scoring']:.2f} | {e['total']:.2f} | "
-                     f"{r['value_steps_per_edit']:.1f} | {100 * r['efficacy']:.0f} % | "
+                     f"{r['value_steps_per_edit']:.1f} | {r['efficacy']:.0f} % | "
                      f"{r['peak_rss_mib']:.0f} / {peak} |")
     return "\n".join(lines)
 
