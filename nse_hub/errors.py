@@ -71,6 +71,10 @@ class RepoIdError(NSEHubError, ValueError):
     """A Hub repository id that the Hub would refuse."""
 
 
+class ServeError(NSEHubError, ValueError):
+    """A version that cannot be served as asked, or no serving environment; says what to do."""
+
+
 class UnknownModelError(NSEHubError, KeyError):
     """A short model name that is not one of nse-hub's embedded models."""
 
@@ -115,6 +119,7 @@ __all__ = [
     "NSEHubError",
     "RepoIdError",
     "RequestError",
+    "ServeError",
     "SingularSystemError",
     "StatisticsError",
     "UnknownModelError",

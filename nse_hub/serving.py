@@ -41,7 +41,7 @@ from nse_hub.adapters import CompressionReport, no_update, pack, read_adapter, s
 from nse_hub.architectures import ModelLayout
 from nse_hub.checkpoint import SessionMeta, is_checkpoint, read_meta, round_dir
 from nse_hub.deltas import Factors
-from nse_hub.errors import NSEHubError, VersionNotFoundError
+from nse_hub.errors import ServeError, VersionNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ SERVE_PYTHON_ENV = "NSE_HUB_SERVE_PYTHON"
 SERVE_VENV = ".venv-serve"
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 LOSSLESS_ERROR = 1e-5  # relative errors below this are float32 rounding of an exact re-factorisation
-
-
-class ServeError(NSEHubError, ValueError):
-    """A version that cannot be served as asked, or no serving environment; says what to do."""
 
 
 @dataclass(frozen=True)
