@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +63,9 @@ class EvalOptions:
         idf: folder with ROME's ``idf.npy`` and ``tfidf_vocab.json`` for consistency (comparable
             with the papers); without it, the IDF comes from the texts being compared.
         batch_size: sequences per forward pass.
+        generator: greedy generation at serving speed: ``generator(prompts, max_new_tokens) -> texts`` for
+            the model being evaluated, e.g. ``VersionedLLM.generator("round-3")`` of :mod:`nse_hub.serving`
+            in the serving environment (vLLM). Default: ``transformers`` ``generate`` on the session's model.
     """
 
     generation: bool = True
@@ -71,6 +74,7 @@ class EvalOptions:
     fluency_tokens: int = 100
     idf: str | Path | None = None
     batch_size: int = 32
+    generator: Callable[[Sequence[str], int], list[str]] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -134,7 +138,7 @@ def measure_requests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 def _add_generations(inputs: dict[str, list], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      requests: Sequence[EditRequest], options: EvalOptions) -> None:
     prompts = [p for r in requests for p in (r.text, *r.paraphrases)]
-    outputs = iter(generate_greedy(model, tokenizer, prompts, options.generation_tokens, options.batch_size))
+    outputs = iter(_generate(model, tokenizer, prompts, options.generation_tokens, options))
     rewrite, paraphrase = [], []
     for r in requests:
         rewrite.append([next(outputs)])
@@ -148,7 +152,7 @@ def _add_fluency(inputs: dict[str, list], model: PreTrainedModel, tokenizer: Pre
     chosen = requests[: options.fluency_records]
     prompt_lists = [list(r.generation_prompts or (r.text, *r.paraphrases)) for r in chosen]
     flat = [p for prompts in prompt_lists for p in prompts]
-    outputs = iter(generate_greedy(model, tokenizer, flat, options.fluency_tokens, options.batch_size))
+    outputs = iter(_generate(model, tokenizer, flat, options.fluency_tokens, options))
     generations: list[list[str] | None] = [[next(outputs) for _ in prompts] for prompts in prompt_lists]
     generations += [None] * (len(requests) - len(chosen))
     inputs["fluency_generations"] = generations
@@ -156,6 +160,13 @@ def _add_fluency(inputs: dict[str, list], model: PreTrainedModel, tokenizer: Pre
         inputs["consistency_generations"] = [g if r.reference_snippets else None
                                              for g, r in zip(generations, requests)]
         inputs["reference_snippets"] = [list(r.reference_snippets) or None for r in requests]
+
+
+def _generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int,
+              options: EvalOptions) -> list[str]:
+    if options.generator is not None:
+        return list(options.generator(prompts, max_new_tokens))
+    return generate_greedy(model, tokenizer, prompts, max_new_tokens, options.batch_size)
 
 
 def read_idf(folder: str | Path) -> dict[str, float]:

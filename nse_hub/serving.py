@@ -439,6 +439,12 @@ class VersionedLLM:
         plan = plan_serving(source, versions, max_rank=max_rank)
         return cls(plan, write_adapters(plan, adapters_dir), **llm_kwargs)
 
+    def generator(self, version: str) -> Callable[[Sequence[str], int], list[str]]:
+        """Greedy generation of one version, as the evaluation harness takes it (``EvalOptions(generator=…)``)."""
+        if version not in self.requests:
+            raise ServeError(f"unknown version {version!r}; this engine serves {sorted(self.requests)}")
+        return lambda prompts, max_new_tokens: self.generate(list(prompts), [version] * len(prompts), max_new_tokens)
+
     def generate(self, prompts: Sequence[str | Sequence[int]], versions: Sequence[str], max_tokens: int = 16,
                  **sampling: Any) -> list[str]:
         """Greedy (by default) continuations, one per prompt, each from its version; one batch."""

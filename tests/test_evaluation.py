@@ -1,5 +1,6 @@
 """The evaluation harness on tiny models: metrics through the evaluate module, protocols, suite, plots."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -233,3 +234,27 @@ def test_cli_eval_of_a_base_model(tiny_dir: Path, tmp_path: Path, suite: Path) -
     assert "final protocol" in card.text
     recorded = {r.metric_type for r in card.data.eval_results}
     assert "efficacy" in recorded and not any("generation" in metric for metric in recorded)
+
+
+def test_generations_can_come_from_another_engine(tiny_dir: Path, tmp_path: Path) -> None:
+    """EvalOptions(generator=…): here stock PEFT on the saved version, as VersionedLLM does with vLLM."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nse_hub.scoring import generate_greedy
+
+    session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    session.edit(REQUESTS[:2], progress=False)
+    session.save_pretrained(tmp_path / "saved")
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(tmp_path / "saved")).eval()
+    calls = []
+
+    def peft_generator(prompts, max_new_tokens):
+        calls.append(len(prompts))
+        return generate_greedy(stock, session.tokenizer, prompts, max_new_tokens)
+
+    options = EvalOptions(generation_tokens=3, fluency_records=1, fluency_tokens=6)
+    default = evaluate_session(session, options=options, record=False)
+    served = evaluate_session(session, options=dataclasses.replace(options, generator=peft_generator), record=False)
+    assert calls == [4, 2]  # rewrite + paraphrase of both records, then the first record's fluency prompts
+    assert served.metrics == pytest.approx(default.metrics)
