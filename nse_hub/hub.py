@@ -28,8 +28,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from nse_hub.checkpoint import REPORT_FILE, SESSION_FILE, round_dir
+from nse_hub.checkpoint import REPORT_FILE, SESSION_FILE, is_checkpoint, round_dir
 from nse_hub.errors import HubError, RepoIdError, VersionNotFoundError
+from nse_hub.models import is_embedded
 
 logger = logging.getLogger(__name__)
 
@@ -244,3 +245,14 @@ def download_saved_edit(repo_id: str, revision: str | None = None, token: str | 
             return None  # a gated or private plain model: let transformers report it
         raise _explain(error, "read", repo_id) from error
     return Path(snapshot_download(repo_id, revision=revision, token=token))
+
+
+def locate_saved_edit(name: str | Path, revision: str | None = None, token: str | bool | None = None) -> Path | None:
+    """The local folder of a saved edit named ``name`` (a folder, or a Hub repo, downloaded); ``None`` if it is
+    something else (a plain model folder or id, an embedded model's name)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path if is_checkpoint(path) else None
+    if is_embedded(str(name)) or path.exists():
+        return None
+    return download_saved_edit(str(name), revision, token)

@@ -39,9 +39,10 @@ from typing import Any
 
 from nse_hub.adapters import CompressionReport, no_update, pack, read_adapter, save_adapter
 from nse_hub.architectures import ModelLayout
-from nse_hub.checkpoint import SessionMeta, is_checkpoint, read_meta, round_dir
+from nse_hub.checkpoint import SessionMeta, read_meta, round_dir
 from nse_hub.deltas import Factors
 from nse_hub.errors import ServeError, VersionNotFoundError
+from nse_hub.hub import locate_saved_edit
 
 logger = logging.getLogger(__name__)
 
@@ -203,16 +204,13 @@ def fit_version(name: str, round: int, layout: ModelLayout, factors: Mapping[int
 # --- reading versions from a saved edit -------------------------------------------------------------
 
 
-def locate_saved_edit(source: str | os.PathLike[str], revision: str | None = None) -> Path:
-    """The local folder of a saved edit: ``source`` itself, or a Hub repo's snapshot.
+def saved_edit_folder(source: str | os.PathLike[str], revision: str | None = None) -> Path:
+    """The local folder of a saved edit (``source`` itself, or a Hub repo's snapshot).
 
     Raises:
         ServeError: ``source`` is neither.
     """
-    from nse_hub.hub import download_saved_edit
-
-    path = Path(source).expanduser()
-    folder = (path if is_checkpoint(path) else None) if path.exists() else download_saved_edit(str(source), revision)
+    folder = locate_saved_edit(source, revision)
     if folder is None:
         raise ServeError(f"{source} is not a saved nse-hub edit (a folder with nse_session/session.json, "
                          "or a Hub repo pushed by nse-hub)")
@@ -273,7 +271,7 @@ def plan_serving(source: str | os.PathLike[str], versions: str | None = "all", *
         ServeError: an unknown version, a rank vLLM cannot serve, or an invalid ``max_rank``.
     """
     check_max_rank(max_rank)
-    folder = locate_saved_edit(source, revision)
+    folder = saved_edit_folder(source, revision)
     meta = read_meta(folder)
     rounds = parse_versions(versions, meta.rounds)
     base = resolve_base(meta, base_model)

@@ -47,7 +47,6 @@ from nse_hub.checkpoint import (
     CARD_FILE,
     RoundData,
     SessionMeta,
-    is_checkpoint,
     read_meta,
     read_round,
     write_checkpoint,
@@ -57,7 +56,7 @@ from nse_hub.config import EditConfig, make_config
 from nse_hub.deltas import KeyMemory, WeightDeltas
 from nse_hub.errors import ConfigError, LicenseRequiredError, VersionNotFoundError
 from nse_hub.fingerprint import model_sha256
-from nse_hub.hub import PushedRound, PushOptions, download_saved_edit, push_versions, tag_name
+from nse_hub.hub import PushedRound, PushOptions, locate_saved_edit, push_versions, tag_name
 from nse_hub.io import atomic_write_text
 from nse_hub.lineage import HistoryDiff, MergePlan, Side, Version, diff_versions, plan_merge, probe_diff, report_digest
 from nse_hub.loading import hidden_rms, load_base_model
@@ -170,7 +169,7 @@ class EditSession:
             BaseModelMismatchError: ``base_model`` is not the model the edit was made on.
         """
         if isinstance(model_or_name, str):
-            saved = _locate_saved_edit(model_or_name, revision, token)
+            saved = locate_saved_edit(model_or_name, revision, token)
             if saved is not None:
                 session = cls._resume(saved, method=method, tokenizer=tokenizer, round=round,
                                       base_model=base_model, device=device, dtype=dtype, token=token,
@@ -625,13 +624,3 @@ def _lineage_upto(lineage: dict[str, Any], version: int) -> dict[str, Any]:
     else:
         out.pop("merges", None)
     return out
-
-
-def _locate_saved_edit(name: str, revision: str | None, token: str | bool | None) -> Path | None:
-    """A local folder holding a saved edit, downloaded from the Hub if ``name`` is such a repo."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path if is_checkpoint(path) else None
-    if is_embedded(name) or path.exists():
-        return None
-    return download_saved_edit(name, revision, token)
