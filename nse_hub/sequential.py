@@ -14,10 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from nse_hub.checkpoint import is_checkpoint
 from nse_hub.errors import CheckpointError
@@ -41,17 +44,26 @@ class SequentialRun:
     curve: list[Evaluation]
     final: Evaluation | None
     round_seconds: list[dict[str, float]]
+    devices: list[str] = dataclasses.field(default_factory=list)  # where its rounds ran, in order of use
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "batch": self.batch, "curve": [e.to_dict() for e in self.curve],
-                "final": self.final.to_dict() if self.final else None, "round_seconds": self.round_seconds}
+                "final": self.final.to_dict() if self.final else None, "round_seconds": self.round_seconds,
+                "devices": self.devices}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SequentialRun:
         return cls(method=data["method"], batch=int(data["batch"]),
                    curve=[Evaluation(**e) for e in data["curve"]],
                    final=Evaluation(**data["final"]) if data.get("final") else None,
-                   round_seconds=list(data["round_seconds"]))
+                   round_seconds=list(data["round_seconds"]), devices=list(data.get("devices", [])))
+
+
+def describe_device(device: torch.device) -> str:
+    """The device a run's timings were taken on, in words (GPU name, or CPU threads), with torch's version."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda, torch {torch.__version__})"
+    return f"cpu, {torch.get_num_threads()} threads of {os.cpu_count()} cores (torch {torch.__version__})"
 
 
 def resume_session(model: str, state_dir: str | Path | None, **kwargs: Any) -> EditSession:
@@ -89,6 +101,8 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
     """
     state = Path(state_dir) if state_dir else None
     run = _load_run(state, session, requests, batch)
+    if not run.devices or run.devices[-1] != describe_device(session.device):
+        run.devices.append(describe_device(session.device))
     running_options = dataclasses.replace(options or EvalOptions(), fluency_records=0)
     rounds = (len(requests) + batch - 1) // batch
     for index in range(len(session.rounds), rounds):
@@ -134,15 +148,18 @@ def _load_run(state: Path | None, session: EditSession, requests: Sequence[EditR
 
 
 def plot_curves(runs: Sequence[SequentialRun], path: str | Path, base: Evaluation | None = None,
-                metrics: Sequence[str] = ("efficacy", "generalization", "specificity", "efficacy_generation")
-                ) -> Path:
-    """A PNG with one panel per metric against the number of edits (running protocol), one line per run."""
+                metrics: Sequence[str] = ("efficacy", "generalization", "specificity", "efficacy_generation"),
+                labels: Sequence[str] | None = None) -> Path:
+    """A PNG with one panel per metric against the number of edits (running protocol), one line per run.
+
+    ``labels`` name the runs in the legend (default: each run's method in capitals).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure = curve_figure(runs, base, metrics)
+    figure = curve_figure(runs, base, metrics, labels)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -152,16 +169,18 @@ def plot_curves(runs: Sequence[SequentialRun], path: str | Path, base: Evaluatio
 
 def curve_figure(runs: Sequence[SequentialRun], base: Evaluation | None = None,
                  metrics: Sequence[str] = ("efficacy", "generalization", "specificity", "efficacy_generation"),
-                 ) -> Any:
+                 labels: Sequence[str] | None = None) -> Any:
     """The matplotlib figure of :func:`plot_curves` (its axes hold the plotted data, for tests and notebooks)."""
     import matplotlib.pyplot as plt
 
+    if labels is not None and len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs: give one label per run, or none")
     shown = [m for m in metrics if any(m in e.metrics for run in runs for e in run.curve)]
     figure, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.2 * max(1, len(shown)), 3.6), squeeze=False)
     for axis, metric in zip(axes[0], shown):
-        for run in runs:
+        for run, label in zip(runs, labels or [run.method.upper() for run in runs]):
             points = [(e.edits, e.metrics[metric]) for e in run.curve if metric in e.metrics]
-            axis.plot(*zip(*points), marker="o", markersize=3, label=run.method.upper())
+            axis.plot(*zip(*points), marker="o", markersize=3, label=label)
         if base is not None and metric in base.metrics:
             axis.axhline(base.metrics[metric], color="grey", linestyle="--", linewidth=1, label="unedited")
         axis.set_title(METRIC_NAMES.get(metric, metric))

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,8 @@ def test_sequential_run_and_plot(tiny_dir: Path, tmp_path: Path) -> None:
     run = run_sequential(session, REQUESTS, batch=2, options=EvalOptions(generation_tokens=3))
     assert [e.edits for e in run.curve] == [2, 4] and {e.protocol for e in run.curve} == {"running"}
     assert run.final.protocol == "final" and run.final.edits == 4 and len(run.round_seconds) == 2
+    threads = torch.get_num_threads()
+    assert run.devices == [f"cpu, {threads} threads of {os.cpu_count()} cores (torch {torch.__version__})"]
     path = plot_curves([run], tmp_path / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     figure = curve_figure([run])
@@ -163,6 +166,10 @@ def test_sequential_run_and_plot(tiny_dir: Path, tmp_path: Path) -> None:
     (line,) = panels["Efficacy"].get_lines()
     assert list(line.get_xdata()) == [2, 4]
     assert list(line.get_ydata()) == [e.metrics["efficacy"] for e in run.curve]
+    labelled = curve_figure([run, run], labels=["NSE", "NSE + NAS"])
+    assert [line.get_label() for line in labelled.axes[0].get_lines()] == ["NSE", "NSE + NAS"]
+    with pytest.raises(ValueError, match="one label per run"):
+        curve_figure([run], labels=["a", "b"])
 
 
 def test_an_interrupted_run_resumes_from_its_state(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
