@@ -176,7 +176,7 @@ def curve_figure(runs: Sequence[SequentialRun], base: Evaluation | None = None,
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs: give one label per run, or none")
     shown = [m for m in metrics if any(m in e.metrics for run in runs for e in run.curve)]
-    figure, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.2 * max(1, len(shown)), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.2 * max(1, len(shown)), 4.0), squeeze=False)
     for axis, metric in zip(axes[0], shown):
         for run, label in zip(runs, labels or [run.method.upper() for run in runs]):
             points = [(e.edits, e.metrics[metric]) for e in run.curve if metric in e.metrics]
@@ -188,9 +188,10 @@ def curve_figure(runs: Sequence[SequentialRun], base: Evaluation | None = None,
         axis.set_ylim(0, 100)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("%")
-    if shown:
-        axes[0][-1].legend(loc="lower left")
-    figure.tight_layout()
+    if shown:  # one legend below the panels, where it hides no line
+        handles, names = axes[0][-1].get_legend_handles_labels()
+        figure.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     return figure
 
 
