@@ -212,7 +212,6 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_history(args: argparse.Namespace) -> int:
-    from nse_hub.errors import ConfigError
     from nse_hub.evaluation import EvalOptions
     from nse_hub.history import merge_history
 

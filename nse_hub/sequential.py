@@ -101,8 +101,9 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
     """
     state = Path(state_dir) if state_dir else None
     run = _load_run(state, session, requests, batch)
-    if not run.devices or run.devices[-1] != describe_device(session.device):
-        run.devices.append(describe_device(session.device))
+    device = describe_device(session.device)
+    if run.devices[-1:] != [device]:
+        run.devices.append(device)
     running_options = dataclasses.replace(options or EvalOptions(), fluency_records=0)
     rounds = (len(requests) + batch - 1) // batch
     for index in range(len(session.rounds), rounds):

@@ -124,7 +124,7 @@ def test_alphaedit_round_writes_an_exact_low_rank_delta_in_the_null_space() -> N
         assert float((delta @ top).norm()) < 1e-4 * float(delta.norm())
     # the null space is computed once per session (kept in the engine state the session owns)
     cached = dict(inputs.state.null_spaces)
-    again = engine_round(RoundInputs(**{**vars(inputs), "state": inputs.state}), REQUESTS[2:3])
+    again = engine_round(RoundInputs(**vars(inputs)), REQUESTS[2:3])
     assert again.nullspace_dims == outcome.nullspace_dims
     assert all(inputs.state.null_spaces[key] is space for key, space in cached.items())
 
@@ -171,7 +171,7 @@ def test_norm_anchor_is_measured_once_and_skips_are_not_written() -> None:
     assert first.norm_anchor == pytest.approx(sum(first.value_norms) / 2)
     written = first.values.targets - first.values.hidden  # v* rescaled to the anchor, v₀ taken out again
     assert bool((written.norm(dim=1) > 0).all())
-    second = engine_round(RoundInputs(**{**vars(inputs), "state": inputs.state}), REQUESTS[2:3])
+    second = engine_round(RoundInputs(**vars(inputs)), REQUESTS[2:3])
     assert second.norm_anchor == first.norm_anchor  # anchored to the first round (original weights)
     resumed = engine_round(RoundInputs(**{**vars(inputs), "state": EngineState(norm_anchor=3.0)}), REQUESTS[:1])
     assert resumed.norm_anchor == 3.0
