@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 SESSION_DIR = "session"
+FINAL_ONLY_METRICS = ("fluency", "consistency")  # measured on generations only the final protocol makes
 
 
 @dataclass
@@ -90,7 +91,8 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
         requests: all edits of the run, in order.
         batch: edits per round.
         running: measure the running curve.
-        running_every: rounds between running evaluations (the last round is always measured).
+        running_every: rounds between running evaluations (the last round is always measured: its point is
+            read off the final evaluation, which covers the same edits).
         options: what to measure besides teacher-forced comparisons (fluency only in the final protocol).
         suite, suite_examples: the general-ability suite for the final evaluation.
         progress: progress bars inside each round.
@@ -110,7 +112,8 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
         start = index * batch
         report = session.edit(requests[start:start + batch], progress=progress)
         run.round_seconds.append(report.seconds)
-        if running and ((index + 1) % running_every == 0 or index + 1 == rounds):
+        # The last round's point is read off the final evaluation below, which measures the same edits.
+        if running and (index + 1) % running_every == 0 and index + 1 < rounds:
             run.curve.append(evaluate_session(session, requests[: start + batch], protocol="running",
                                               options=running_options, record=False))
         if state is not None:
@@ -120,10 +123,18 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
     if run.final is None:
         run.final = evaluate_session(session, requests, protocol="final", options=options, suite=suite,
                                      suite_examples=suite_examples)
+        if running and (not run.curve or run.curve[-1].edits < len(requests)):
+            run.curve.append(running_point(run.final))
         if state is not None:
             session.save_card(state / SESSION_DIR)
             atomic_write_json(state / RUN_FILE, run.to_dict())
     return run
+
+
+def running_point(final: Evaluation) -> Evaluation:
+    """The running protocol's figures inside a final evaluation of the same model and edits (no fluency, no suite)."""
+    metrics = {key: value for key, value in final.metrics.items() if key not in FINAL_ONLY_METRICS}
+    return dataclasses.replace(final, protocol="running", metrics=metrics, general={})
 
 
 def _load_run(state: Path | None, session: EditSession, requests: Sequence[EditRequest],

@@ -153,8 +153,11 @@ def test_final_evaluation_flows_into_the_card(tiny_dir: Path) -> None:
 
 def test_sequential_run_and_plot(tiny_dir: Path, tmp_path: Path) -> None:
     session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
-    run = run_sequential(session, REQUESTS, batch=2, options=EvalOptions(generation_tokens=3))
+    options = EvalOptions(generation_tokens=3, fluency_records=1, fluency_tokens=4)
+    run = run_sequential(session, REQUESTS, batch=2, options=options)
     assert [e.edits for e in run.curve] == [2, 4] and {e.protocol for e in run.curve} == {"running"}
+    assert "fluency" in run.final.metrics and "fluency" not in run.curve[-1].metrics
+    assert run.curve[-1].metrics == {k: v for k, v in run.final.metrics.items() if k != "fluency"}
     assert run.final.protocol == "final" and run.final.edits == 4 and len(run.round_seconds) == 2
     threads = torch.get_num_threads()
     assert run.devices == [f"cpu, {threads} threads of {os.cpu_count()} cores (torch {torch.__version__})"]
