@@ -19,10 +19,19 @@ import json
 from pathlib import Path
 
 from nse_hub import load_requests
+from nse_hub.checkpoint import is_checkpoint, read_meta
 from nse_hub.evaluation import EvalOptions, Evaluation, evaluate_session
 from nse_hub.io import atomic_write_json
 from nse_hub.models import cache_dir
-from nse_hub.sequential import RUN_FILE, SequentialRun, plot_curves, resume_session, run_sequential, write_results
+from nse_hub.sequential import (
+    RUN_FILE,
+    SESSION_DIR,
+    SequentialRun,
+    plot_curves,
+    resume_session,
+    run_sequential,
+    write_results,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 COLUMNS = (("efficacy", "ES"), ("generalization", "PS"), ("specificity", "NS"), ("score", "S"),
@@ -119,12 +128,14 @@ def main() -> None:
         for method in args.methods:
             folder = state / method
             session = resume_session(args.model, folder, method=method, device=args.device, **dict(args.set))
-            settings[f"config_{method}"] = session.config.to_dict()
             run = run_sequential(session, requests, args.batch, running_every=args.running_every, options=options,
                                  suite=suite, suite_examples=args.suite_examples, state_dir=folder)
             print(f"{method}: final {run.final.metrics if run.final else None}", flush=True)
 
     runs = [SequentialRun.from_dict(json.loads(p.read_text())) for p in sorted(state.glob(f"*/{RUN_FILE}"))]
+    for folder in sorted(state.glob(f"*/{SESSION_DIR}")):  # every run's configuration, whichever process made it
+        if is_checkpoint(folder):
+            settings[f"config_{folder.parent.name}"] = read_meta(folder).config.to_dict()
     base = Evaluation(**json.loads(base_file.read_text())) if base_file.is_file() else None
     write_results(out / "results.json", base, runs, settings)
     if any(run.curve for run in runs):
