@@ -46,6 +46,7 @@ METRIC_NAMES = {
     "efficacy_magnitude": "Efficacy magnitude", "generalization_magnitude": "Generalization magnitude",
     "specificity_magnitude": "Specificity magnitude", "fluency": "Fluency", "consistency": "Consistency",
 }
+FLUENCY_METRICS = ("fluency", "consistency")  # what ``EvalOptions.fluency_records`` adds to the edit metrics
 
 
 @dataclass

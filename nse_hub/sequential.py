@@ -24,7 +24,7 @@ import torch
 
 from nse_hub.checkpoint import is_checkpoint
 from nse_hub.errors import CheckpointError
-from nse_hub.evaluation import METRIC_NAMES, EvalOptions, Evaluation, evaluate_session
+from nse_hub.evaluation import FLUENCY_METRICS, METRIC_NAMES, EvalOptions, Evaluation, evaluate_session
 from nse_hub.io import atomic_write_json
 from nse_hub.requests import EditRequest
 from nse_hub.session import EditSession
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 SESSION_DIR = "session"
-FINAL_ONLY_METRICS = ("fluency", "consistency")  # measured on generations only the final protocol makes
 
 
 @dataclass
@@ -133,7 +132,7 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
 
 def running_point(final: Evaluation) -> Evaluation:
     """The running protocol's figures inside a final evaluation of the same model and edits (no fluency, no suite)."""
-    metrics = {key: value for key, value in final.metrics.items() if key not in FINAL_ONLY_METRICS}
+    metrics = {key: value for key, value in final.metrics.items() if key not in FLUENCY_METRICS}
     return dataclasses.replace(final, protocol="running", metrics=metrics, general={})
 
 
