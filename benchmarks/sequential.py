@@ -132,10 +132,11 @@ def main() -> None:
                                  suite=suite, suite_examples=args.suite_examples, state_dir=folder)
             print(f"{method}: final {run.final.metrics if run.final else None}", flush=True)
 
-    runs = [SequentialRun.from_dict(json.loads(p.read_text())) for p in sorted(state.glob(f"*/{RUN_FILE}"))]
-    for folder in sorted(state.glob(f"*/{SESSION_DIR}")):  # every run's configuration, whichever process made it
-        if is_checkpoint(folder):
-            settings[f"config_{folder.parent.name}"] = read_meta(folder).config.to_dict()
+    runs = []
+    for folder in sorted(p.parent for p in state.glob(f"*/{RUN_FILE}")):  # every run, whichever process made it
+        runs.append(SequentialRun.from_dict(json.loads((folder / RUN_FILE).read_text())))
+        if is_checkpoint(folder / SESSION_DIR):
+            settings[f"config_{folder.name}"] = read_meta(folder / SESSION_DIR).config.to_dict()
     base = Evaluation(**json.loads(base_file.read_text())) if base_file.is_file() else None
     write_results(out / "results.json", base, runs, settings)
     if any(run.curve for run in runs):
