@@ -27,7 +27,7 @@ from safetensors.torch import save
 from nse_hub.architectures import ModelLayout
 from nse_hub.deltas import Factors
 from nse_hub.errors import AdapterError
-from nse_hub.io import atomic_write_bytes, atomic_write_text
+from nse_hub.io import atomic_write_bytes, canonical_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -112,11 +112,12 @@ def lora_config(layout: ModelLayout, factors: Mapping[int, Factors], base_model:
     )
 
 
-def save_adapter(folder: str | Path, layout: ModelLayout, factors: Mapping[int, Factors],
-                 base_model: str | None, revision: str | None = None,
-                 metadata: Mapping[str, Any] | None = None) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for ``factors`` (atomically)."""
-    folder = Path(folder)
+def adapter_files(layout: ModelLayout, factors: Mapping[int, Factors], base_model: str | None,
+                  revision: str | None = None, metadata: Mapping[str, Any] | None = None) -> dict[str, bytes]:
+    """The bytes of ``adapter_model.safetensors`` and ``adapter_config.json`` for ``factors``.
+
+    The same factors and arguments always give the same bytes, in any process.
+    """
     if not factors:
         raise AdapterError("an adapter needs at least one module; use no_update() for a round that changed nothing")
     config = lora_config(layout, factors, base_model, revision)
@@ -127,10 +128,20 @@ def save_adapter(folder: str | Path, layout: ModelLayout, factors: Mapping[int, 
         tensors[f"{name}.lora_B.weight"] = f.B.detach().float().cpu().contiguous()
     header = {"format": "pt"}
     header.update({f"nse_hub.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    # LoraConfig keeps target_modules as a set: sorted, so that the file does not change between processes.
+    config_text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=sorted) + "\n"
+    return {ADAPTER_WEIGHTS: canonical_safetensors(save(tensors, metadata=header)),
+            ADAPTER_CONFIG: config_text.encode("utf-8")}
+
+
+def save_adapter(folder: str | Path, layout: ModelLayout, factors: Mapping[int, Factors],
+                 base_model: str | None, revision: str | None = None,
+                 metadata: Mapping[str, Any] | None = None) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for ``factors`` (each atomically)."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / ADAPTER_WEIGHTS, save(tensors, metadata=header))
-    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
-                      + "\n")
+    for name, data in adapter_files(layout, factors, base_model, revision, metadata).items():
+        atomic_write_bytes(folder / name, data)
 
 
 def no_update(layout: ModelLayout, layer: int) -> dict[int, Factors]:
@@ -166,6 +177,9 @@ def read_adapter(folder: str | Path, layout: ModelLayout) -> tuple[dict[int, Fac
             shapes = f"A {None if a is None else tuple(a.shape)}, B {None if b is None else tuple(b.shape)}"
             raise AdapterError(f"{weights}: the factors of {layout.projection_name(layer)} do not fit this model "
                                f"({shapes})")
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise AdapterError(f"{weights}: the factors of {layout.projection_name(layer)} hold NaN or infinite "
+                               "values; the file is damaged: restore it from a backup or download that version again")
         if bool(a.any()) or bool(b.any()):  # all-zero modules only mark a version that changed nothing
             factors[layer] = Factors(b.float(), a.float())
     if not tensors:

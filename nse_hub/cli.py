@@ -117,6 +117,10 @@ def cmd_push(args: argparse.Namespace) -> int:
     pushed = session.push_to_hub(args.repo_id, private=args.private, revision=args.revision,
                                  create_pr=args.create_pr, license=args.license, commit_message=args.commit_message)
     for p in pushed:
+        if p.metadata_only:
+            console.print(f"round {p.round}: commit {p.commit[:10]} with the card and session state (recorded "
+                          "figures); the adapters and tags are unchanged")
+            continue
         console.print(f"round {p.round}: commit {p.commit[:10]}, " + (f"tag {p.tag}" if p.tag else p.url))
     console.print(f"{args.repo_id} is at round {len(session.rounds)}" + ("" if pushed else " (nothing to push)"))
     return 0

@@ -39,6 +39,10 @@ class CheckpointError(NSEHubError, ValueError):
     """A saved edit that cannot be read; names the file and what to do."""
 
 
+class ConcurrentWriteError(CheckpointError):
+    """A save that would replace a history another writer saved in the same folder; nothing is written."""
+
+
 class AdapterError(NSEHubError, ValueError):
     """An adapter folder that cannot be read: says which file and what to do."""
 
@@ -110,6 +114,7 @@ __all__ = [
     "AdapterError",
     "BaseModelMismatchError",
     "CheckpointError",
+    "ConcurrentWriteError",
     "ConfigError",
     "HistoryConflictError",
     "HubError",

@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,21 @@ from typing import Any
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from nse_hub.checkpoint import REPORT_FILE, ROUNDS_DIR, SESSION_FILE, VALUES_FILE, read_meta, read_values, round_dir
-from nse_hub.errors import CheckpointError, HubError, VersionNotFoundError
+from nse_hub.checkpoint import (
+    REPORT_FILE,
+    ROUNDS_DIR,
+    SESSION_FILE,
+    VALUES_FILE,
+    read_meta,
+    read_reports,
+    read_values,
+    round_dir,
+    round_paths,
+    verify_files,
+)
+from nse_hub.errors import HubError, VersionNotFoundError
 from nse_hub.evaluation import EvalOptions, Evaluation, evaluate_session
 from nse_hub.lineage import HistoryDiff, MergePlan, Side, Version
-from nse_hub.report import RoundReport
 from nse_hub.session import EditSession, resolve_round
 
 
@@ -76,15 +85,13 @@ def read_version(spec: str | VersionSpec, round: int | None = None, values: bool
     """A version's history without loading its model (``values``: also its rounds' stored value targets)."""
     spec = VersionSpec.parse(spec) if isinstance(spec, str) else spec
     folder = spec.folder(values, token)
-    meta = read_meta(folder)
+    meta = read_meta(folder, downloaded=not Path(spec.source).expanduser().is_dir())
     version = resolve_round(round, meta.rounds, owner=f"the saved edit {spec.label}")
-    reports = []
-    for index in range(1, version + 1):
-        path = folder / round_dir(index) / REPORT_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing: {spec.label} is incomplete")
-        reports.append(RoundReport.from_dict(json.loads(path.read_text())))
-    stored = [read_values(folder / round_dir(i)) for i in range(1, version + 1)] if values else []
+    reports = read_reports(folder, meta, version)
+    stored = []
+    for index in range(1, version + 1) if values else ():
+        verify_files(folder, meta, [p for p in round_paths(meta, index) if p.endswith(VALUES_FILE)])
+        stored.append(read_values(folder / round_dir(index)))
     label = spec.label + (f" (round {version})" if round is not None else "")
     return Version(label, meta.base, meta.config, reports, dict(meta.lineage), stored)
 

@@ -28,8 +28,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from nse_hub.checkpoint import REPORT_FILE, SESSION_FILE, is_checkpoint, round_dir
+from nse_hub.checkpoint import CARD_FILE, REPORT_FILE, SESSION_FILE, is_checkpoint, round_dir
 from nse_hub.errors import HubError, RepoIdError, VersionNotFoundError
+from nse_hub.io import WORK_FILES
 from nse_hub.models import is_embedded
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class PushedRound:
     tag: str  # empty for a version pushed into a pull request
     url: str
     pr_revision: str | None = None  # ``refs/pr/N`` when pushed with ``create_pr``
+    metadata_only: bool = False  # a commit of the card and session state alone (new figures), without a tag
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -202,6 +204,9 @@ def push_versions(repo_id: str, rounds: int, write_version: Callable[[int, Path]
             pushed.append(result)
             if options.create_pr and version == done + 1:
                 target = result.pr_revision or target  # later versions go into the same pull request
+        if done == rounds and head is not None and not options.create_pr:
+            recorded = _push_metadata(api, repo_id, rounds, write_version, branch, head, options)
+            pushed += [recorded] if recorded else []
         return pushed
     except HfHubHTTPError as error:
         raise _explain(error, "push to", repo_id) from error
@@ -220,6 +225,7 @@ def _push_one(api: HfApi, repo_id: str, version: int, write_version: Callable[[i
             commit_description=(options.commit_description or "Edit round {round}, saved by nse-hub.").format(
                 round=version),
             delete_patterns="*",  # files of the previous version that this one no longer has
+            ignore_patterns=list(WORK_FILES),
             create_pr=opens_pr or None)
     if options.create_pr:
         logger.info("Pushed round %d to %s in %s", version, repo_id, info.pr_url or revision)
@@ -228,6 +234,32 @@ def _push_one(api: HfApi, repo_id: str, version: int, write_version: Callable[[i
     api.create_tag(repo_id, tag=tag, revision=info.oid, tag_message=f"nse-hub edit round {version}", exist_ok=True)
     logger.info("Pushed round %d to %s (%s)", version, repo_id, info.oid[:10])
     return PushedRound(version, info.oid, tag, info.commit_url)
+
+
+def _push_metadata(api: HfApi, repo_id: str, version: int, write_version: Callable[[int, Path], None],
+                   branch: str, head: str, options: PushOptions) -> PushedRound | None:
+    """Commit the card and session state of the latest version where they differ from the Hub's (figures
+    recorded since the push); the weights and the ``round-N`` tags stay as they are."""
+    with tempfile.TemporaryDirectory(prefix="nse-hub-push-") as tmp:
+        folder = Path(tmp)
+        write_version(version, folder)
+        changed = []
+        for relpath in (CARD_FILE, SESSION_FILE):
+            try:
+                remote = Path(hf_hub_download(repo_id, relpath, revision=head, token=api.token,
+                                              endpoint=api.endpoint)).read_bytes()
+            except EntryNotFoundError:
+                remote = None
+            if remote != (folder / relpath).read_bytes():
+                changed.append(relpath)
+        if not changed:
+            return None
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=branch, parent_commit=head, allow_patterns=changed,
+            commit_message=f"nse-hub: record the figures of round {version}",
+            commit_description="The model card and session state only; the adapters are unchanged.")
+    logger.info("Pushed the card and session state of round %d to %s (%s)", version, repo_id, info.oid[:10])
+    return PushedRound(version, info.oid, "", info.commit_url, metadata_only=True)
 
 
 def download_saved_edit(repo_id: str, revision: str | None = None, token: str | None = None) -> Path | None:

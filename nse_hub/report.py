@@ -134,8 +134,14 @@ class RoundReport:
     norm_anchor: float | None = None
 
     def metrics(self, after: bool = True) -> dict[str, float]:
-        """This round's edit metrics (×100) on its own requests, before or after it."""
-        return edit_metrics(self.requests, after)
+        """This round's edit metrics (×100) on its own requests, before or after it.
+
+        Computed once per report (a round's results never change; every card of later versions shows them).
+        """
+        cache = self.__dict__.setdefault("_metrics", {})
+        if after not in cache:
+            cache[after] = edit_metrics(self.requests, after)
+        return dict(cache[after])
 
     # --- display ---------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from nse_hub.adapters import CompressionReport, no_update, pack, read_adapter, save_adapter
 from nse_hub.architectures import ModelLayout
-from nse_hub.checkpoint import SessionMeta, read_meta, round_dir
+from nse_hub.checkpoint import SessionMeta, read_meta, round_dir, verify_files
 from nse_hub.deltas import Factors
 from nse_hub.errors import ServeError, VersionNotFoundError
 from nse_hub.hub import locate_saved_edit
@@ -272,7 +272,8 @@ def plan_serving(source: str | os.PathLike[str], versions: str | None = "all", *
     """
     check_max_rank(max_rank)
     folder = saved_edit_folder(source, revision)
-    meta = read_meta(folder)
+    meta = read_meta(folder, downloaded=not Path(source).expanduser().is_dir())
+    verify_files(folder, meta)  # serve exactly the saved weights, under the names session.json gives them
     rounds = parse_versions(versions, meta.rounds)
     base = resolve_base(meta, base_model)
     layout = base_layout(base, meta.base.revision)

@@ -48,16 +48,25 @@ from nse_hub.checkpoint import (
     RoundData,
     SessionMeta,
     read_meta,
+    read_reports,
     read_round,
+    same_history,
+    verify_files,
     write_checkpoint,
     write_metadata,
 )
 from nse_hub.config import EditConfig, make_config
 from nse_hub.deltas import KeyMemory, WeightDeltas
-from nse_hub.errors import ConfigError, LicenseRequiredError, VersionNotFoundError
+from nse_hub.errors import (
+    CheckpointError,
+    ConcurrentWriteError,
+    ConfigError,
+    LicenseRequiredError,
+    VersionNotFoundError,
+)
 from nse_hub.fingerprint import model_sha256
 from nse_hub.hub import PushedRound, PushOptions, locate_saved_edit, push_versions, tag_name
-from nse_hub.io import atomic_write_text
+from nse_hub.io import atomic_write_text, folder_lock
 from nse_hub.lineage import HistoryDiff, MergePlan, Side, Version, diff_versions, plan_merge, probe_diff, report_digest
 from nse_hub.loading import hidden_rms, load_base_model
 from nse_hub.models import embedded_model_of, is_embedded
@@ -127,6 +136,8 @@ class EditSession:
         self.stats_repo: str | None = None  # a Hub dataset repo sharing the second moments (see stats_hub)
         self._stats_token: str | bool | None = None
         self._card_branch = "main"
+        # session.json digest of each folder this session read or saved, as it left it (see write_checkpoint)
+        self._known_digests: dict[Path, str] = {}
         # How value targets are optimised; benchmarks swap in optimize_values_reference to compare.
         self.value_optimizer: ValueOptimizer = optimize_values
 
@@ -173,7 +184,7 @@ class EditSession:
             if saved is not None:
                 session = cls._resume(saved, method=method, tokenizer=tokenizer, round=round,
                                       base_model=base_model, device=device, dtype=dtype, token=token,
-                                      hparams=hparams)
+                                      hparams=hparams, downloaded=not Path(model_or_name).expanduser().is_dir())
                 session._set_parent(model_or_name, saved, revision, round)
                 session.stats_repo, session._stats_token = stats_repo, token
                 return session
@@ -196,8 +207,9 @@ class EditSession:
     @classmethod
     def _resume(cls, folder: Path, *, method: str | None, tokenizer: PreTrainedTokenizerBase | None,
                 round: int | None, base_model: str | PreTrainedModel | None, device: str | torch.device | None,
-                dtype: str | torch.dtype | None, token: str | bool | None, hparams: dict[str, Any]) -> EditSession:
-        meta = read_meta(folder)
+                dtype: str | torch.dtype | None, token: str | bool | None, hparams: dict[str, Any],
+                downloaded: bool = False) -> EditSession:
+        meta = read_meta(folder, downloaded=downloaded)
         if hparams:
             raise ConfigError(f"hyperparameters are fixed by the saved edit {folder}; got {sorted(hparams)}. "
                               "Start a new session on the base model to use other settings.")
@@ -215,20 +227,30 @@ class EditSession:
             tokenizer = tokenizer or loaded_tokenizer
         check_base(model, meta.base)
         session = cls(model, tokenizer, meta.config, base=meta.base)
+        with folder_lock(folder):  # the rounds as they were when session.json was read: no save in between
+            if read_meta(folder, downloaded=downloaded).digest != meta.digest:
+                raise ConcurrentWriteError(f"{folder} was saved by another process while this one loaded it; "
+                                           "load it again")
+            verify_files(folder, meta)
+            rounds = [read_round(folder, session.layout, index, meta) for index in range(1, version + 1)]
         session.context_templates = meta.context_templates
         session._stats_sha256 = dict(meta.stats.get("sha256", {}))
         if version:  # NAS: the anchor measured on the first round stays the session's
             session.engine.norm_anchor = meta.engine.get("norm_anchor")
-        session.evaluations = {int(v): [Metric(**m) for m in metrics]
-                               for v, metrics in meta.evaluations.items() if int(v) <= version}
+        try:
+            session.evaluations = {int(v): [Metric(**m) for m in metrics]
+                                   for v, metrics in meta.evaluations.items() if int(v) <= version}
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{folder}: the evaluations in session.json are damaged ({error}); restore it "
+                                  "from a backup or the Hub") from None
         session.lineage = _lineage_upto(meta.lineage, version)
         session._saved_rounds = meta.rounds
-        for index in range(1, version + 1):
-            data = read_round(folder, session.layout, index)
+        for data in rounds:
             session.deltas.append_round(data.factors)
             session.memory.add_round(data.keys)
             session.rounds.append(data.report)
             session._values.append(data.values)
+        session._known_digests[folder.resolve()] = meta.digest
         return session
 
     def _set_parent(self, name: str, folder: Path, revision: str | None, round: int | None) -> None:
@@ -393,9 +415,11 @@ class EditSession:
                             self._values[i] if i < len(self._values) else None) for i in range(version)]
         stored, compression = self._packed(version, max_rank)
         meta = self._meta(version, compression)
-        write_checkpoint(save_directory, self.layout, meta, rounds, stored,
-                         card=self._card_text(version, repo_id, compression),
-                         adapter_metadata={"layers": list(self.config.layers)}, tokenizer=self.tokenizer)
+        folder = Path(save_directory).resolve()
+        self._known_digests[folder] = write_checkpoint(
+            folder, self.layout, meta, rounds, stored, card=self._card_text(version, repo_id, compression),
+            adapter_metadata={"layers": list(self.config.layers)}, tokenizer=self.tokenizer,
+            known_digest=self._known_digests.get(folder))
         return compression
 
     def save_card(self, save_directory: str | Path, repo_id: str | None = None) -> None:
@@ -404,14 +428,18 @@ class EditSession:
         Use it after :func:`nse_hub.evaluate_session` to record the figures, so that the next push
         commits the card and nothing else.
         """
-        folder = Path(save_directory)
-        saved = read_meta(folder)
-        if saved.rounds != len(self.rounds):
-            raise VersionNotFoundError(f"{folder} holds version {saved.rounds}, this session is at "
-                                       f"{len(self.rounds)}: save the session there with save_pretrained")
-        compression = [CompressionReport(**r) for r in saved.adapter.get("modules", [])]
-        write_metadata(folder, self._meta(len(self.rounds), compression),
-                       card=self._card_text(len(self.rounds), repo_id, compression))
+        folder = Path(save_directory).resolve()
+        with folder_lock(folder):
+            saved = read_meta(folder)
+            if saved.rounds != len(self.rounds):
+                raise VersionNotFoundError(f"{folder} holds version {saved.rounds}, this session is at "
+                                           f"{len(self.rounds)}: save the session there with save_pretrained")
+            if not same_history(read_reports(folder, saved, saved.rounds), self.rounds):
+                raise ConcurrentWriteError(f"{folder} holds another history than this session's: save the session "
+                                           "there with save_pretrained, or record into the folder it came from")
+            compression = [CompressionReport(**r) for r in saved.adapter.get("modules", [])]
+            self._known_digests[folder] = write_metadata(folder, self._meta(len(self.rounds), compression),
+                                                         card=self._card_text(len(self.rounds), repo_id, compression))
 
     def export_adapter(self, save_directory: str | Path, round: int | None = None,
                        max_rank: int | None = None) -> list[CompressionReport]:

@@ -126,7 +126,7 @@ def test_damaged_files_give_clear_errors(three_rounds, tmp_path: Path) -> None:
     _, folder = three_rounds
     weights = folder / "rounds" / "002" / ADAPTER_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"rounds/002/adapter_model.safetensors is damaged or truncated"):
+    with pytest.raises(CheckpointError, match=r"rounds/002/adapter_model.safetensors does not match its checksum"):
         EditSession.from_pretrained(str(folder), device="cpu")
     (folder / "rounds" / "002" / ADAPTER_WEIGHTS).unlink()
     with pytest.raises(CheckpointError, match="is missing"):
@@ -142,24 +142,6 @@ def test_saving_an_earlier_round_removes_later_ones_last(three_rounds) -> None:
     assert sorted(p.name for p in (folder / "rounds").iterdir()) == ["001"]
     resumed = EditSession.from_pretrained(str(folder), device="cpu")
     assert len(resumed.rounds) == 1
-
-
-def test_interrupted_save_leaves_the_previous_save_readable(three_rounds, monkeypatch) -> None:
-    session, folder = three_rounds
-    session.rollback(1)
-    session.edit(REQUESTS[1:2], progress=False)  # a different round 2
-
-    import nse_hub.checkpoint as checkpoint
-
-    def crash(*_args, **_kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "atomic_write_json", crash)  # dies just before session.json
-    with pytest.raises(KeyboardInterrupt):
-        session.save_pretrained(folder)
-    monkeypatch.undo()
-    resumed = EditSession.from_pretrained(str(folder), device="cpu")
-    assert len(resumed.rounds) == 3  # the old save: session.json was never replaced
 
 
 def test_wrong_base_for_an_adapter(three_rounds, tmp_path: Path) -> None:

@@ -218,7 +218,7 @@ def test_an_edit_from_a_newer_format_is_refused(tiny_dir: Path, tmp_path: Path) 
     session = session_for(tiny_dir)
     session.save_pretrained(tmp_path / "saved")
     state = tmp_path / "saved" / "nse_session" / "session.json"
-    state.write_text(state.read_text().replace('"format": 2', '"format": 99'))
+    state.write_text(state.read_text().replace('"format": 3', '"format": 99'))
     with pytest.raises(CheckpointError, match=r"format 99.*upgrade"):
         EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu")
 
