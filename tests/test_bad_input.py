@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import FIXTURES, TINY_HPARAMS, save_tiny, tiny_model, tiny_tokenizer
 from huggingface_hub import constants
+from huggingface_hub.utils import get_session
 from transformers import BloomConfig, T5Config, T5ForConditionalGeneration
 
 from nse_hub import EditSession, load_requests
@@ -298,3 +299,54 @@ def test_a_model_folder_without_weights_is_named(tmp_path: Path) -> None:
     (folder / "model.safetensors").unlink()
     with pytest.raises(MissingFileError, match="is not a complete model folder"):
         EditSession.from_pretrained(str(folder), device="cpu")
+
+
+# --- the Hub: connections closed or silent ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def edited(tiny_dir: Path) -> EditSession:
+    session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **FAST)
+    session.edit(REQUESTS[:2], progress=False)
+    return session
+
+
+def test_a_connection_closed_during_a_commit_is_a_hub_error_and_the_push_resumes(hub, edited: EditSession) -> None:
+    hub.drop_next("commit")
+    with pytest.raises(HubError, match=r"connection to the Hub failed or was closed .*RemoteProtocolError") as caught:
+        edited.push_to_hub("tester/dropped-commit")
+    one_line(caught.value)
+    assert [c.title for c in hub.commits("tester/dropped-commit")] == ["initial commit"]
+    assert [p.round for p in edited.push_to_hub("tester/dropped-commit")] == [1]
+    assert hub.tags("tester/dropped-commit") == {"round-1": hub.head("tester/dropped-commit")}
+
+
+def test_a_commit_whose_answer_is_lost_is_tagged_on_the_next_push(hub, edited: EditSession) -> None:
+    hub.drop_next("commit", after=True)  # the commit is made, the client never hears of it
+    with pytest.raises(HubError, match="RemoteProtocolError"):
+        edited.push_to_hub("tester/lost-answer")
+    assert len(hub.commits("tester/lost-answer")) == 2 and not hub.tags("tester/lost-answer")
+    edited.push_to_hub("tester/lost-answer")
+    assert len(hub.commits("tester/lost-answer")) == 2  # no second commit of the same round
+    assert hub.tags("tester/lost-answer") == {"round-1": hub.head("tester/lost-answer")}
+
+
+def test_a_hub_that_never_answers_times_out(hub, edited: EditSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = get_session()
+    monkeypatch.setattr(client, "timeout", client.timeout)  # restored after the test
+    monkeypatch.setenv("NSE_HUB_HTTP_TIMEOUT", "1")
+    hub.drop_next("commit", silence=30)
+    with pytest.raises(HubError, match=r"the Hub did not answer within 1 s \(ReadTimeout.*raise NSE_HUB_HTTP_TIMEOUT"):
+        edited.push_to_hub("tester/silent")
+    assert get_session().timeout.read == 1
+
+
+def test_the_hub_timeout_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nse_hub.hub_http import hub_timeout
+
+    assert hub_timeout() == 60
+    for bad in ("soon", "0", "-5", "inf"):
+        monkeypatch.setenv("NSE_HUB_HTTP_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match="NSE_HUB_HTTP_TIMEOUT must be a positive number of seconds"):
+            hub_timeout()
+
