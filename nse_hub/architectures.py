@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from nse_hub.errors import UnsupportedArchitectureError
 from nse_hub.tracing import model_device
@@ -64,6 +65,48 @@ FAMILIES: tuple[ArchitectureFamily, ...] = (
         final_norm="gpt_neox.final_layer_norm", model_types=("gpt_neox",),
     ),
 )
+
+
+# Config attributes that name the longest sequence a model's positions cover, in the order families use them.
+_CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest sequence (in tokens) the model's configuration declares, or ``None`` when it declares none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _CONTEXT_ATTRIBUTES:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_causal_lm(config: PretrainedConfig) -> None:
+    """Refuse, from its configuration alone (before the weights are loaded), a model nse-hub cannot edit.
+
+    Known model types pass. Others must be causal LMs; their module layout is then checked on an empty
+    (``meta``) copy of the model, so that an unknown layout fails in one line instead of after the download.
+
+    Raises:
+        UnsupportedArchitectureError: not a causal (decoder-only) LM, or no known place for its MLP projections.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if any(model_type in family.model_types for family in FAMILIES):
+        return
+    architectures = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} ({architectures}) is not a causal language model: nse-hub edits "
+            f"decoder-only models of the families {', '.join(f.name for f in FAMILIES)} (and their fine-tunes)")
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # some models cannot be built empty: their full load will tell
+        return
+    ModelLayout.detect(skeleton, probe=False)
 
 
 def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:
@@ -150,7 +193,7 @@ class ModelLayout:
             )
         raise UnsupportedArchitectureError(
             f"nse-hub does not know where to edit {type(model).__name__} (model_type '{model_type}'): "
-            f"looked for {'; '.join(tried)}. Supported families: "
+            f"looked for {'; '.join(dict.fromkeys(tried))}. Supported families: "
             f"{', '.join(f.name for f in FAMILIES)}."
         )
 

@@ -7,7 +7,7 @@ import json
 import logging
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,20 @@ def _hparams(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least`` (argparse turns a refusal into exit code 2)."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return count
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from nse_hub.models import EMBEDDED_MODELS, fetch_model, model_dir
 
@@ -50,8 +64,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _edit_rounds(session: Any, requests: list, batch_size: int, out: Path | None) -> None:
-    for start in range(0, len(requests), batch_size):
-        report = session.edit(requests[start:start + batch_size])
+    from nse_hub.requests import one_round
+
+    # Every round is checked before the first is edited: a conflict in round 5 must not leave rounds 1-4 saved.
+    batches = [one_round(requests[start:start + batch_size], source=f"round {len(session.rounds) + k + 1}",
+                         start=start) for k, start in enumerate(range(0, len(requests), batch_size))]
+    for batch in batches:
+        report = session.edit(batch)
         console.print(report.table())
         if out is not None:
             session.save_pretrained(out)  # after every round: an interruption keeps the rounds done
@@ -308,11 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit = sub.add_parser("edit", help="write facts into a model in rounds and save the session")
     edit.add_argument("model", help="embedded name, Hub id, local model folder, or a saved edit to continue")
     edit.add_argument("--requests", required=True, help="JSON/JSONL file (nse-hub, CounterFact or zsRE format)")
-    edit.add_argument("--batch-size", type=int, default=10, help="edits per round (default 10)")
+    edit.add_argument("--batch-size", type=_at_least(1), default=10, help="edits per round (default 10)")
     edit.add_argument("--out", required=True, help="folder to save the session to (after every round)")
     edit.add_argument("--method", choices=METHODS, default="nse")
-    edit.add_argument("--limit", type=int, help="use only this many requests")
-    edit.add_argument("--offset", type=int, default=0, help="skip this many requests first")
+    edit.add_argument("--limit", type=_at_least(1), help="use only this many requests")
+    edit.add_argument("--offset", type=_at_least(0), default=0, help="skip this many requests first")
     edit.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA if available)")
     edit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a hyperparameter, e.g. --set mom2_update_weight=15000")
@@ -323,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("dir", help="a saved edit (folder or Hub repo)")
     export.add_argument("--round", type=int, help="the version (default: the latest)")
     export.add_argument("--out", required=True)
-    export.add_argument("--max-rank", type=int, help="truncate to this rank (lossy; the error is printed)")
+    export.add_argument("--max-rank", type=_at_least(1), help="truncate to this rank (lossy; the error is printed)")
     export.add_argument("--device")
     export.set_defaults(func=cmd_export)
 
@@ -372,17 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="edit metrics, sequential-editing curves and general ability")
     evaluate.add_argument("model", help="a saved edit (evaluated as it is), or a base model to edit --data into")
     evaluate.add_argument("--data", help="requests to evaluate on (CounterFact, zsRE or nse-hub format)")
-    evaluate.add_argument("--limit", type=int)
-    evaluate.add_argument("--offset", type=int, default=0)
+    evaluate.add_argument("--limit", type=_at_least(1))
+    evaluate.add_argument("--offset", type=_at_least(0), default=0)
     evaluate.add_argument("--methods", nargs="+", choices=METHODS, default=["nse"],
                           help="with a base model: the methods to run (default: nse)")
-    evaluate.add_argument("--batch-size", type=int, default=10, help="edits per round (default 10)")
+    evaluate.add_argument("--batch-size", type=_at_least(1), default=10, help="edits per round (default 10)")
     evaluate.add_argument("--protocol", choices=["final", "running", "both"], default="both",
                           help="final: every edit after the last round; running: after each round")
     evaluate.add_argument("--suite", help="folder (or Hub dataset) of the GLUE-style suite, for general ability")
-    evaluate.add_argument("--suite-examples", type=int, default=100, help="examples per suite task")
+    evaluate.add_argument("--suite-examples", type=_at_least(1), default=100, help="examples per suite task")
     evaluate.add_argument("--no-generation", action="store_true", help="skip the generation-based figures")
-    evaluate.add_argument("--fluency-records", type=int, default=0,
+    evaluate.add_argument("--fluency-records", type=_at_least(0), default=0,
                           help="records whose ~100-token generations measure fluency (default 0)")
     evaluate.add_argument("--attribute-snippets", metavar="JSON",
                           help="ROME's attribute_snippets.json: consistency for CounterFact (ROME schema) records "
@@ -412,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except NSEHubError as error:  # bad input or state; anything else is a bug and keeps its traceback
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)  # one line, also in logs
         return 2
 
 

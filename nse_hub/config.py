@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,15 +131,26 @@ class EditConfig:
         return cls.from_dict({**data, **overrides})
 
     def __post_init__(self) -> None:
-        self.layers = tuple(int(x) for x in self.layers)
-        self.context_prefixes = tuple(self.context_prefixes)
+        # JSON and --set give lists and whole floats (1e4); keep what cannot be read for problems() to name.
+        if _is_sequence(self.layers):
+            self.layers = tuple(int(x) if _is_whole(x) else x for x in self.layers)
+        if _is_sequence(self.context_prefixes):
+            self.context_prefixes = tuple(self.context_prefixes)
+        for name in _INT_FIELDS:
+            if _is_whole(getattr(self, name)):
+                setattr(self, name, int(getattr(self, name)))
         problems = self.problems()
         if problems:
             raise ConfigError("invalid edit configuration: " + "; ".join(problems))
 
     def problems(self, num_layers: int | None = None) -> list[str]:
         """Everything wrong with these settings (empty when they are usable)."""
-        out = []
+        out = self._type_problems()
+        if out:  # the range checks below compare numbers
+            return out
+        if num_layers is not None and not self.layers:
+            out.append("layers is empty: name the consecutive decoder layers to edit, e.g. layers=[3, 4, 5] "
+                       "(or leave layers unset for the preset or automatic choice)")
         if self.method not in METHODS:
             out.append(f"method must be one of {METHODS}, got {self.method!r}")
         if self.layers and list(self.layers) != list(range(self.layers[0], self.layers[-1] + 1)):
@@ -156,19 +168,48 @@ class EditConfig:
             out.append(f"need 0 <= alpha < upper_bound, got {self.alpha} and {self.upper_bound}")
         for name in ("v_num_grad_steps", "max_iterations", "mom2_n_samples", "mom2_sample_length", "batch_size"):
             if getattr(self, name) < 1:
-                out.append(f"{name} must be at least 1")
+                out.append(f"{name} must be at least 1, got {getattr(self, name)}{_default_hint(name)}")
         for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):
             if getattr(self, name) <= 0:
-                out.append(f"{name} must be positive")
+                out.append(f"{name} must be positive, got {getattr(self, name)}{_default_hint(name)}")
+        for name in ("v_weight_decay", "kl_factor", "v_early_stop_loss"):
+            if getattr(self, name) < 0:
+                out.append(f"{name} must be zero or positive, got {getattr(self, name)}{_default_hint(name)}")
+        if self.context_length < 1:
+            out.append(f"context_length must be at least 1, got {self.context_length}{_default_hint('context_length')}")
         if self.nullspace_threshold <= 0:
             out.append(f"nullspace_threshold must be positive (a multiple of C's median eigenvalue), "
                        f"got {self.nullspace_threshold}")
         if self.L2 <= 0:
             out.append(f"L2 must be positive (without it AlphaEdit's system is singular), got {self.L2}")
-        if not isinstance(self.norm_anchor, bool):
-            out.append(f"norm_anchor must be true or false, got {self.norm_anchor!r}")
         if self.norm_anchor_max_ratio <= 1:
             out.append(f"norm_anchor_max_ratio must be above 1, got {self.norm_anchor_max_ratio}")
+        return out
+
+    def _type_problems(self) -> list[str]:
+        """Settings of the wrong type, or numbers that are NaN or infinite (they would edit nothing, silently)."""
+        out = []
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                out.append(f"{name} must be a finite number, got {value!r}{_default_hint(name)}")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if not _is_number(value) or not _is_whole(value):
+                out.append(f"{name} must be a whole number, got {value!r}{_default_hint(name)}")
+        if not _is_sequence(self.layers) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                    for x in self.layers):
+            out.append(f"layers must be a list of decoder layer indices such as [3, 4, 5], got {self.layers!r}")
+        if not _is_sequence(self.context_prefixes) or not all(isinstance(x, str) for x in self.context_prefixes):
+            out.append(f"context_prefixes must be a list of strings, got {self.context_prefixes!r}"
+                       f"{_default_hint('context_prefixes')}")
+        for name in ("method", "thresholds", "mom2_dataset"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                out.append(f"{name} must be a non-empty string, got {getattr(self, name)!r}{_default_hint(name)}")
+        if self.preset is not None and not isinstance(self.preset, str):
+            out.append(f"preset must be a string or null, got {self.preset!r}")
+        if not isinstance(self.norm_anchor, bool):
+            out.append(f"norm_anchor must be true or false, got {self.norm_anchor!r}")
         return out
 
     @property
@@ -211,6 +252,29 @@ class EditConfig:
         kept = {k: v for k, v in data.items() if k in names}
         kept.setdefault("thresholds", "absolute")
         return cls(**{**kept, **overrides})
+
+
+_FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(EditConfig) if f.type == "float")
+_INT_FIELDS = tuple(f.name for f in dataclasses.fields(EditConfig) if f.type == "int")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value) and float(value).is_integer()
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def _default_hint(name: str) -> str:
+    """`` (default X)``: the value that works unless there is a reason for another."""
+    default = next(f for f in dataclasses.fields(EditConfig) if f.name == name)
+    value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
+    return f" (default {list(value) if isinstance(value, tuple) else value!r})"
 
 
 def check_names(hparams: Mapping[str, Any]) -> None:
@@ -263,15 +327,15 @@ def make_config(layout: ModelLayout, embedded_name: str | None = None, method: s
     check_names(hparams)
     preset = preset_for(layout, embedded_name)
     base: dict[str, Any] = dict(PRESETS[preset]) if preset else {"layers": automatic_layers(layout.num_layers)}
-    sample_length = hparams.get("mom2_sample_length", base.get("mom2_sample_length", EditConfig.mom2_sample_length))
-    if "mom2_n_samples" in hparams:
-        warn_sample_size(layout.intermediate_size, hparams["mom2_n_samples"], sample_length)
-    elif "mom2_n_samples" not in base:
-        base["mom2_n_samples"] = default_stat_samples(layout.intermediate_size, sample_length)
-    config = EditConfig(**{**base, "method": method, "preset": preset, **hparams})
+    config = EditConfig(**{**base, "method": method, "preset": preset, **hparams})  # checks the types
     problems = config.problems(num_layers=layout.num_layers)
     if problems:
         raise ConfigError("invalid edit configuration: " + "; ".join(problems))
+    if "mom2_n_samples" in hparams:
+        warn_sample_size(layout.intermediate_size, config.mom2_n_samples, config.mom2_sample_length)
+    elif "mom2_n_samples" not in base:
+        config = config.replace(mom2_n_samples=default_stat_samples(layout.intermediate_size,
+                                                                    config.mom2_sample_length))
     if not preset and "v_lr" not in hparams and hidden_rms is not None:
         config = config.replace(v_lr=float(f"{V_LR_PER_HIDDEN_RMS * hidden_rms(config.z_layer):.2g}"))
     return config

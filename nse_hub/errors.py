@@ -55,6 +55,11 @@ class UnsupportedArchitectureError(NSEHubError, ValueError):
     """A model whose MLP output projections nse-hub does not know how to find."""
 
 
+class NonFiniteError(NSEHubError, ValueError):
+    """NaN or infinite numbers where finite ones are needed: in the base model's weights, or in a round's value
+    targets, keys or update (the round is then discarded; nothing is written)."""
+
+
 class SingularSystemError(NSEHubError, ValueError):
     """A least-squares system of an update that is singular or not positive definite."""
 
@@ -122,6 +127,7 @@ __all__ = [
     "MissingFileError",
     "ModelFetchError",
     "NSEHubError",
+    "NonFiniteError",
     "RepoIdError",
     "RequestError",
     "ServeError",

@@ -30,6 +30,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from nse_hub.checkpoint import CARD_FILE, REPORT_FILE, SESSION_FILE, is_checkpoint, round_dir
 from nse_hub.errors import HubError, RepoIdError, VersionNotFoundError
+from nse_hub.hub_http import explain_transport, transport_errors, use_timeout
 from nse_hub.io import WORK_FILES
 from nse_hub.models import is_embedded
 
@@ -172,6 +173,7 @@ def push_versions(repo_id: str, rounds: int, write_version: Callable[[int, Path]
     if rounds < 1:
         raise VersionNotFoundError("nothing to push: the session has no rounds yet")
     api = HfApi(token=options.token)
+    use_timeout()
     try:
         repo_id = full_repo_id(api, repo_id)
         api.create_repo(repo_id, private=options.private, exist_ok=True)
@@ -210,6 +212,8 @@ def push_versions(repo_id: str, rounds: int, write_version: Callable[[int, Path]
         return pushed
     except HfHubHTTPError as error:
         raise _explain(error, "push to", repo_id) from error
+    except transport_errors() as error:  # a connection closed mid-commit, or a Hub that never answered
+        raise explain_transport(error, "push to", repo_id) from error
 
 
 def _push_one(api: HfApi, repo_id: str, version: int, write_version: Callable[[int, Path], None],
@@ -217,7 +221,7 @@ def _push_one(api: HfApi, repo_id: str, version: int, write_version: Callable[[i
     with tempfile.TemporaryDirectory(prefix="nse-hub-push-") as tmp:
         folder = Path(tmp)
         write_version(version, folder)
-        head = api.repo_info(repo_id, revision=revision).sha
+        head = api.repo_info(repo_id, revision=revision, timeout=use_timeout()).sha  # None would wait forever
         opens_pr = options.create_pr and not revision.startswith("refs/pr/")
         info = api.upload_folder(
             repo_id=repo_id, folder_path=folder, revision=revision, parent_commit=None if opens_pr else head,
@@ -268,6 +272,7 @@ def download_saved_edit(repo_id: str, revision: str | None = None, token: str | 
         validate_repo_id(repo_id)
     except HFValidationError:
         return None
+    use_timeout()
     try:
         hf_hub_download(repo_id, SESSION_FILE, revision=revision, token=token)
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError):
@@ -276,7 +281,14 @@ def download_saved_edit(repo_id: str, revision: str | None = None, token: str | 
         if error.response is not None and error.response.status_code in (401, 403, 404):
             return None  # a gated or private plain model: let transformers report it
         raise _explain(error, "read", repo_id) from error
-    return Path(snapshot_download(repo_id, revision=revision, token=token))
+    except transport_errors() as error:
+        raise explain_transport(error, "read", repo_id) from error
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, token=token))
+    except HfHubHTTPError as error:
+        raise _explain(error, "download", repo_id) from error
+    except transport_errors() as error:
+        raise explain_transport(error, "download", repo_id) from error
 
 
 def locate_saved_edit(name: str | Path, revision: str | None = None, token: str | bool | None = None) -> Path | None:

@@ -31,17 +31,12 @@ from nse_hub.base import BaseModelInfo
 from nse_hub.config import EditConfig
 from nse_hub.errors import BaseModelMismatchError, ConfigError, HistoryConflictError
 from nse_hub.report import RoundReport
-from nse_hub.requests import EditRequest
+from nse_hub.requests import EditRequest, fact_key
 from nse_hub.scoring import generate_greedy, score_targets
 
 FactKey = tuple[str, str]  # (subject, prompt template)
 Side = Literal["ours", "theirs"]
 SIDES = ("ours", "theirs")
-
-
-def fact_key(request: EditRequest) -> FactKey:
-    """The fact a request writes: its subject and its prompt template (the relation)."""
-    return request.subject.strip(), request.prompt.strip()
 
 
 def report_digest(report: RoundReport) -> str:

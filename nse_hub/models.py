@@ -8,6 +8,7 @@ short names resolve to that folder; any other string is a Hub id or a local path
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from nse_hub.errors import ModelFetchError, UnknownModelError
+from nse_hub.errors import MissingFileError, ModelFetchError, UnknownModelError
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +113,50 @@ def embedded_model_of(path: str | os.PathLike[str]) -> EmbeddedModel | None:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Map an embedded model's short name to its converted folder (fetching it once); pass others through."""
+    """Map an embedded model's short name to its converted folder (fetching it once); pass others through.
+
+    Raises:
+        MissingFileError, UnknownModelError: see :func:`check_model_name`.
+    """
     if is_embedded(name_or_path):
         return str(fetch_model(name_or_path))
+    check_model_name(name_or_path)
     return name_or_path
+
+
+def _looks_like_path(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or name in (".", ".."):
+        return True
+    if os.sep in name or (os.altsep and os.altsep in name):
+        try:
+            validate_repo_id(name)  # namespace/name is a Hub id
+        except HFValidationError:
+            return True
+    return False
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, before any download, a model name that can only be a typo.
+
+    Raises:
+        MissingFileError: ``name`` is written as a path (``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c``) and
+            there is nothing there.
+        UnknownModelError: ``name`` has no namespace and is a near miss of an embedded model's name
+            (``"smollm2-135"``): the message says which one was meant.
+    """
+    if is_embedded(name) or Path(name).expanduser().exists():
+        return
+    if _looks_like_path(name):
+        raise MissingFileError(f"no such folder {name!r}: check the path (a Hub model id is written "
+                               "namespace/name, an embedded model by its name, e.g. smollm2-135m)")
+    if "/" not in name:
+        close = difflib.get_close_matches(name.lower(), list(EMBEDDED_MODELS), n=1, cutoff=0.75)
+        if close:
+            raise UnknownModelError(f"unknown model {name!r}: did you mean {close[0]}? (embedded models: "
+                                    f"{', '.join(EMBEDDED_MODELS)}; a Hub model id is written namespace/name)")
 
 
 def fetch_model(name: str, force: bool = False) -> Path:

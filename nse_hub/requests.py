@@ -17,12 +17,15 @@ Supported record formats (detected per record from its keys):
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from nse_hub.errors import MissingFileError, RequestError
+
+logger = logging.getLogger(__name__)
 
 PLACEHOLDER = "{}"
 # EditRequest fields that hold a list of non-empty strings.
@@ -275,12 +278,55 @@ def parse_requests(records: Iterable[RequestLike], source: str = "requests") -> 
     return parsed
 
 
+def fact_key(request: EditRequest) -> tuple[str, str]:
+    """The fact a request writes: its subject and its prompt template (the relation)."""
+    return request.subject.strip(), request.prompt.strip()
+
+
+def one_round(requests: Sequence[EditRequest], source: str = "requests", warn: bool = True,
+              start: int = 0) -> list[EditRequest]:
+    """The requests of one round, each fact once: exact repeats are dropped (with a warning unless ``warn`` is off).
+
+    Messages number the requests from ``start`` (their place in a longer list that was cut into rounds).
+
+    Raises:
+        RequestError: two requests write the same fact (subject and prompt template) with different targets;
+            every such fact is listed, and nothing is edited.
+    """
+    first: dict[tuple[str, str], int] = {}
+    kept, conflicts = [], {}
+    for number, request in enumerate(requests):
+        key = fact_key(request)
+        if key not in first:
+            first[key] = number
+            kept.append(request)
+        elif requests[first[key]].target_new.strip() == request.target_new.strip():
+            if warn:
+                logger.warning("%s: record %d repeats record %d (%r → %r); it is written once", source,
+                               start + number, start + first[key], request.text, request.target_new)
+        else:
+            conflicts.setdefault(key, [first[key]]).append(number)
+    if conflicts:
+        listed = "; ".join(
+            f"records {', '.join(str(start + n) for n in numbers)} write {requests[numbers[0]].text!r} as "
+            + " / ".join(repr(requests[n].target_new) for n in numbers) for numbers in list(conflicts.values())[:5])
+        more = f"; and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
+        raise RequestError(f"{source}: {len(conflicts)} fact(s) written with different targets in one round "
+                           f"({listed}{more}); keep one target per fact, or put the rewrites in separate rounds")
+    return kept
+
+
 def read_records(path: str | Path) -> list[Any]:
     """Raw records of a JSON file (a list, or an object with a ``requests``/``data`` list) or JSONL file."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"no request file at {path}: check the path")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
+    except UnicodeDecodeError as error:
+        raise RequestError(f"{path} is not UTF-8 text (byte {error.start} is 0x{error.object[error.start]:02x}): "
+                           "save it as UTF-8, e.g. iconv -f latin1 -t utf-8 (or -f utf-16) FILE > FILE.utf8"
+                           ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as whole_error:
@@ -315,6 +361,10 @@ def load_requests(path: str | Path, limit: int | None = None, offset: int = 0,
         attribute_snippets: ROME's ``attribute_snippets.json``; each CounterFact (ROME schema)
             request gets the snippets of its relation and new target, for the consistency metric.
     """
+    for name, value, least in (("offset", offset, 0), ("limit", limit, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise RequestError(f"{name} must be a whole number of at least {least}, got {value!r}"
+                               + (": leave it unset to use every request" if name == "limit" else ""))
     records = read_records(path)[offset:None if limit is None else offset + limit]
     requests = parse_requests(records, source=str(path))
     if attribute_snippets is not None:

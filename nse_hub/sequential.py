@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from nse_hub.checkpoint import is_checkpoint
-from nse_hub.errors import CheckpointError
+from nse_hub.errors import CheckpointError, ConfigError
 from nse_hub.evaluation import FLUENCY_METRICS, METRIC_NAMES, EvalOptions, Evaluation, evaluate_session
 from nse_hub.io import atomic_write_json
-from nse_hub.requests import EditRequest
+from nse_hub.requests import EditRequest, one_round
 from nse_hub.session import EditSession
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,10 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
     Raises:
         CheckpointError: ``state_dir`` holds a run of other requests or another batch size.
     """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"the batch size (edits per round) must be a whole number of at least 1, got {batch!r}")
+    for start in range(0, len(requests), batch):  # a conflict in a late round fails before the first round runs
+        one_round(requests[start:start + batch], source=f"round {start // batch + 1}", warn=False, start=start)
     state = Path(state_dir) if state_dir else None
     run = _load_run(state, session, requests, batch)
     device = describe_device(session.device)

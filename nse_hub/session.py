@@ -40,7 +40,7 @@ from nse_hub.adapters import CompressionReport, no_update, pack, save_adapter
 from nse_hub.algorithm import RoundInputs, generate_context_templates, optimize_values, run_round
 from nse_hub.algorithm.rounds import EngineState, ValueOptimizer
 from nse_hub.algorithm.values import ValueResult
-from nse_hub.architectures import ModelLayout
+from nse_hub.architectures import ModelLayout, max_positions
 from nse_hub.base import BaseModelInfo, check_base, describe_base
 from nse_hub.card import Metric, build_card
 from nse_hub.checkpoint import (
@@ -62,22 +62,27 @@ from nse_hub.errors import (
     ConcurrentWriteError,
     ConfigError,
     LicenseRequiredError,
+    RequestError,
     VersionNotFoundError,
 )
 from nse_hub.fingerprint import model_sha256
 from nse_hub.hub import PushedRound, PushOptions, locate_saved_edit, push_versions, tag_name
 from nse_hub.io import atomic_write_text, folder_lock
 from nse_hub.lineage import HistoryDiff, MergePlan, Side, Version, diff_versions, plan_merge, probe_diff, report_digest
-from nse_hub.loading import hidden_rms, load_base_model
-from nse_hub.models import embedded_model_of, is_embedded
+from nse_hub.loading import check_finite_weights, hidden_rms, load_base_model
+from nse_hub.models import check_model_name, embedded_model_of, is_embedded
 from nse_hub.probes import measure_probes
 from nse_hub.report import RoundReport, request_report
-from nse_hub.requests import EditRequest, RequestLike, parse_requests
+from nse_hub.requests import EditRequest, RequestLike, one_round, parse_requests
 from nse_hub.stats import StatsSpec, matrix_sha256, second_moments
 from nse_hub.stats_hub import pull_statistics, push_statistics
+from nse_hub.tokens import request_lengths
 from nse_hub.tracing import model_device
 
 logger = logging.getLogger(__name__)
+
+# Tokens a context template adds before a prompt besides its generated words (the prefix, punctuation, BOS).
+CONTEXT_TEMPLATE_MARGIN = 8
 
 
 def resolve_round(round: int | None, latest: int, first: int = 0, owner: str = "the session") -> int:
@@ -180,6 +185,7 @@ class EditSession:
             BaseModelMismatchError: ``base_model`` is not the model the edit was made on.
         """
         if isinstance(model_or_name, str):
+            check_model_name(model_or_name)  # a typo fails here, before any download
             saved = locate_saved_edit(model_or_name, revision, token)
             if saved is not None:
                 session = cls._resume(saved, method=method, tokenizer=tokenizer, round=round,
@@ -193,6 +199,7 @@ class EditSession:
             tokenizer = tokenizer or loaded_tokenizer
         else:
             model = model_or_name if device is None else model_or_name.to(device)
+            check_finite_weights(model)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.name_or_path)
             spec = embedded_model_of(model.name_or_path) if model.name_or_path else None
             embedded = spec.name if spec else None
@@ -285,11 +292,12 @@ class EditSession:
         """
         if isinstance(requests, (EditRequest, dict)):
             requests = [requests]
-        return self._apply(parse_requests(requests), progress)
+        return self._apply(one_round(parse_requests(requests)), progress)
 
     def _apply(self, parsed: list[EditRequest], progress: bool, values: ValueResult | None = None) -> RoundReport:
         """One round of ``parsed``; ``values``: precomputed value targets to reuse (see :func:`run_round`)."""
         started = time.perf_counter()
+        self._check_lengths(parsed)
         seconds = self._prepare(progress)
         tic = time.perf_counter()
         before = self._measure(parsed)
@@ -339,6 +347,21 @@ class EditSession:
         for layer in self.config.layers:
             self.layout.projection(merged, layer).weight.data = self.deltas.edited_weight(layer, version)
         return merged
+
+    def _check_lengths(self, requests: list[EditRequest]) -> None:
+        """Refuse requests whose sequences would not fit the model's context, before any work is done."""
+        limit = max_positions(self.model.config)
+        if limit is None:
+            return
+        # A context template (prefix and generated words) goes before the prompt in the value optimisation.
+        room = limit - self.config.context_length - CONTEXT_TEMPLATE_MARGIN
+        lengths = request_lengths(self.tokenizer, requests)
+        too_long = [(number, length) for number, length in enumerate(lengths) if length > room]
+        if too_long:
+            listed = ", ".join(f"record {number} ({length} tokens)" for number, length in too_long[:5])
+            raise RequestError(f"{len(too_long)} request(s) too long for the model's context of {limit} tokens "
+                               f"({listed}{', …' if len(too_long) > 5 else ''}): a request's prompt with its target, "
+                               f"paraphrases and neighbours must stay under {room} tokens; shorten them")
 
     def _measure(self, requests: list[EditRequest]) -> list[Any]:
         return measure_probes(self.model, self.tokenizer, self.layout, requests, self.config.batch_size)

@@ -40,6 +40,7 @@ from huggingface_hub.errors import (
 
 from nse_hub.architectures import ModelLayout
 from nse_hub.errors import HubError, StatisticsError
+from nse_hub.hub_http import explain_transport, transport_errors, use_timeout
 from nse_hub.io import atomic_path, atomic_write_json
 from nse_hub.stats import StatsSpec
 
@@ -93,6 +94,7 @@ def push_statistics(repo_id: str, spec: StatsSpec, layout: ModelLayout, layers: 
         raise StatisticsError(f"no cached statistics for {', '.join(missing)} to push: measure them first "
                               "(session.push_statistics does)")
     api = HfApi(token=token)
+    use_timeout()
     try:
         api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
         manifest = _remote_manifest(repo_id, folder, token) or {"files": {}}
@@ -107,6 +109,8 @@ def push_statistics(repo_id: str, spec: StatsSpec, layout: ModelLayout, layers: 
                                              f"({spec.model_fingerprint[:12]}…, {spec.corpus})")
     except HfHubHTTPError as error:
         raise HubError(f"could not push statistics to the dataset {repo_id}: {error}") from error
+    except transport_errors() as error:
+        raise explain_transport(error, "push statistics to the dataset", repo_id) from error
     logger.info("Pushed the statistics of %d module(s) to %s/%s", len(paths), repo_id, folder)
     return folder
 
@@ -124,9 +128,10 @@ def pull_statistics(repo_id: str, spec: StatsSpec, layout: ModelLayout, layers: 
     if not wanted:
         return []
     folder = repo_folder(spec)
+    use_timeout()
     try:
         manifest = _remote_manifest(repo_id, folder, token, revision)
-    except HfHubHTTPError as error:
+    except (HfHubHTTPError, *transport_errors()) as error:
         logger.warning("Could not read statistics from %s (%s); measuring them here.", repo_id, error)
         return []
     if manifest is None:
@@ -141,8 +146,14 @@ def pull_statistics(repo_id: str, spec: StatsSpec, layout: ModelLayout, layers: 
         expected = manifest.get("files", {}).get(target.name)
         if expected is None:
             continue
-        downloaded = Path(hf_hub_download(repo_id, f"{folder}/{target.name}", repo_type=REPO_TYPE,
-                                          revision=revision, token=token))
+        try:
+            downloaded = Path(hf_hub_download(repo_id, f"{folder}/{target.name}", repo_type=REPO_TYPE,
+                                              revision=revision, token=token))
+        except HfHubHTTPError as error:
+            raise HubError(f"could not download {repo_id}/{folder}/{target.name}: {error}; try again, or leave "
+                           "stats_repo unset to measure the statistics here") from error
+        except transport_errors() as error:
+            raise explain_transport(error, "download statistics from", repo_id) from error
         actual = file_sha256(downloaded)
         if actual != expected:
             raise StatisticsError(f"{repo_id}/{folder}/{target.name} has sha256 {actual[:16]}…, but the manifest "

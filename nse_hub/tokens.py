@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from nse_hub.requests import EditRequest
+
 
 @dataclass(frozen=True)
 class SubjectText:
@@ -30,6 +32,16 @@ class SubjectText:
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of a prompt, with the special tokens (BOS) the model expects at the start."""
     return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def request_lengths(tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]) -> list[int]:
+    """Per request, the tokens of its longest sequence: the prompt, a paraphrase or a neighbour with its answer."""
+    lengths = []
+    for request in requests:
+        texts = [f"{request.text} {request.target_new}", *(f"{p} {request.target_new}" for p in request.paraphrases),
+                 *(f"{n.prompt} {n.answer}" for n in request.neighbors), *request.generation_prompts]
+        lengths.append(max(len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]))
+    return lengths
 
 
 def subject_last_token(tokenizer: PreTrainedTokenizerBase, item: SubjectText) -> tuple[list[int], int]:

@@ -4,7 +4,8 @@ The real ``huggingface_hub`` client (and ``peft`` / ``transformers`` loading thr
 repos, commits (regular files inline, large and binary files through the LFS batch API), branches, tags, refs,
 commit history, model info, tree listings and ``resolve`` downloads. State lives in memory; tests assert on it
 through :class:`HubServer`'s inspection methods and can make the next request to a route fail with
-:meth:`HubServer.fail_next`.
+:meth:`HubServer.fail_next` (an HTTP error status) or :meth:`HubServer.drop_next` (the connection closed without an
+answer, at once or after a silence longer than the client's timeout).
 
 Client configuration (huggingface_hub 2.4.0):
 
@@ -122,6 +123,20 @@ class _Repo:
 class _Fault:
     status: int
     message: str
+
+
+@dataclass
+class _Drop:
+    after: bool  # apply the request first: the change is made, only the answer is lost
+    silence: float  # seconds without a byte before the connection is closed
+
+
+class _Dropped(Exception):
+    """Raised by :meth:`HubServer._dispatch` to make the handler close the connection without answering."""
+
+    def __init__(self, drop: _Drop) -> None:
+        super().__init__("dropped")
+        self.drop = drop
 
 
 @dataclass
@@ -269,6 +284,8 @@ class HubServer:
         self._lock = threading.RLock()
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._faults: dict[str, list[_Fault]] = {}
+        self._drops: dict[str, list[_Drop]] = {}
+        self._stopping = threading.Event()  # ends the silences of dropped requests when the server stops
         self._uploads: dict[str, _Upload] = {}
         self._requests: list[tuple[str, str]] = []
         self._server: ThreadingHTTPServer | None = None
@@ -280,6 +297,7 @@ class HubServer:
         """Listen on a free port of 127.0.0.1 and serve from a daemon thread."""
         if self._server is not None:
             raise RuntimeError("the server is already running")
+        self._stopping.clear()
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_class(self))
         self._server.daemon_threads = True
         # A short poll interval keeps stop() (which waits for the serving loop) fast in fixture teardown.
@@ -292,6 +310,7 @@ class HubServer:
         """Stop serving and free the port; the in-memory state stays readable."""
         if self._server is None:
             return
+        self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
@@ -340,6 +359,23 @@ class HubServer:
             raise ValueError(f"unknown route {route!r}; expected one of {sorted(ROUTES)}")
         with self._lock:
             self._faults.setdefault(route, []).extend(_Fault(status, message) for _ in range(times))
+
+    def drop_next(self, route: str, times: int = 1, *, after: bool = False, silence: float = 0.0) -> None:
+        """Make the next ``times`` requests to ``route`` end with the connection closed and no answer at all: the
+        client sees ``RemoteProtocolError`` ("Server disconnected without sending a response"), or its own read
+        timeout when ``silence`` (seconds the server waits, saying nothing, before closing; bounded, and cut short
+        when the server stops) is longer than the client's timeout.
+
+        ``after=False`` drops the request before it changes anything; ``after=True`` carries it out and drops
+        only the answer (a commit made whose client never heard of it). Retries as in :meth:`fail_next`:
+        ``http_backoff`` routes retry connection errors and timeouts too.
+        """
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}; expected one of {sorted(ROUTES)}")
+        if not 0 <= silence <= 600:
+            raise ValueError(f"silence must be between 0 and 600 seconds, got {silence}")
+        with self._lock:
+            self._drops.setdefault(route, []).extend(_Drop(after, silence) for _ in range(times))
 
     @property
     def requests(self) -> list[tuple[str, str]]:
@@ -472,13 +508,20 @@ class HubServer:
         if route is None:
             return HubError(404, f"No route for {request.method} {request.path}").response()
         name, handler = route
+        with self._lock:
+            drop = self._drops[name].pop(0) if self._drops.get(name) else None
+        if drop is not None and not drop.after:
+            raise _Dropped(drop)
         try:
             self._take_fault(name)
             request.authenticated = self._authenticate(request.headers)
             with self._lock:
-                return handler(self, request)
+                response = handler(self, request)
         except HubError as error:
-            return error.response()
+            response = error.response()
+        if drop is not None:
+            raise _Dropped(drop)
+        return response
 
     def _take_fault(self, route: str) -> None:
         with self._lock:
@@ -921,6 +964,10 @@ def _handler_class(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             request = _Request(self.command, url.path, parse_qs(url.query), self.headers, self._read_body())
             try:
                 response = hub._dispatch(request)
+            except _Dropped as dropped:  # an injected fault: silence, then close without a byte of answer
+                hub._stopping.wait(dropped.drop.silence)
+                self.close_connection = True
+                return
             except Exception as error:  # a server bug must reach the test as a 500, not a hung connection
                 response = HubError(500, f"hub_server crashed: {type(error).__name__}: {error}").response()
             self._send(response)

@@ -43,6 +43,7 @@ from nse_hub.algorithm.values import ValueResult, optimize_values
 from nse_hub.architectures import ModelLayout
 from nse_hub.config import EditConfig
 from nse_hub.deltas import KeyMemory, WeightDeltas
+from nse_hub.errors import NonFiniteError
 from nse_hub.requests import EditRequest
 from nse_hub.tokens import pad_id
 
@@ -189,6 +190,28 @@ def _null_space(inputs: RoundInputs, layer: int) -> NullSpace:
     return cache[key]
 
 
+def _check_values(values: ValueResult, what: str) -> None:
+    """Refuse value targets with NaN or infinite entries (NaN residuals would make the round a silent no-op)."""
+    bad = ~(torch.isfinite(values.targets).all(dim=1) & torch.isfinite(values.hidden).all(dim=1))
+    if bool(bad.any()):
+        numbers = ", ".join(str(i) for i in torch.nonzero(bad).squeeze(1).tolist()[:10])
+        raise NonFiniteError(f"the {what} value targets of request(s) {numbers} are NaN or infinite: {_FIX[what]}; "
+                             "the round was discarded, nothing was written")
+
+
+_FIX = {"optimised": "the value optimisation diverged (lower v_lr or clamp_norm_factor)",
+        "given": "the reused value targets are damaged (a broken or altered values.safetensors)",
+        "rescaled": "norm anchoring divided by a zero norm (turn norm_anchor off)"}
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], layer: int, what: str) -> None:
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"the {what} of layer {layer} ({name}) holds NaN or infinite numbers: the update "
+                                 "overflowed (raise mom2_update_weight, or lower v_lr); the round was discarded, "
+                                 "nothing was written")
+
+
 def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
               optimize: ValueOptimizer = optimize_values, values: ValueResult | None = None,
               progress: bool = False) -> RoundOutcome:
@@ -203,6 +226,7 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
 
     Raises:
         SingularSystemError: a layer's system is singular or not positive definite.
+        NonFiniteError: value targets, an update or the keys after it hold NaN or infinite numbers.
     """
     model, layout, config, state = inputs.model, inputs.layout, inputs.config, inputs.state
     layers = config.layers
@@ -218,8 +242,11 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
                                             [t for g in inputs.context_templates for t in g])
             with value_weights():
                 values = optimize(model, layout, value_batch, config, pad, progress=progress)
+            _check_values(values, "optimised")
         elif values.targets.shape[0] != len(requests):
             raise ValueError(f"{values.targets.shape[0]} precomputed value targets for {len(requests)} requests")
+        else:
+            _check_values(values, "given")
     optimized = values
     targets = values.targets.to(inputs.memory.device)
     hidden_norm = values.hidden.norm(dim=1).to(inputs.memory.device)
@@ -239,6 +266,7 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
                                                                     config.norm_anchor_max_ratio)
         targets, skipped = anchored.to(targets.device), skipped.to(targets.device)
         values = dataclasses.replace(values, targets=anchored.to(values.targets.device))  # what is written
+        _check_values(values, "rescaled")
         nas = {"norm_anchor": state.norm_anchor, "value_norms": norms.tolist(), "norm_skipped": skipped.tolist()}
 
     residual_before: list[float] = []
@@ -284,9 +312,13 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
                     memory = inputs.memory.P(layer) if config.uses_key_memory else None
                     factors = neuron_update(layer_keys, residual_kept, inputs.second_moments[layer], memory,
                                             config.mom2_update_weight, neurons, layer)
+                _check_finite({"B": factors.B, "A": factors.A}, layer, "update")
                 inputs.deltas.add(layer, factors)
     with clock.phase("keys"):
         final_keys, final, _ = probe.read(layers)
+    for layer in layers:
+        _check_finite({"keys": final_keys[layer]}, layer, "edited model's reading")
+    _check_finite({"output": final}, config.z_layer, "edited model's reading")
     residual_after = (targets - final.to(targets.device)).norm(dim=1).tolist()
     if not residual_before:
         residual_before = residual_after
