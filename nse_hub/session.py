@@ -226,6 +226,7 @@ class EditSession:
         version = resolve_round(round, meta.rounds, owner=f"the saved edit {folder}")
         if isinstance(base_model, PreTrainedModel):
             model = base_model
+            check_finite_weights(model)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(base_model.name_or_path)
         else:
             # An embedded base is fetched again by name: its folder may not exist on this machine.
