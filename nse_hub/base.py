@@ -8,6 +8,7 @@ the GGUF was made from). Fingerprints of the edited modules guard against applyi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -56,6 +57,20 @@ class BaseModelInfo:
     def portable_id(self) -> str:
         """The base as anyone can load it: a Hub id wherever one is known, else the recorded folder."""
         return self.upstream_id or self.name_or_path
+
+    @property
+    def is_local_folder(self) -> bool:
+        """Whether the base is a folder on the machine that made the edit (no Hub id, no embedded name)."""
+        return not self.embedded and not self.upstream_id and hub_id_of(self.name_or_path) is None
+
+    def published(self) -> BaseModelInfo:
+        """This identity as it is pushed: a local folder is named by its folder name alone, not its path on
+        this machine (which means nothing elsewhere and may reveal private paths); an embedded base by its name."""
+        if self.embedded:
+            return dataclasses.replace(self, name_or_path=self.embedded)
+        if self.is_local_folder:
+            return dataclasses.replace(self, name_or_path=Path(self.name_or_path.rstrip("/")).name)
+        return dataclasses.replace(self, name_or_path=hub_id_of(self.name_or_path) or self.name_or_path)
 
     @property
     def weights_note(self) -> str | None:

@@ -141,6 +141,7 @@ class EditSession:
         self.stats_repo: str | None = None  # a Hub dataset repo sharing the second moments (see stats_hub)
         self._stats_token: str | bool | None = None
         self._card_branch = "main"
+        self._publishing = False  # while pushing: the base is named as it is published (BaseModelInfo.published)
         # session.json digest of each folder this session read or saved, as it left it (see write_checkpoint)
         self._known_digests: dict[Path, str] = {}
         # How value targets are optimised; benchmarks swap in optimize_values_reference to compare.
@@ -229,6 +230,11 @@ class EditSession:
             check_finite_weights(model)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(base_model.name_or_path)
         else:
+            if base_model is None and downloaded and meta.base.is_local_folder \
+                    and not Path(meta.base.name_or_path).expanduser().is_dir():
+                raise ConfigError(f"the saved edit {folder} was made on a local model folder named "
+                                  f"{meta.base.name_or_path!r}, which is not published with it: pass "
+                                  "base_model='path/to/that/folder' (the same weights: their fingerprints are checked)")
             # An embedded base is fetched again by name: its folder may not exist on this machine.
             source = base_model or meta.base.embedded or meta.base.name_or_path
             model, loaded_tokenizer = load_base_model(source, meta.base.revision, device, dtype, token)
@@ -522,7 +528,7 @@ class EditSession:
         options = PushOptions(commit_message=commit_message, commit_description=commit_description, private=private,
                               token=token, revision=revision or branch or "main", create_pr=create_pr,
                               branch_start=start, inherited=self._branch_point)
-        self._card_branch = options.revision
+        self._card_branch, self._publishing = options.revision, True
         try:
             return push_versions(
                 repo_id, len(self.rounds),
@@ -531,7 +537,7 @@ class EditSession:
                 report_of=lambda version: json.loads(json.dumps(self.rounds[version - 1].to_dict())),
                 options=options)
         finally:
-            self._card_branch = "main"
+            self._card_branch, self._publishing = "main", False
 
     def card(self, round: int | None = None, repo_id: str | None = None) -> ModelCard:
         """The model card of the version after ``round`` (default: the latest), for an exact adapter."""
@@ -565,8 +571,9 @@ class EditSession:
                        for v, metrics in sorted(self.evaluations.items()) if v <= version}
         adapter = {"lossy": any(r.lossy for r in compression),
                    "modules": [dataclasses.asdict(r) for r in compression]}
-        return SessionMeta(base=self.base, config=self.config, context_templates=self.context_templates,
-                           stats=stats, rounds=version, nse_hub_version=__version__, evaluations=evaluations,
+        base = self.base.published() if self._publishing else self.base
+        return SessionMeta(base=base, config=self.config, context_templates=self.context_templates, stats=stats,
+                           rounds=version, nse_hub_version=__version__, evaluations=evaluations,
                            adapter=adapter, lineage=_lineage_upto(self.lineage, version),
                            engine={"norm_anchor": self.engine.norm_anchor}
                            if self.engine.norm_anchor is not None and version else {})

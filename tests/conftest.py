@@ -128,6 +128,15 @@ def hub():
 
 
 @pytest.fixture(scope="session")
+def hub_base(hub, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny llama of ``tiny_dir`` (the same weights) as a model repository on the loopback Hub: edits made on
+    it name a base that resolves anywhere, so they can be pulled back with nothing local."""
+    folder = save_tiny(tmp_path_factory.mktemp("hub-base") / "tiny-llama")
+    hub.seed_repo("tester/tiny-llama", {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    return "tester/tiny-llama"
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     from nse_hub.models import fetch_model
 

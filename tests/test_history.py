@@ -162,7 +162,17 @@ def test_version_specs() -> None:
 @pytest.fixture
 def main_line(tiny_dir: Path, tmp_path: Path) -> tuple[EditSession, Path]:
     """Three rounds (one edit each) saved in ``tmp_path/main``."""
-    session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    return _main_line(str(tiny_dir), tmp_path)
+
+
+@pytest.fixture
+def hub_main_line(hub_base: str, tmp_path: Path) -> tuple[EditSession, Path]:
+    """The same on the Hub copy of the tiny base, for histories pushed and pulled back."""
+    return _main_line(hub_base, tmp_path)
+
+
+def _main_line(base: str, tmp_path: Path) -> tuple[EditSession, Path]:
+    session = EditSession.from_pretrained(base, device="cpu", **TINY_HPARAMS, layers=(1, 2))
     for request in REQUESTS[:3]:
         session.edit(request, progress=False)
     session.save_pretrained(tmp_path / "main")
@@ -203,8 +213,8 @@ def test_diff_cli_and_probe(main_line, tmp_path: Path, capsys) -> None:
     assert removed.target_b == removed.request.target_true  # B answers what the base did
 
 
-def test_branch_push_and_pull_by_revision(hub, main_line, tiny_dir: Path) -> None:
-    session, _ = main_line
+def test_branch_push_and_pull_by_revision(hub, hub_main_line, tiny_dir: Path) -> None:
+    session, _ = hub_main_line
     session.push_to_hub("tester/history")
     branch = EditSession.from_pretrained("tester/history", revision="round-2", device="cpu")
     parent = branch.lineage["parent"]
@@ -234,9 +244,9 @@ def test_branch_push_and_pull_by_revision(hub, main_line, tiny_dir: Path) -> Non
     assert len(main_pull.rounds) == 3 and main_pull.lineage == {}
 
 
-def test_merge_with_a_conflict_resolved_by_policy_loads_with_stock_peft(hub, main_line, tiny_dir: Path,
+def test_merge_with_a_conflict_resolved_by_policy_loads_with_stock_peft(hub, hub_main_line, tiny_dir: Path,
                                                                         tmp_path: Path) -> None:
-    session, _ = main_line
+    session, _ = hub_main_line
     session.push_to_hub("tester/merge")
     theirs = EditSession.from_pretrained("tester/merge", revision="round-1", device="cpu")
     theirs.edit([_request("Ferrari F40", "Apple", "Ferrari", "{}, developed by"), REQUESTS[3]], progress=False)

@@ -12,15 +12,16 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from nse_hub import EditSession, load_requests
-from nse_hub.errors import HubError, LicenseRequiredError
+from nse_hub.checkpoint import same_history
+from nse_hub.errors import ConfigError, HubError, LicenseRequiredError
 
 REQUESTS = load_requests(FIXTURES / "requests.json")
 IDS = torch.tensor([[5, 6, 7, 8, 9]])
 
 
 @pytest.fixture
-def session(tiny_dir: Path) -> EditSession:
-    session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
+def session(hub_base: str) -> EditSession:
+    session = EditSession.from_pretrained(hub_base, device="cpu", **TINY_HPARAMS, layers=(1, 2))
     for chunk in (REQUESTS[:2], REQUESTS[2:3], REQUESTS[3:]):
         session.edit(chunk, progress=False)
     return session
@@ -61,7 +62,8 @@ def test_push_three_rounds_then_pull_each_version(hub, session: EditSession, tin
         assert len(resumed.rounds) == version
         with torch.no_grad():
             assert torch.equal(resumed.model(input_ids=IDS).logits, logits_after(session, version))
-    auto = AutoModelForCausalLM.from_pretrained("tester/three-rounds", revision="round-2")
+    # The adapter's revision goes in adapter_kwargs: a top-level revision= would also pick the base's revision.
+    auto = AutoModelForCausalLM.from_pretrained("tester/three-rounds", adapter_kwargs={"revision": "round-2"})
     with torch.no_grad():
         assert torch.allclose(auto(input_ids=IDS).logits, logits_after(session, 2), atol=1e-5)
 
@@ -159,6 +161,23 @@ def test_cli_push(hub, session: EditSession, tmp_path: Path, capsys) -> None:
     assert main(["push", str(tmp_path / "saved"), "tester/from-cli", "--device", "cpu"]) == 0
     assert "nothing to push" in capsys.readouterr().out
     assert main(["push", str(tmp_path / "saved"), "not a repo id"]) == 2
+
+
+def test_a_local_base_path_is_not_published(hub, tiny_dir: Path) -> None:
+    session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    session.edit(REQUESTS[:2], progress=False)
+    session.push_to_hub("tester/local-base")
+    for path in ("nse_session/session.json", "README.md", "adapter_config.json", "adapter_model.safetensors",
+                 "rounds/001/adapter_config.json", "rounds/001/adapter_model.safetensors"):
+        assert str(tiny_dir.parent).encode() not in hub.file("tester/local-base", "round-1", path), path
+    config = json.loads(hub.file("tester/local-base", "round-1", "adapter_config.json"))
+    assert config["base_model_name_or_path"] == "tiny-llama"
+    with pytest.raises(ConfigError, match=r"local model folder named 'tiny-llama'.*base_model="):
+        EditSession.from_pretrained("tester/local-base", device="cpu")
+    pulled = EditSession.from_pretrained("tester/local-base", device="cpu", base_model=str(tiny_dir))
+    assert same_history(pulled.rounds, session.rounds)
+    assert session.push_to_hub("tester/local-base") == []  # the published state is what a push writes again
+    assert session.base.name_or_path == str(tiny_dir)  # the local save still names the folder
 
 
 def test_a_saved_edit_of_a_hub_base_loads_anywhere(hub, tmp_path: Path) -> None:
