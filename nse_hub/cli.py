@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from nse_hub.config import METHODS
 from nse_hub.errors import ConfigError, NSEHubError
@@ -294,8 +295,8 @@ def cmd_studio(args: argparse.Namespace) -> int:
     if args.space_dir:
         files = write_space(args.edit, args.space_dir, requirement=args.space_requirement)
         console.print(f"Wrote the Space for {args.edit} to {args.space_dir}: {', '.join(f.name for f in files)}. "
-                      "Upload it to a Space (hf upload --repo-type space USER/SPACE "
-                      f"{args.space_dir}); add HF_TOKEN as a secret if {args.edit} is private.", highlight=False)
+                      f"Upload it with `hf upload USER/SPACE {args.space_dir} --repo-type space`; give the Space an "
+                      "HF_TOKEN secret if the edit's repo is private.", highlight=False)
         return 0
     console.print(f"Loading {args.edit}; the page will be at http://{args.host}:{args.port}", highlight=False)
     launch(args.edit, host=args.host, port=args.port, device=args.device)
@@ -438,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except NSEHubError as error:  # bad input or state; anything else is a bug and keeps its traceback
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)  # messages may hold [brackets]
         return 2
 
 

@@ -97,7 +97,7 @@ def test_edited_prompts_get_p_new_and_p_old(studio: Studio) -> None:
     assert studio.probabilities(REQUESTS[0].paraphrases[0], ["base"]).new == "English"  # paraphrases count too
     assert studio.probabilities("Nothing edited here", ["base"]) is None
     page = compare_html(PROMPT, {"base": " a", "round-1": " b"}, fact)
-    assert 'data-version="round-1"' in page and "p(new) <code>Islam</code>" in page
+    assert 'data-version="round-1" class="continuation"' in page and "p(new) <code>Islam</code>" in page
 
 
 @pytest.mark.parametrize(("prompt", "versions", "message"), [
@@ -180,11 +180,12 @@ def test_space_writer_and_its_app(hub, tiny_edit: Path, tmp_path: Path, capsys) 
     assert written[1].read_text() == "nse-hub[studio] @ git+https://x/y\n"
 
 
-def test_studio_refuses_what_is_not_a_saved_edit(tmp_path: Path) -> None:
-    base = save_tiny(tmp_path / "plain")
+def test_studio_refuses_what_is_not_a_saved_edit(tmp_path: Path, capsys) -> None:
+    base = save_tiny(tmp_path / "plain[1]")
     with pytest.raises(VersionNotFoundError, match="is not a saved edit"):
         Studio.load(str(base), device="cpu")
     assert main(["studio", str(base)]) == 2
+    assert "plain[1] is not a saved edit" in capsys.readouterr().out  # the CLI prints brackets as they are
 
 
 # --- the page in a real browser (make test-studio) ---------------------------------------------------------
@@ -246,7 +247,6 @@ def test_the_page_in_headless_chromium(smollm2_edit: Path, tmp_path: Path) -> No
             for version in ("base", "round-1"):
                 selector = f'#compare-results td.continuation[data-version="{version}"]'
                 cells[version] = wait.until(ready.visibility_of_element_located((By.CSS_SELECTOR, selector))).text
-            driver.execute_script("document.querySelector('#compare-table').scrollIntoView()")
             driver.save_screenshot(str(tmp_path / "studio-compare.png"))
             print(f"\nscreenshot: {tmp_path / 'studio-compare.png'}")
             p_new = {v: float(driver.find_element(

@@ -18,8 +18,7 @@ import gradio as gr
 from nse_hub.errors import NSEHubError
 from nse_hub.history import VersionSpec
 from nse_hub.lineage import HistoryDiff
-from nse_hub.report import RoundReport
-from nse_hub.studio.versions import BASE, FactProbabilities, Studio, read_new_facts
+from nse_hub.studio.versions import BASE, FactProbabilities, Studio, probability, read_new_facts
 
 VERSION_COLUMNS = ["version", "date", "edits", "method", "efficacy", "generalization", "specificity",
                    "recorded evaluation"]
@@ -42,12 +41,8 @@ def guarded(function: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _p(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
 def _cell(text: str, tag: str = "td", **attributes: str) -> str:
-    extra = "".join(f' {k.replace("_", "-")}="{html.escape(v)}"' for k, v in attributes.items())
+    extra = "".join(f' {k.rstrip("_").replace("_", "-")}="{html.escape(v)}"' for k, v in attributes.items())
     return f'<{tag} style="{CELL_STYLE}"{extra}>{text}</{tag}>'
 
 
@@ -59,10 +54,10 @@ def compare_html(prompt: str, answers: dict[str, str], fact: FactProbabilities |
         for v, text in answers.items())]
     if fact is not None:
         rows.append(_cell(f"p(new) <code>{html.escape(fact.new)}</code>")
-                    + "".join(_cell(_p(fact.p_new.get(v)), data_version=v, class_="p-new") for v in answers))
+                    + "".join(_cell(probability(fact.p_new.get(v)), data_version=v, class_="p-new") for v in answers))
         if fact.old:
-            rows.append(_cell(f"p(old) <code>{html.escape(fact.old)}</code>")
-                        + "".join(_cell(_p(fact.p_old.get(v)), data_version=v, class_="p-old") for v in answers))
+            rows.append(_cell(f"p(old) <code>{html.escape(fact.old)}</code>") + "".join(
+                _cell(probability(fact.p_old.get(v)), data_version=v, class_="p-old") for v in answers))
     body = "".join(f"<tr>{row}</tr>" for row in rows)
     return f'<table id="compare-results" style="{TABLE_STYLE}"><tr>{head}</tr>{body}</table>'
 
@@ -75,16 +70,10 @@ def diff_rows(result: HistoryDiff) -> list[list[str]]:
         row = [marks[c.kind], c.request.text, f"{c.target_a or '?'} → {c.target_b or '?'}"]
         for side in ("a", "b"):
             p = c.probe.get(side)
-            row.append(f"{p['continuation'].strip()!r} (p new {_p(p['p_new'])}, old {_p(p['p_old'])})" if p else "")
+            row.append(f"{p['continuation'].strip()!r} (p new {probability(p['p_new'])}, "
+                       f"old {probability(p['p_old'])})" if p else "")
         rows.append(row)
     return rows
-
-
-def report_rows(report: RoundReport) -> list[list[str]]:
-    return [[r.request.text, f"{r.request.target_true or '?'} → {r.request.target_new}",
-             f"{r.p_new_before:.3f} → {r.p_new_after:.3f}",
-             f"{r.p_true_before:.3f} → {r.p_true_after:.3f}" if r.p_true_before is not None else "–",
-             {True: "✓", False: "✗", None: "–"}[r.success()]] for r in report.requests]
 
 
 def build_app(edit: str | Studio, *, allow_edit: bool = True, allow_push: bool = True, device: str | None = None,
@@ -190,7 +179,7 @@ def _edit_tab(studio: Studio, allow_push: bool, refreshed: Sequence[Any]) -> Non
     gr.Markdown("Write new facts as the next round: fill the table or upload a JSON/JSONL/CounterFact file. "
                 "The round becomes the next version at once (compare it in the other tabs); save or push it to "
                 "keep it.")
-    facts = gr.Dataframe(headers=NEW_FACT_COLUMNS, datatype=["str"] * 4, row_count=2, column_count=4,
+    facts = gr.Dataframe([[""] * 4 for _ in range(3)], headers=NEW_FACT_COLUMNS, datatype=["str"] * 4, column_count=4,
                          interactive=True, label="New facts", elem_id="edit-facts")
     upload = gr.File(label="or a request file", file_types=[".json", ".jsonl"], type="filepath")
     with gr.Row():
@@ -218,7 +207,7 @@ def _edit_tab(studio: Studio, allow_push: bool, refreshed: Sequence[Any]) -> Non
         result = studio.run_round(requests, progress=True)
         note = (f"Round {result.round}: {len(result.requests)} edit(s) in {result.seconds.get('total', 0):.1f} s — "
                 f"version **{studio.latest}** (not saved yet)")
-        return [note, report_rows(result), *refresh()]
+        return [note, studio.edit_rows(studio.latest), *refresh()]
 
     @guarded
     def discard_round() -> list[Any]:

@@ -29,6 +29,13 @@ BASE = "base"
 CURVE_METRICS = ("efficacy", "generalization", "specificity", "efficacy_generation")
 
 
+def probability(value: float | None) -> str:
+    """A probability for tables: three decimals, or two significant digits below 0.001 (``–`` when unknown)."""
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if value >= 1e-3 else f"{value:.1e}"
+
+
 def version_name(round: int) -> str:
     """``base`` for the unedited model, ``round-k`` for the version after round ``k`` (as ``nse-hub serve``)."""
     return BASE if round == 0 else f"round-{round}"
@@ -140,8 +147,9 @@ class Studio:
         if round == 0:
             return []
         return [[r.request.text, f"{r.request.target_true or '?'} → {r.request.target_new}",
-                 f"{r.p_new_before:.3f} → {r.p_new_after:.3f}",
-                 f"{r.p_true_before:.3f} → {r.p_true_after:.3f}" if r.p_true_before is not None else "–",
+                 f"{probability(r.p_new_before)} → {probability(r.p_new_after)}",
+                 f"{probability(r.p_true_before)} → {probability(r.p_true_after)}" if r.p_true_before is not None
+                 else "–",
                  {True: "✓", False: "✗", None: "–"}[r.success()]] for r in self.session.rounds[round - 1].requests]
 
     def edited_prompts(self) -> list[str]:
