@@ -3,12 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup demo test lint bench clean serve-env test-serve
+.PHONY: setup demo test lint bench clean serve-env test-serve test-studio
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,studio]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -54,6 +54,16 @@ serve-env: $(SERVE_VENV)/.installed
 test-serve: setup serve-env
 	$(VENV)/bin/nse-hub models fetch smollm2-135m
 	NSE_HUB_SERVE_PYTHON=$(abspath $(SERVE_PY)) $(PY) -m pytest -q -m serve tests/test_serving.py
+
+# The studio in a real browser: Debian's chromium and its driver (installed with apt-get when missing and root),
+# Selenium pointed at them (no browser download), the real SmolLM2. Screenshots: pytest's tmp folder, printed.
+test-studio: setup
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver; \
+		else echo "install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"; exit 1; fi; }
+	$(PY) -m pip install --quiet -c constraints.txt selenium
+	$(VENV)/bin/nse-hub models fetch smollm2-135m
+	$(PY) -m pytest -q -s -m studio tests/test_studio.py
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .ruff_cache nse-hub-demo

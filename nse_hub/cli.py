@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from nse_hub.config import METHODS
 from nse_hub.errors import ConfigError, NSEHubError
@@ -311,6 +312,35 @@ def _add_history_commands(sub: Any) -> None:
     stats.set_defaults(func=cmd_stats)
 
 
+def cmd_studio(args: argparse.Namespace) -> int:
+    from nse_hub.studio import launch, write_space
+
+    if args.space_dir:
+        files = write_space(args.edit, args.space_dir, requirement=args.space_requirement)
+        console.print(f"Wrote the Space for {args.edit} to {args.space_dir}: {', '.join(f.name for f in files)}. "
+                      f"Upload it with `hf upload USER/SPACE {args.space_dir} --repo-type space`; give the Space an "
+                      "HF_TOKEN secret if the edit's repo is private.", highlight=False)
+        return 0
+    console.print(f"Loading {args.edit}; the page will be at http://{args.host}:{args.port}", highlight=False)
+    launch(args.edit, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
+def _add_studio_command(sub: Any) -> None:
+    studio = sub.add_parser("studio", help="a web page to compare, review and make versions (Gradio)",
+                            description="Needs the studio extra: pip install \"nse-hub[studio]\".")
+    studio.add_argument("edit", help="a saved edit: a folder, or a Hub repo pushed by nse-hub (repo or repo@revision)")
+    studio.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    studio.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    studio.add_argument("--space-dir", metavar="DIR",
+                        help="write a Hugging Face Space (app.py, requirements.txt, README.md) running the page on "
+                             "EDIT, a Hub repo, instead of serving it")
+    studio.add_argument("--space-requirement", metavar="REQ",
+                        help="the Space's requirement for nse-hub (default nse-hub[studio]==this version)")
+    studio.add_argument("--device")
+    studio.set_defaults(func=cmd_studio)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nse-hub", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -415,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     _add_history_commands(sub)
+    _add_studio_command(sub)
 
     demo = sub.add_parser("demo", help="the main job end to end on the embedded default model")
     demo.add_argument("--model", default="smollm2-135m")
@@ -431,7 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except NSEHubError as error:  # bad input or state; anything else is a bug and keeps its traceback
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)  # one line, also in logs
+        # One line, also in logs; messages may hold [brackets] (nse-hub[studio]) that rich would read as markup.
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
 
 

@@ -121,10 +121,25 @@ class WeightDeltas:
     @contextmanager
     def original(self) -> Iterator[None]:
         """Run the model on its original weights ("deltas off"); no weight is copied."""
+        with self._weights({layer: self.originals[layer] for layer in self.layers}):
+            yield
+
+    @contextmanager
+    def at_round(self, upto: int) -> Iterator[None]:
+        """Run the model as the version after round ``upto`` (0: the original weights), then restore it.
+
+        The weights are ``W0 + B_all @ A_all`` of rounds ``1..upto``, the same as :meth:`edited_weight` and so
+        as a merge or the saved adapter of that version.
+        """
+        with self._weights({layer: self.edited_weight(layer, upto) for layer in self.layers}):
+            yield
+
+    @contextmanager
+    def _weights(self, weights: dict[int, torch.Tensor]) -> Iterator[None]:
         current = {layer: m.weight.data for layer, m in self.modules.items()}
         try:
             for layer, module in self.modules.items():
-                module.weight.data = self.originals[layer]
+                module.weight.data = weights[layer]
             yield
         finally:
             for layer, module in self.modules.items():

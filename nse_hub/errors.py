@@ -84,6 +84,10 @@ class ServeError(NSEHubError, ValueError):
     """A version that cannot be served as asked, or no serving environment; says what to do."""
 
 
+class MissingExtraError(NSEHubError, ImportError):
+    """An optional dependency that is not installed (``nse-hub studio`` needs Gradio); names the extra to install."""
+
+
 class UnknownModelError(NSEHubError, KeyError):
     """A short model name that is not one of nse-hub's embedded models."""
 
@@ -124,6 +128,7 @@ __all__ = [
     "HistoryConflictError",
     "HubError",
     "LicenseRequiredError",
+    "MissingExtraError",
     "MissingFileError",
     "ModelFetchError",
     "NSEHubError",

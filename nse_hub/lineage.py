@@ -240,19 +240,26 @@ def probe_diff(diff: HistoryDiff, a: tuple[PreTrainedModel, PreTrainedTokenizerB
                b: tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelLayout], max_new_tokens: int = 8,
                batch_size: int = 32) -> HistoryDiff:
     """Fill each change's ``probe``: what versions ``a`` and ``b`` (model, tokenizer, layout) answer on its prompt."""
+    for side, (model, tokenizer, layout) in (("a", a), ("b", b)):
+        probe_side(diff, side, model, tokenizer, layout, max_new_tokens, batch_size)
+    return diff
+
+
+def probe_side(diff: HistoryDiff, side: Literal["a", "b"], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+               layout: ModelLayout, max_new_tokens: int = 8, batch_size: int = 32) -> HistoryDiff:
+    """Fill one side of each change's ``probe`` (see :func:`probe_diff`) with what ``model`` answers now."""
     if not diff.changes:
         return diff
     prompts = [c.request.text for c in diff.changes]
-    for side, (model, tokenizer, layout) in (("a", a), ("b", b)):
-        continuations = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
-        pairs = [(i, which, target) for i, c in enumerate(diff.changes)
-                 for which, target in (("p_new", c.target_b), ("p_old", c.target_a)) if target]
-        scores = score_targets(model, tokenizer, layout, [prompts[i] for i, _, _ in pairs],
-                               [t for _, _, t in pairs], batch_size) if pairs else []
-        found: dict[tuple[int, str], float] = {(i, which): s.prob for (i, which, _), s in zip(pairs, scores)}
-        for i, c in enumerate(diff.changes):
-            c.probe[side] = {"continuation": continuations[i], "p_new": found.get((i, "p_new")),
-                             "p_old": found.get((i, "p_old"))}
+    continuations = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
+    pairs = [(i, which, target) for i, c in enumerate(diff.changes)
+             for which, target in (("p_new", c.target_b), ("p_old", c.target_a)) if target]
+    scores = score_targets(model, tokenizer, layout, [prompts[i] for i, _, _ in pairs],
+                           [t for _, _, t in pairs], batch_size) if pairs else []
+    found: dict[tuple[int, str], float] = {(i, which): s.prob for (i, which, _), s in zip(pairs, scores)}
+    for i, c in enumerate(diff.changes):
+        c.probe[side] = {"continuation": continuations[i], "p_new": found.get((i, "p_new")),
+                         "p_old": found.get((i, "p_old"))}
     return diff
 
 
