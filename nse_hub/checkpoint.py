@@ -10,6 +10,9 @@
     rounds/001/report.json                            that round's RoundReport
     rounds/001/values.safetensors                     that round's value targets (optional; NSE's are
                                                       reused when the round is merged into another history)
+    rounds/001/lifelong.safetensors                   UltraEdit: the statistics of that round's editing
+                                                      features per layer (count, mean, squared deviations);
+                                                      the lifelong normalization combines them in order
     nse_session/session.json                          base model, hyperparameters, context templates,
                                                       statistics reference, number of rounds, and
                                                       the evaluations recorded for each version, and
@@ -35,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from nse_hub.adapters import ADAPTER_WEIGHTS, no_update, read_adapter, save_adapter
+from nse_hub.algorithm.lifelong import FeatureStats, stats_from_tensors, stats_to_tensors
 from nse_hub.architectures import ModelLayout
 from nse_hub.base import BaseModelInfo
 from nse_hub.config import EditConfig
@@ -44,7 +48,8 @@ from nse_hub.io import atomic_directory, atomic_write_bytes, atomic_write_json, 
 from nse_hub.report import RoundReport
 
 # 2: methods memit (classic) and memit_seq; lossy-adapter record. Later additions are optional (older readers
-# ignore them, this one reads files without them): "lineage" in session.json, rounds/NNN/values.safetensors.
+# ignore them, this one reads files without them): "lineage" in session.json, rounds/NNN/values.safetensors,
+# rounds/NNN/lifelong.safetensors (UltraEdit).
 FORMAT_VERSION = 2
 LEGACY_MEMIT = "memit_seq"
 SESSION_FILE = "nse_session/session.json"
@@ -54,6 +59,7 @@ ROUNDS_DIR = "rounds"
 KEYS_FILE = "keys.safetensors"
 REPORT_FILE = "report.json"
 VALUES_FILE = "values.safetensors"
+LIFELONG_FILE = "lifelong.safetensors"
 
 
 def round_dir(index: int) -> str:
@@ -113,12 +119,14 @@ class RoundData:
 
     ``values`` holds tensors ``targets`` and ``hidden`` (``n × d_model``) and ``loss``, ``nll``, ``steps``
     (``n``): the round's :class:`~nse_hub.algorithm.ValueResult`; ``None`` for rounds saved without them.
+    ``lifelong``: UltraEdit's statistics of the round's editing features per layer; ``None`` for other methods.
     """
 
     factors: dict[int, Factors]
     keys: dict[int, torch.Tensor]
     report: RoundReport
     values: dict[str, torch.Tensor] | None = None
+    lifelong: dict[int, FeatureStats] | None = None
 
 
 def is_checkpoint(folder: str | Path) -> bool:
@@ -170,6 +178,8 @@ def write_checkpoint(folder: str | Path, layout: ModelLayout, meta: SessionMeta,
             atomic_write_json(tmp / REPORT_FILE, data.report.to_dict())
             if data.values is not None:
                 save_file({k: v.detach().cpu().contiguous() for k, v in data.values.items()}, str(tmp / VALUES_FILE))
+            if data.lifelong is not None:
+                save_file(stats_to_tensors(data.lifelong), str(tmp / LIFELONG_FILE))
     save_adapter(folder, layout, cumulative or no_update(layout, first_layer), base.portable_id, base.revision,
                  {**header, "round": len(rounds), "increment": False})
     if tokenizer is not None:
@@ -206,6 +216,8 @@ def _round_is_current(target: Path, data: RoundData) -> bool:
         return False
     if data.values is not None and not (target / VALUES_FILE).is_file():
         return False  # values known now but not saved then: write the round again
+    if data.lifelong is not None and not (target / LIFELONG_FILE).is_file():
+        return False
     try:
         return json.loads(report.read_text()) == json.loads(json.dumps(data.report.to_dict()))
     except json.JSONDecodeError:
@@ -235,7 +247,7 @@ def read_round(folder: str | Path, layout: ModelLayout, index: int) -> RoundData
         raise CheckpointError(f"{path} is incomplete: {Path(error.filename).name} is missing") from None
     except (SafetensorError, OSError, json.JSONDecodeError, KeyError, ValueError) as error:
         raise CheckpointError(f"{path} is damaged ({error}); restore it from a backup or the Hub") from None
-    return RoundData(factors, keys, report, read_values(path))
+    return RoundData(factors, keys, report, read_values(path), read_lifelong(path))
 
 
 def read_values(round_folder: str | Path) -> dict[str, torch.Tensor] | None:
@@ -246,4 +258,15 @@ def read_values(round_folder: str | Path) -> dict[str, torch.Tensor] | None:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is damaged ({error}); restore it from a backup or the Hub") from None
+
+
+def read_lifelong(round_folder: str | Path) -> dict[int, FeatureStats] | None:
+    """A round folder's UltraEdit feature statistics, or ``None`` when it has none (other methods)."""
+    path = Path(round_folder) / LIFELONG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return stats_from_tensors(load_file(str(path)))
+    except (SafetensorError, OSError, KeyError, ValueError, IndexError) as error:
         raise CheckpointError(f"{path} is damaged ({error}); restore it from a backup or the Hub") from None
