@@ -223,8 +223,9 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
               progress: bool = False) -> RoundOutcome:
     """Write ``requests`` into the model as a pending round of ``inputs.deltas``.
 
-    The caller commits the round (``deltas.commit_round()`` and ``memory.add_round(outcome.keys)``)
-    or discards it; nothing else changes (except the engine's derived state: null spaces, anchor).
+    The caller commits the round (``deltas.commit_round()``, ``memory.add_round(outcome.keys)`` and
+    ``state.commit_lifelong(outcome.lifelong)``) or discards it; nothing else changes (except the engine's
+    derived state: null spaces, anchor).
 
     ``values`` are precomputed value targets of ``requests`` (a stored round's ``outcome.optimized``):
     they replace the optimisation. Only NSE's are valid on top of another history, since NSE
