@@ -68,6 +68,12 @@ METHODS = {
                                "[arXiv:2410.02355](https://arxiv.org/abs/2410.02355)), which projects each update onto "
                                "the null space of the keys the layer must preserve, so that knowledge outside the "
                                "edits is left as it was."),
+    "ultraedit": ("UltraEdit", "**UltraEdit** (Gu et al., [arXiv:2505.14679](https://arxiv.org/abs/2505.14679)), "
+                               "which computes each round's change in one step from the edited projections' inputs "
+                               "and loss gradients at the positions that predict the new answers, normalised by "
+                               "running statistics of every earlier round's (lifelong normalization), and solves "
+                               "for the weight change in closed form (ridge regression): no value optimisation, no "
+                               "corpus statistics."),
     "memit": ("MEMIT", f"**{_MEMIT}**, which spreads each fact's change over the MLP output projections of a few "
                        "layers with a least-squares update that preserves what those layers already encode."),
     "memit_seq": ("sequential MEMIT", f"**sequential MEMIT**: {_MEMIT} whose least-squares update also preserves "

@@ -10,6 +10,9 @@
     rounds/001/report.json                            that round's RoundReport
     rounds/001/values.safetensors                     that round's value targets (optional; NSE's are
                                                       reused when the round is merged into another history)
+    rounds/001/lifelong.safetensors                   UltraEdit: the statistics of that round's editing
+                                                      features per layer (count, mean, squared deviations);
+                                                      the lifelong normalization combines them in order
     nse_session/session.json                          base model, hyperparameters, context templates,
                                                       statistics reference, number of rounds, the
                                                       evaluations recorded for each version, the lineage
@@ -44,6 +47,7 @@ from safetensors.torch import load_file, save
 from transformers import PreTrainedTokenizerBase
 
 from nse_hub.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_files, no_update, read_adapter
+from nse_hub.algorithm.lifelong import FeatureStats, stats_from_tensors, stats_to_tensors
 from nse_hub.architectures import ModelLayout
 from nse_hub.base import BaseModelInfo
 from nse_hub.config import EditConfig
@@ -64,7 +68,8 @@ logger = logging.getLogger(__name__)
 
 # 2: methods memit (classic) and memit_seq; lossy-adapter record. 3: session.json lists the sha256 of every file
 # (``files``), which readers check; saves are transactions. Later additions are optional (older readers ignore
-# them): "lineage" and "engine" in session.json, rounds/NNN/values.safetensors.
+# them): "lineage" and "engine" in session.json, rounds/NNN/values.safetensors, rounds/NNN/lifelong.safetensors
+# (UltraEdit).
 FORMAT_VERSION = 3
 LEGACY_MEMIT = "memit_seq"
 SESSION_FILE = "nse_session/session.json"
@@ -74,6 +79,7 @@ ROUNDS_DIR = "rounds"
 KEYS_FILE = "keys.safetensors"
 REPORT_FILE = "report.json"
 VALUES_FILE = "values.safetensors"
+LIFELONG_FILE = "lifelong.safetensors"
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
@@ -172,12 +178,14 @@ class RoundData:
 
     ``values`` holds tensors ``targets`` and ``hidden`` (``n × d_model``) and ``loss``, ``nll``, ``steps``
     (``n``): the round's :class:`~nse_hub.algorithm.ValueResult`; ``None`` for rounds saved without them.
+    ``lifelong``: UltraEdit's statistics of the round's editing features per layer; ``None`` for other methods.
     """
 
     factors: dict[int, Factors]
     keys: dict[int, torch.Tensor]
     report: RoundReport
     values: dict[str, torch.Tensor] | None = None
+    lifelong: dict[int, FeatureStats] | None = None
 
 
 def is_checkpoint(folder: str | Path) -> bool:
@@ -321,6 +329,8 @@ def round_files(layout: ModelLayout, meta: SessionMeta, index: int, data: RoundD
     files[REPORT_FILE] = json_text(data.report.to_dict()).encode("utf-8")
     if data.values is not None:
         files[VALUES_FILE] = save_tensors(data.values)
+    if data.lifelong is not None:
+        files[LIFELONG_FILE] = save_tensors(stats_to_tensors(data.lifelong))
     return files
 
 
@@ -334,7 +344,8 @@ def _stage_round(transaction: FolderTransaction, folder: Path, layout: ModelLayo
     prefix = round_dir(index) + "/"
     saved = {path: sha for path, sha in old.items() if path.startswith(prefix)}
     report = sha256_bytes(json_text(data.report.to_dict()).encode("utf-8"))
-    names = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, KEYS_FILE, REPORT_FILE} | ({VALUES_FILE} if data.values else set())
+    names = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, KEYS_FILE, REPORT_FILE} | ({VALUES_FILE} if data.values else set()) \
+        | ({LIFELONG_FILE} if data.lifelong is not None else set())
     if saved.get(prefix + REPORT_FILE) == report and set(saved) == {prefix + n for n in names} \
             and all((folder / path).is_file() for path in saved):
         return saved  # the same round, already complete (a report is unique to its round)
@@ -580,12 +591,13 @@ def read_round(folder: str | Path, layout: ModelLayout, index: int, meta: Sessio
     except (SafetensorError, OSError, IndexError, ValueError) as error:
         raise CheckpointError(f"{keys_path} is damaged ({error}); restore it from a backup or the Hub") from None
     values = read_values(path)
+    lifelong = read_lifelong(path)
     for name, tensor in [*((f"{KEYS_FILE} layer {k}", v) for k, v in keys.items()),
                          *((f"{VALUES_FILE} {k}", v) for k, v in (values or {}).items())]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{path}: {name} holds NaN or infinite values; the file is damaged: restore it "
                                   "from a backup or the Hub")
-    return RoundData(factors, keys, report, values)
+    return RoundData(factors, keys, report, values, lifelong)
 
 
 def read_values(round_folder: str | Path) -> dict[str, torch.Tensor] | None:
@@ -596,4 +608,15 @@ def read_values(round_folder: str | Path) -> dict[str, torch.Tensor] | None:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is damaged ({error}); restore it from a backup or the Hub") from None
+
+
+def read_lifelong(round_folder: str | Path) -> dict[int, FeatureStats] | None:
+    """A round folder's UltraEdit feature statistics, or ``None`` when it has none (other methods)."""
+    path = Path(round_folder) / LIFELONG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return stats_from_tensors(load_file(str(path)))
+    except (SafetensorError, OSError, KeyError, ValueError, IndexError) as error:
         raise CheckpointError(f"{path} is damaged ({error}); restore it from a backup or the Hub") from None

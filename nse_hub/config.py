@@ -21,11 +21,13 @@ from nse_hub.io import atomic_write_json
 from nse_hub.stats import default_stat_samples, warn_sample_size
 
 CONFIG_FILE = "edit_config.json"
-Method = Literal["nse", "memit", "memit_seq", "alphaedit"]
+Method = Literal["nse", "memit", "memit_seq", "alphaedit", "ultraedit"]
 #: The editing methods, in the order the CLI offers them. All share one engine (``nse_hub.algorithm.rounds``).
-METHODS: tuple[str, ...] = ("nse", "memit", "memit_seq", "alphaedit")
+METHODS: tuple[str, ...] = ("nse", "memit", "memit_seq", "alphaedit", "ultraedit")
 #: Methods whose solve adds the key memory ``P`` of earlier rounds (classic MEMIT does not).
 USES_KEY_MEMORY: tuple[str, ...] = ("nse", "memit_seq", "alphaedit")
+#: Methods whose solve uses the corpus second moments ``C`` (UltraEdit needs no corpus).
+USES_SECOND_MOMENTS: tuple[str, ...] = ("nse", "memit", "memit_seq", "alphaedit")
 
 
 def _setting(default: Any, help: str, **kwargs: Any) -> Any:
@@ -49,7 +51,10 @@ class EditConfig:
         'filter); "memit" (kmeng01/memit: values on the current weights, all neurons, one pass, '
         "ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ without earlier rounds' keys); \"memit_seq\" (the same plus the key memory of "
         'earlier rounds, as the NSE repository\'s sequential MEMIT); "alphaedit" (MEMIT\'s values and passes, the '
-        "update projected onto the null space of C and solved with the key memory and an L2 term).")
+        "update projected onto the null space of C and solved with the key memory and an L2 term); \"ultraedit\" "
+        "(UltraEdit, arXiv 2505.14679: no value optimisation, no corpus statistics; one closed-form ridge update "
+        "from the projections' inputs and loss gradients at the target-predicting positions, normalised by "
+        "running statistics kept across rounds).")
     layers: tuple[int, ...] = _setting(
         (), "The consecutive decoder layers whose MLP output projection is rewritten; the last one is the "
         "z-layer where value targets live.")
@@ -99,6 +104,12 @@ class EditConfig:
         "the anchor norm, the mean ‖v*‖ of the session's first round (computed on the original weights).")
     norm_anchor_max_ratio: float = _setting(2.0, "With norm_anchor: requests whose ‖v*‖ exceeds this multiple of "
                                                  "the anchor are skipped (not written) and reported.")
+    ultraedit_lr: float = _setting(
+        1e-6, "UltraEdit: η, the step of the pseudo-values v = −η ‖k̂‖² ĝ (k̂, ĝ: the key and the output gradient "
+        "normalised by the lifelong running statistics). Larger writes more strongly (reference: 1e-6).")
+    ultraedit_ridge: float = _setting(
+        1.0, "UltraEdit: λ of the ridge solve ΔWᵀ = (KᵀK + λI)⁻¹KᵀV on the raw keys (reference: 1). Larger keeps "
+        "the update smaller where the keys are weak.")
     preset: str | None = _setting(None, "The measured preset these settings started from (informational).",
                                   compare=False)
 
@@ -182,6 +193,10 @@ class EditConfig:
                        f"got {self.nullspace_threshold}")
         if self.L2 <= 0:
             out.append(f"L2 must be positive (without it AlphaEdit's system is singular), got {self.L2}")
+        for name in ("ultraedit_lr", "ultraedit_ridge"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                out.append(f"{name} must be a positive finite number, got {value!r}")
         if self.norm_anchor_max_ratio <= 1:
             out.append(f"norm_anchor_max_ratio must be above 1, got {self.norm_anchor_max_ratio}")
         return out
@@ -225,6 +240,11 @@ class EditConfig:
     def uses_key_memory(self) -> bool:
         """Whether the solve includes the keys of earlier rounds (all methods but classic MEMIT)."""
         return self.method in USES_KEY_MEMORY
+
+    @property
+    def uses_second_moments(self) -> bool:
+        """Whether the solve needs the corpus second moments ``C`` (every method but UltraEdit)."""
+        return self.method in USES_SECOND_MOMENTS
 
     def replace(self, **changes: Any) -> EditConfig:
         return dataclasses.replace(self, **changes)
@@ -294,6 +314,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gemma3-270m": {"layers": (3, 4, 5, 6, 7), "v_lr": 5.0, "mom2_update_weight": 3e3},
 }
 
+# Per-method overrides of a model's preset. UltraEdit writes from gradients at the answer positions and needs
+# later layers than the locate-then-edit methods (its reference edits 60–95 % of the depth). SmolLM2: chosen on
+# the first 10 CounterFact records, one round (ES/PS/NS ×100, unedited 20/20/70; see the README's Presets):
+# layers 2–6 wrote nothing useful at any η (η 1e-2: 60/50/60), 18–24 at η 3e-4 gave 90/40/50, at 1e-3 100/50/40.
+# Gemma 3 270M: the same relative depth and η, not measured.
+METHOD_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    ("smollm2-135m", "ultraedit"): {"layers": (18, 19, 20, 21, 22, 23, 24), "ultraedit_lr": 3e-4},
+    ("gemma3-270m", "ultraedit"): {"layers": (11, 12, 13, 14), "ultraedit_lr": 3e-4},
+}
+
 # Adam's step for δ as a share of the hidden states' per-coordinate RMS at the z-layer (0.5 ≈ 0.1 × 4.6 on
 # SmolLM2, where it was tuned). Models without a preset get v_lr from this and a measured RMS.
 V_LR_PER_HIDDEN_RMS = 0.1
@@ -317,6 +347,12 @@ def automatic_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(range(first, z + 1))
 
 
+def ultraedit_layers(num_layers: int) -> tuple[int, ...]:
+    """UltraEdit's automatic layers: from 60 % to 80 % of the depth (SmolLM2: 18–24 of 30, its preset)."""
+    first, last = round(0.6 * num_layers), min(num_layers - 1, round(0.8 * num_layers))
+    return tuple(range(min(first, last), last + 1))
+
+
 def make_config(layout: ModelLayout, embedded_name: str | None = None, method: str = "nse",
                 hidden_rms: Callable[[int], float] | None = None, **hparams: Any) -> EditConfig:
     """Preset or automatic settings for ``layout``, overridden by ``hparams``; checked against the model.
@@ -327,6 +363,9 @@ def make_config(layout: ModelLayout, embedded_name: str | None = None, method: s
     check_names(hparams)
     preset = preset_for(layout, embedded_name)
     base: dict[str, Any] = dict(PRESETS[preset]) if preset else {"layers": automatic_layers(layout.num_layers)}
+    base.update(METHOD_PRESETS.get((preset or "", method), {}))
+    if not preset and method == "ultraedit":
+        base["layers"] = ultraedit_layers(layout.num_layers)
     config = EditConfig(**{**base, "method": method, "preset": preset, **hparams})  # checks the types
     problems = config.problems(num_layers=layout.num_layers)
     if problems:

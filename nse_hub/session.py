@@ -50,6 +50,7 @@ from nse_hub.checkpoint import (
     read_meta,
     read_reports,
     read_round,
+    round_dir,
     same_history,
     verify_files,
     write_checkpoint,
@@ -259,9 +260,13 @@ class EditSession:
                                   "from a backup or the Hub") from None
         session.lineage = _lineage_upto(meta.lineage, version)
         session._saved_rounds = meta.rounds
-        for data in rounds:
+        for index, data in enumerate(rounds, start=1):
             session.deltas.append_round(data.factors)
             session.memory.add_round(data.keys)
+            if data.lifelong is None and meta.config.method == "ultraedit":
+                raise CheckpointError(f"{folder}/{round_dir(index)} has no lifelong statistics, which UltraEdit "
+                                      "needs to continue: restore the folder from a backup or the Hub")
+            session.engine.commit_lifelong(data.lifelong or {})
             session.rounds.append(data.report)
             session._values.append(data.values)
         session._known_digests[folder.resolve()] = meta.digest
@@ -310,7 +315,7 @@ class EditSession:
         before = self._measure(parsed)
         seconds["scoring"] = time.perf_counter() - tic
         inputs = RoundInputs(self.model, self.tokenizer, self.layout, self.config, self.deltas, self.memory,
-                             self._second_moments, self.context_templates, self.engine)
+                             self._second_moments or {}, self.context_templates, self.engine)
         try:
             outcome = run_round(inputs, parsed, optimize=self.value_optimizer, values=values, progress=progress)
         except BaseException:
@@ -318,6 +323,7 @@ class EditSession:
             raise
         self.deltas.commit_round()
         self.memory.add_round(outcome.keys)
+        self.engine.commit_lifelong(outcome.lifelong)
         tic = time.perf_counter()
         after = self._measure(parsed)
         seconds["scoring"] += time.perf_counter() - tic
@@ -339,6 +345,7 @@ class EditSession:
         version = resolve_round(round, len(self.rounds))
         self.deltas.truncate(version)
         self.memory.truncate(version)
+        self.engine.truncate_lifelong(version)
         self.rounds = self.rounds[:version]
         self._values = self._values[:version]
         self.evaluations = {v: m for v, m in self.evaluations.items() if v <= version}
@@ -385,7 +392,7 @@ class EditSession:
                     self.model, self.tokenizer, self.config.context_prefixes, self.config.context_length,
                     self.config.seed)
                 seconds["templates"] = time.perf_counter() - tic
-            if self._second_moments is None:
+            if self._second_moments is None and self.config.uses_second_moments:
                 tic = time.perf_counter()
                 self._second_moments = self._load_second_moments(progress)
                 seconds["stats"] = time.perf_counter() - tic
@@ -442,7 +449,8 @@ class EditSession:
         if license:
             self.base.license = license
         rounds = [RoundData(self.deltas.rounds[i], self.memory.rounds[i], self.rounds[i],
-                            self._values[i] if i < len(self._values) else None) for i in range(version)]
+                            self._values[i] if i < len(self._values) else None,
+                            self.engine.lifelong_rounds[i] or None) for i in range(version)]
         stored, compression = self._packed(version, max_rank)
         meta = self._meta(version, compression)
         folder = Path(save_directory).resolve()

@@ -1,4 +1,4 @@
-"""One edit round of NSE, MEMIT, sequential MEMIT or AlphaEdit (NSE.md, "One round").
+"""One edit round of NSE, MEMIT, sequential MEMIT, AlphaEdit or UltraEdit (NSE.md, "One round").
 
 NSE: values on the original weights; up to ``max_iterations - 1`` passes over the edit layers, each
 keeping only requests whose residual lies between ``alpha`` and ``upper_bound`` and updating only the
@@ -9,6 +9,10 @@ every request, every neuron. All spread the residual over the remaining layers. 
 * ``memit`` (kmeng01/memit): the same without ``P``;
 * ``alphaedit``: ``Δᵀ = (Π (K Kᵀ + P) + L2·I)⁻¹ Π K Rᵀ`` with ``Π`` the projector onto the null space
   of ``C`` (see :func:`~nse_hub.algorithm.update.alphaedit_update`).
+
+UltraEdit (:mod:`nse_hub.algorithm.ultraedit`) has no value targets and no residual: one forward and
+backward pass reads every edit layer's keys and output gradients at the target-predicting positions, and
+each layer gets ``ΔW = Vᵀ (KKᵀ + λI)⁻¹ K`` with pseudo-values normalised by the lifelong statistics.
 
 The session adds each round's keys to ``P`` afterwards (classic MEMIT keeps them too, unused, so
 that a saved session has the same state whatever its method). With ``norm_anchor`` (NAS), each value's
@@ -31,6 +35,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nse_hub.algorithm.batches import build_key_batch, build_value_batch
 from nse_hub.algorithm.keys import KeyProbe
+from nse_hub.algorithm.lifelong import FeatureStats, combine_all
+from nse_hub.algorithm.ultraedit import editing_features, pseudo_values, ultraedit_update
 from nse_hub.algorithm.update import (
     NullSpace,
     alphaedit_update,
@@ -70,6 +76,12 @@ class RoundOutcome:
             ``norm_anchor_max_ratio ×`` the anchor) and so not written.
         optimized: the value targets as the optimiser returned them (before NAS rescaling), or as
             given to :func:`run_round`: what a later round may reuse.
+        lifelong: UltraEdit: per layer, the statistics of this round's editing features (what the
+            session adds to the lifelong normalization when it commits the round); empty otherwise.
+
+    UltraEdit has no value targets: ``values.targets`` and ``values.hidden`` are the z-layer outputs at
+    the subjects' last tokens before the round, ``values.loss``/``nll`` each request's target NLL before it,
+    ``residual_before`` is 0 and ``residual_after`` how far the round moved that output.
     """
 
     values: ValueResult
@@ -84,6 +96,7 @@ class RoundOutcome:
     value_norms: list[float] = field(default_factory=list)
     norm_skipped: list[bool] = field(default_factory=list)
     optimized: ValueResult | None = None
+    lifelong: dict[int, FeatureStats] = field(default_factory=dict)
 
 
 class _Clock:
@@ -101,17 +114,33 @@ class _Clock:
 
 @dataclass
 class EngineState:
-    """What the engine derives once per session and keeps in memory between rounds (never saved).
+    """What the engine keeps between rounds besides the deltas and the key memory (the session owns it).
 
     Attributes:
         null_spaces: AlphaEdit's null space of ``C`` per ``(layer, nullspace_threshold)``; derived
             from the second moments, so recomputed (one eigendecomposition per layer) when lost.
         norm_anchor: the NAS anchor norm, measured on the first round's values (original weights).
-            The session owns this state and saves the anchor with it, so a resumed session keeps it.
+            The session saves it in ``session.json`` (``engine``), so a resumed session keeps it.
+        lifelong_rounds: UltraEdit's lifelong normalization: per committed round, the statistics of
+            its editing features per layer (``{}`` for rounds of other methods). The session saves each
+            round's in its round folder; the running statistics are their combination in round order.
     """
 
     null_spaces: dict[tuple[int, float], NullSpace] = field(default_factory=dict)
     norm_anchor: float | None = None
+    lifelong_rounds: list[dict[int, FeatureStats]] = field(default_factory=list)
+
+    def lifelong(self, layer: int) -> FeatureStats | None:
+        """The running statistics of ``layer``'s editing features over the committed rounds."""
+        return combine_all(r[layer] for r in self.lifelong_rounds if layer in r)
+
+    def commit_lifelong(self, stats: dict[int, FeatureStats]) -> None:
+        """Record a committed round's feature statistics (``{}`` for a round without any)."""
+        self.lifelong_rounds.append(stats)
+
+    def truncate_lifelong(self, rounds: int) -> None:
+        """Keep the statistics of the first ``rounds`` rounds (rollback)."""
+        del self.lifelong_rounds[rounds:]
 
 
 @dataclass
@@ -217,8 +246,9 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
               progress: bool = False) -> RoundOutcome:
     """Write ``requests`` into the model as a pending round of ``inputs.deltas``.
 
-    The caller commits the round (``deltas.commit_round()`` and ``memory.add_round(outcome.keys)``)
-    or discards it; nothing else changes (except the engine's derived state: null spaces, anchor).
+    The caller commits the round (``deltas.commit_round()``, ``memory.add_round(outcome.keys)`` and
+    ``state.commit_lifelong(outcome.lifelong)``) or discards it; nothing else changes (except the engine's
+    derived state: null spaces, anchor).
 
     ``values`` are precomputed value targets of ``requests`` (a stored round's ``outcome.optimized``):
     they replace the optimisation. Only NSE's are valid on top of another history, since NSE
@@ -232,6 +262,10 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
     layers = config.layers
     pad = pad_id(inputs.tokenizer)
     clock = _Clock()
+    if config.method == "ultraedit":
+        if values is not None:
+            raise ValueError("UltraEdit computes no value targets: run its rounds without values=")
+        return _ultraedit_round(inputs, requests, clock)
 
     def value_weights() -> AbstractContextManager[None]:  # NSE: values on the original weights
         return inputs.deltas.original() if config.method == "nse" else nullcontext()
@@ -324,3 +358,41 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
         residual_before = residual_after
     return RoundOutcome(values, final_keys, residual_before, residual_after, kept_per_pass, selected,
                         dict(clock.seconds), nullspace_dims, **nas, optimized=optimized)
+
+
+def _ultraedit_round(inputs: RoundInputs, requests: Sequence[EditRequest], clock: _Clock) -> RoundOutcome:
+    """UltraEdit's round: features on the current weights, lifelong normalization, one ridge solve per layer.
+
+    The lifelong statistics in ``inputs.state`` are only read: the round's own statistics are returned
+    (``outcome.lifelong``) for the session to commit with the round.
+    """
+    model, layout, config = inputs.model, inputs.layout, inputs.config
+    layers, n = config.layers, len(requests)
+    pad = pad_id(inputs.tokenizer)
+    with clock.phase("keys"):
+        probe = KeyProbe(model, layout, build_key_batch(inputs.tokenizer, requests, inputs.context_templates),
+                         layers[0], config.z_layer, pad, config.batch_size)
+        hidden_before = probe.read([]).z_out
+    with clock.phase("features"):
+        features = editing_features(model, layout, inputs.tokenizer, requests, layers, pad, config.batch_size)
+    round_stats: dict[int, FeatureStats] = {}
+    updates = {}
+    with clock.phase("solve"):
+        device = inputs.memory.device
+        for layer in layers:
+            stacked = features.stacked(layer).to(device)
+            round_stats[layer] = FeatureStats.of(stacked)
+            earlier = inputs.state.lifelong(layer)
+            running = round_stats[layer] if earlier is None else earlier.to(device).combine(round_stats[layer])
+            values = pseudo_values(stacked, running, layout.intermediate_size, config.ultraedit_lr)
+            updates[layer] = ultraedit_update(stacked[:, :layout.intermediate_size], values, config.ultraedit_ridge,
+                                              layer)
+    for layer, factors in updates.items():  # all from the gradients on the weights before the round
+        inputs.deltas.add(layer, factors)
+    with clock.phase("keys"):
+        final_keys, final, _ = probe.read(layers)
+    moved = (final - hidden_before).norm(dim=1).tolist()
+    values = ValueResult(hidden_before, hidden_before, features.nll, features.nll, [0] * n)
+    return RoundOutcome(values, final_keys, [0.0] * n, moved, [[True] * n],
+                        {layer: [layout.intermediate_size] for layer in layers}, dict(clock.seconds),
+                        lifelong={layer: s.to("cpu") for layer, s in round_stats.items()})
