@@ -307,8 +307,10 @@ def main() -> None:
     for check in args.checks:
         results[check] = run_check(check)
         print(f"{check}: {results[check]['seconds']} s", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(table({check: results[check]}), flush=True)
+        if args.json:  # after every check: a later one's failure keeps the earlier results
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print("\nall checks:")
     print(table(results))
 
 
