@@ -243,6 +243,14 @@ class ModelLayout:
         return logits
 
 
+def attention_kv_width(config: object, hidden_size: int) -> int:
+    """Width of one layer's key (or value) cache per token: key/value heads × head dimension (GQA-aware)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden_size // heads if heads else hidden_size)
+    return (getattr(config, "num_key_value_heads", None) or heads or 1) * head_dim
+
+
 def _layer_returns_tuple(model: nn.Module, layer: nn.Module) -> bool:
     """Run one token through the model to see whether decoder layers return a tuple (GPT-J) or a tensor."""
     seen: list[bool] = []

@@ -275,6 +275,34 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from nse_hub.plan import memory_plan
+
+    plan = memory_plan(args.model, method=args.method, dtype=args.dtype, device=args.device,
+                       device_memory=args.device_memory, batch_size=args.batch_size, hparams=_hparams(args.set))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        console.print(plan.table())
+    return 0
+
+
+def _add_plan_command(sub: Any) -> None:
+    plan = sub.add_parser("plan", help="the peak memory of every phase of an edit round, from the config alone",
+                          description="Reads only the model's config (no weights) and predicts the peak memory of "
+                                      "each phase of a round, whether it fits, and settings that make it fit.")
+    plan.add_argument("model", help="embedded name, Hub id, or local folder with config.json")
+    plan.add_argument("--method", choices=METHODS, default="nse")
+    plan.add_argument("--dtype", help="bfloat16 (bf16), float16 (fp16) or float32 (default: as `nse-hub edit`)")
+    plan.add_argument("--device", choices=["cuda", "cpu"], help="default: CUDA if available")
+    plan.add_argument("--device-memory", help="memory to fit in, e.g. 24GB (default: this machine's)")
+    plan.add_argument("--batch-size", type=int, default=10, help="edits per round (default 10)")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a hyperparameter as for `nse-hub edit`, e.g. --set layers=[4,5,6]")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.set_defaults(func=cmd_plan)
+
+
 def _add_history_commands(sub: Any) -> None:
     diff = sub.add_parser("diff", help="facts added, removed and changed between two versions",
                           description="A and B: saved-edit folders or repo@revision (a branch, tag or commit).")
@@ -446,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_history_commands(sub)
     _add_studio_command(sub)
+    _add_plan_command(sub)
 
     demo = sub.add_parser("demo", help="the main job end to end on the embedded default model")
     demo.add_argument("--model", default="smollm2-135m")

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from nse_hub.algorithm.batches import ValueBatch
-from nse_hub.architectures import ModelLayout
+from nse_hub.architectures import ModelLayout, attention_kv_width
 from nse_hub.config import EditConfig
 from nse_hub.tokens import pad_right
 from nse_hub.tracing import edit_output, read_output, start_at
@@ -219,24 +219,27 @@ CHUNK_BYTES = {"cpu": 2 * 2**30, "cuda": 16 * 2**30}
 
 
 def sequence_bytes(model: PreTrainedModel, layout: ModelLayout, batch: ValueBatch, z: int) -> int:
-    """Estimated memory one sequence of ``batch`` takes in the value optimisation.
+    """Estimated memory one sequence of ``batch`` takes in the value optimisation (:func:`sequence_bytes_for`)."""
+    rows = len(batch.sequences)
+    suffix = sum(len(s) - c for s, c in zip(batch.sequences, batch.lookup)) / rows
+    read = (sum(len(labels) for labels in batch.labels) + batch.num_requests) / rows
+    return sequence_bytes_for(layout, z, attention_kv_width(model.config, layout.hidden_size),
+                              model.get_output_embeddings().weight.shape[0], next(model.parameters()).element_size(),
+                              suffix=suffix, prefix=max(batch.lookup), read=read)
+
+
+def sequence_bytes_for(layout: ModelLayout, z: int, kv_width: int, vocab: int, element_size: int, *,
+                       suffix: float, prefix: int, read: float) -> int:
+    """Estimated memory of one value-optimisation sequence, from shapes alone (``nse_hub.plan`` uses it too).
 
     Activations the backward pass keeps in every layer above the z-layer (about 6·d_model + 4·d_ff
     values per suffix token), three copies of the prefix key/value cache per step, and four
-    vocabulary-sized float32 rows per position whose logits are read.
+    vocabulary-sized float32 rows per position whose logits are read. ``suffix``: mean tokens from the
+    subject's last token on; ``prefix``: the longest prefix before it; ``read``: mean positions read per row.
     """
-    config = model.config.get_text_config()
-    size = next(model.parameters()).element_size()
-    heads = getattr(config, "num_attention_heads", None)
-    head_dim = getattr(config, "head_dim", None) or (layout.hidden_size // heads if heads else layout.hidden_size)
-    kv_width = (getattr(config, "num_key_value_heads", None) or heads or 1) * head_dim
-    vocab = model.get_output_embeddings().weight.shape[0]
-    rows = len(batch.sequences)
-    suffix = sum(len(s) - c for s, c in zip(batch.sequences, batch.lookup)) / rows
-    prefix = max(batch.lookup)
-    read = (sum(len(labels) for labels in batch.labels) + batch.num_requests) / rows
-    activations = (layout.num_layers - z - 1) * (6 * layout.hidden_size + 4 * layout.intermediate_size) * suffix * size
-    cache = 3 * layout.num_layers * 2 * kv_width * prefix * size
+    activations = ((layout.num_layers - z - 1) * (6 * layout.hidden_size + 4 * layout.intermediate_size)
+                   * suffix * element_size)
+    cache = 3 * layout.num_layers * 2 * kv_width * prefix * element_size
     return int(activations + cache + 4 * 4 * vocab * read)
 
 

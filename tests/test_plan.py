@@ -1,0 +1,191 @@
+"""The memory plan: its formulas against measured memory, the public configs, the command line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES, tiny_tokenizer
+from transformers import LlamaConfig
+
+from nse_hub import plan as planning
+from nse_hub.algorithm.update import neuron_update, null_space
+from nse_hub.cli import main
+from nse_hub.errors import ConfigError, MissingFileError, StatisticsError
+from nse_hub.plan import memory_plan
+
+CONFIGS = FIXTURES / "configs"
+# Parameter counts published with each model.
+PUBLIC = {"llama-3-8b": 8.03e9, "llama-3-70b": 70.6e9, "qwen2.5-7b": 7.62e9, "mistral-7b": 7.25e9}
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def _peak_above_now(run) -> int:
+    """How far resident memory rises above its current level while ``run()`` runs (Linux peak reset)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _rss()
+    run()
+    return _hwm() - before
+
+
+def _wide_shape(d_ff: int, method: str, **hparams):
+    config = LlamaConfig(hidden_size=32, intermediate_size=d_ff, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False)
+    return planning.build_shape(config, method, torch.float32, "cpu", 10, None, {"layers": [1], **hparams})
+
+
+needs_peak_reset = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+
+
+@needs_peak_reset
+def test_solve_formula_matches_measured_memory():
+    shape = _wide_shape(3072, "nse")
+    predicted = planning.phase_solves(shape)[0] - planning._steady(shape)
+    n = shape.d_ff
+    second_moment = torch.eye(n) + 0.01
+    memory = torch.zeros(n, n, dtype=torch.float64)
+    keys, residual = torch.randn(n, 10), torch.randn(32, 10)
+    measured = _peak_above_now(lambda: neuron_update(keys, residual, second_moment, memory, 1e4, torch.arange(n)))
+    assert measured == pytest.approx(predicted, rel=0.2)
+
+
+@needs_peak_reset
+@pytest.mark.slow
+def test_null_space_formula_matches_measured_memory():
+    shape = _wide_shape(3072, "alphaedit")
+    predicted = planning.phase_null_space(shape)[0] - planning._base(shape) - planning._second_moments(shape)
+    keys = torch.randn(shape.d_ff, shape.d_ff)
+    second_moment = keys @ keys.T / shape.d_ff  # a realistic spectrum (a diagonal C takes a shortcut)
+    del keys
+    measured = _peak_above_now(lambda: null_space(second_moment, shape.config.nullspace_threshold))
+    assert measured == pytest.approx(predicted, rel=0.2)
+
+
+@needs_peak_reset
+@pytest.mark.filterwarnings("ignore:mom2_n_samples")
+def test_statistics_formula_matches_measured_memory(tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    from nse_hub.architectures import ModelLayout
+    from nse_hub.stats import StatsSpec, second_moments
+
+
+    monkeypatch.setenv("NSE_HUB_CACHE", str(tmp_path))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 600)
+    shape = _wide_shape(2048, "nse", mom2_dataset=str(corpus), mom2_n_samples=64, batch_size=32)
+    config = LlamaConfig(hidden_size=32, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    layout = ModelLayout.detect(model)
+    spec = StatsSpec("0" * 64, str(corpus), 64, 64, 0)
+
+    def run() -> None:
+        with contextlib.suppress(StatisticsError):  # random tiny models may give a singular C: the peak came first
+            second_moments(model, tiny_tokenizer(), layout, [1], spec, batch_size=32, progress=False)
+
+    measured = _peak_above_now(run)
+    predicted = planning.phase_statistics(shape)[0] - planning._base(shape)
+    assert measured == pytest.approx(predicted, rel=0.2)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_public_configs_give_a_plan(name):
+    plan = memory_plan(CONFIGS / name, method="nse", dtype="bf16", device="cuda", device_memory="80GB")
+    assert plan.num_parameters == pytest.approx(PUBLIC[name], rel=0.01)
+    names = [p.name for p in plan.phases]
+    assert names == ["weights", "statistics pass", "value step (per chunk)", "key reads", "solves", "key memory",
+                     "saving"]
+    assert all(p.bytes > plan.num_parameters * 2 for p in plan.phases)  # every phase holds the weights
+    assert plan.peak_bytes == max(p.bytes for p in plan.phases)
+    alphaedit = memory_plan(CONFIGS / name, method="alphaedit", dtype="bf16", device="cuda", device_memory="80GB")
+    assert "null space" in [p.name for p in alphaedit.phases]
+
+
+def test_llama3_8b_bf16_on_24gb_names_a_setting():
+    plan = memory_plan(CONFIGS / "llama-3-8b", method="nse", dtype="bfloat16", device="cuda", device_memory="24GB",
+                       batch_size=100)
+    assert plan.fits is False
+    assert plan.peak_bytes > 24 * 2**30
+    assert plan.suggestions
+    best = plan.suggestions[0]
+    assert best.setting.startswith("--set layers=") and best.peak_bytes < plan.peak_bytes
+    roomy = memory_plan(CONFIGS / "llama-3-8b", method="nse", dtype="bfloat16", device="cuda", device_memory="80GB")
+    assert roomy.fits is True and not roomy.suggestions
+
+
+def test_suggested_setting_is_what_it_says():
+    plan = memory_plan(CONFIGS / "mistral-7b", dtype="bf16", device="cuda", device_memory="24GB")
+    fitting = [s for s in plan.suggestions if s.fits]
+    assert fitting
+    again = memory_plan(CONFIGS / "mistral-7b", dtype="bf16", device="cuda", device_memory="24GB",
+                        **fitting[0].changes.get("hparams", {}))
+    assert again.fits and again.peak_bytes == fitting[0].peak_bytes
+
+
+def test_plan_follows_the_settings():
+    small = memory_plan(CONFIGS / "llama-3-8b", dtype="bf16", device="cuda", device_memory="80GB", layers=[8])
+    five = memory_plan(CONFIGS / "llama-3-8b", dtype="bf16", device="cuda", device_memory="80GB")
+    fp32 = memory_plan(CONFIGS / "llama-3-8b", dtype="fp32", device="cuda", device_memory="80GB", layers=[8])
+    assert five.layers == [4, 5, 6, 7, 8] and small.layers == [8]
+    assert small.peak_bytes < five.peak_bytes < fp32.peak_bytes + 5 * 8 * 14336**2
+    assert fp32.dtype == "float32" and small.dtype == "bfloat16"
+    cpu = memory_plan(CONFIGS / "llama-3-8b", dtype="bf16", device="cpu", device_memory="80GB", layers=[8])
+    weights_cpu, weights_cuda = cpu.phases[0].bytes, small.phases[0].bytes
+    assert weights_cpu > weights_cuda + planning.PROCESS_BYTES  # the process and the fingerprint's copy
+
+
+def test_bad_inputs_raise_typed_errors(tmp_path):
+    with pytest.raises(ConfigError, match="24GB"):
+        memory_plan(CONFIGS / "llama-3-8b", device="cuda", device_memory="lots")
+    with pytest.raises(ConfigError, match="unknown hyperparameter"):
+        memory_plan(CONFIGS / "llama-3-8b", device="cuda", device_memory="24GB", mom2_samples=10)
+    with pytest.raises(ConfigError, match="dtype"):
+        memory_plan(CONFIGS / "llama-3-8b", device="cuda", dtype="int8")
+    with pytest.raises(MissingFileError, match=r"config\.json"):
+        memory_plan(tmp_path)
+    assert planning.parse_bytes("24GB") == planning.parse_bytes("24 GiB") == 24 * 2**30
+    assert planning.parse_bytes("512MB") == 512 * 2**20
+
+
+def test_cli_plan_json(capsys):
+    code = main(["plan", str(CONFIGS / "llama-3-8b"), "--dtype", "bf16", "--device", "cuda", "--device-memory",
+                 "24GB", "--batch-size", "100", "--method", "alphaedit", "--set", "mom2_sample_length=128", "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is False and data["peak_bytes"] > 24 * 2**30
+    assert data["method"] == "alphaedit" and data["batch_size"] == 100
+    assert data["suggestions"] and data["suggestions"][0]["setting"]
+    assert {p["name"] for p in data["phases"]} >= {"weights", "null space", "solves"}
+
+
+def test_cli_plan_table_and_errors(capsys):
+    assert main(["plan", str(CONFIGS / "qwen2.5-7b"), "--device", "cpu", "--device-memory", "256GB"]) == 0
+    out = capsys.readouterr().out
+    assert "statistics pass" in out and "fits" in out
+    assert main(["plan", str(CONFIGS / "qwen2.5-7b"), "--device-memory", "big"]) == 2
+    assert "not a size" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_process_overhead_is_measured():
+    code = ("import torch, transformers, nse_hub.session, nse_hub.cli\n"
+            "print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+    measured = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                  cwd=Path(__file__).parents[1]).stdout)
+    assert measured == pytest.approx(planning.PROCESS_BYTES, rel=0.2)
