@@ -125,14 +125,15 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from nse_hub.serving import ServerOptions, describe_plan, plan_serving, serve
 
+    options = ServerOptions(host=args.host, port=args.port, dtype=args.dtype,
+                            extra_args=tuple(shlex.split(args.vllm_args)),
+                            memory_utilization=args.memory_utilization, api_key=args.api_key)
     plan = plan_serving(args.source, args.versions, max_rank=args.max_rank, base_model=args.base_model,
                         served_name=args.served_model_name)
     for line in describe_plan(plan):
         console.print(line, highlight=False)
-    options = ServerOptions(host=args.host, port=args.port, dtype=args.dtype,
-                            extra_args=tuple(shlex.split(args.vllm_args)))
     return serve(plan, options, python=args.serve_python, adapters_dir=args.adapters_dir, dry_run=args.dry_run,
-                 echo=lambda line: console.print(line, highlight=False, soft_wrap=True))
+                 echo=lambda line: console.print(line, highlight=False, soft_wrap=True, markup=False))
 
 
 def _print_evaluation(title: str, evaluation: Any) -> None:
@@ -354,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="truncate versions above this rank (1, 8, 16, 32, 64, 128, 256, 320 or 512; lossy, "
                             "the error is printed)")
     serve.add_argument("--dtype", default="auto", help="vLLM's --dtype (auto, float32, bfloat16 …)")
+    serve.add_argument("--memory-utilization", type=float, metavar="SHARE",
+                       help="the share of memory vLLM may reserve, in (0, 1] (its --gpu-memory-utilization; on the "
+                            "CPU a share of the node's memory). Default: chosen from what the model and versions "
+                            "need and what is available, and printed")
+    serve.add_argument("--api-key", help="clients must send this key (Authorization: Bearer KEY); passed to vLLM "
+                                         "in its environment, never printed (vLLM also reads $VLLM_API_KEY)")
     serve.add_argument("--base-model", help="serve on this copy of the base (default: the recorded one)")
     serve.add_argument("--served-model-name", help="the base's model name (default: the base's name)")
     serve.add_argument("--serve-python", help="Python of the vLLM environment (default: $NSE_HUB_SERVE_PYTHON, "
