@@ -25,9 +25,10 @@ from pathlib import Path
 from nse_hub.errors import ServeError
 
 GIB = 1 << 30
-# The vLLM worker process before weights and KV cache: torch, vLLM, oneDNN and warm-up buffers.
+# The vLLM worker process before weights and KV cache: torch, vLLM, oneDNN and warm-up buffers (an estimate;
+# the worker subtracts what it really holds from its share, so too low an estimate leaves too little KV cache).
 RUNTIME_BYTES = 2 * GIB
-# The API server and engine-core processes that start, and take memory, before the worker checks the share.
+# The API server and engine-core processes that start, and take memory, before the worker checks its share.
 SERVER_PROCESSES_BYTES = 3 * GIB // 2
 # The KV cache planned for: this many requests of the full context length at once.
 KV_REQUESTS = 4
