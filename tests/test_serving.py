@@ -331,8 +331,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+SERVE_KEY = "test-serve-key"
+
+
 def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {SERVE_KEY}"}
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
     with urllib.request.urlopen(request, timeout=300) as response:
         return json.loads(response.read())
 
@@ -343,7 +347,8 @@ def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: floa
         if process.poll() is not None:
             pytest.fail(f"the vLLM server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
+            models = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {SERVE_KEY}"})
+            with urllib.request.urlopen(models, timeout=5) as response:
                 return [m["id"] for m in json.loads(response.read())["data"]]
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(2)
@@ -394,15 +399,19 @@ def test_real_server_answers_each_version_like_peft(smollm2_edit: Path, tmp_path
 
     port, log = _free_port(), tmp_path / "server.log"
     command = [sys.executable, "-m", "nse_hub.cli", "serve", str(smollm2_edit), "--versions", "round-1,round-2",
-               "--port", str(port), "--dtype", "float32", "--adapters-dir", str(adapters),
+               "--port", str(port), "--dtype", "float32", "--adapters-dir", str(adapters), "--api-key", SERVE_KEY,
                "--vllm-args", "--max-model-len 512 --enforce-eager --seed 0"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    # No VLLM_CPU_KVCACHE_SPACE: the server starts with the memory share nse-hub chooses.
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_API_KEY")}
     with open(log, "w") as sink:
         server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         served = _wait_until_up(url, server, log)
         assert {plan.served_name, BASE_ADAPTER, "round-1", "round-2"} <= set(served)
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"{url}/v1/models", timeout=30)
+        assert "memory: 0." in log.read_text() and SERVE_KEY not in log.read_text()
         # One batch: every (model, prompt) pair at once, so vLLM schedules base and edited requests together.
         # The plain served name (no adapter) must come back unedited as well: the spare slot keeps it clean.
         models = [plan.served_name, BASE_ADAPTER, "round-1", "round-2"]
