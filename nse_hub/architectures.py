@@ -273,3 +273,42 @@ def _projection_shape(module: nn.Module) -> tuple[WeightLayout, int, int]:
     raise UnsupportedArchitectureError(
         f"the MLP output projection is a {type(module).__name__}; nse-hub edits nn.Linear and GPT-2 Conv1D."
     )
+
+
+@dataclass(frozen=True)
+class ServingShape:
+    """The sizes that decide how much memory serving a model takes (see :mod:`nse_hub.serve_memory`).
+
+    Attributes:
+        parameters: weights (tied ones once).
+        linear_features: the sum of in + out features over the decoder layers' linear modules: the LoRA
+            buffer elements a server allocates per adapter slot and unit of rank.
+        kv_values_per_token: keys and values cached per token (2 × layers × KV heads × head size).
+        max_positions: the context length the model was made for, if its config says.
+        dtype: the weights' dtype its config names (``float32``, ``bfloat16`` …), if any.
+    """
+
+    parameters: int
+    linear_features: int
+    kv_values_per_token: int
+    max_positions: int | None
+    dtype: str | None
+
+    @classmethod
+    def of(cls, model: nn.Module, layout: ModelLayout) -> ServingShape:
+        """Read the sizes off ``model`` (weights on the ``meta`` device are enough)."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        features = 0
+        for module in layout.layers(model).modules():
+            if isinstance(module, nn.Linear):
+                features += module.in_features + module.out_features
+            elif type(module).__name__ == "Conv1D":
+                features += sum(module.weight.shape)
+        heads = getattr(config, "num_attention_heads", None) or 1
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or layout.hidden_size // heads
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return cls(parameters=sum(p.numel() for p in model.parameters()), linear_features=features,
+                   kv_values_per_token=2 * layout.num_layers * kv_heads * head_dim,
+                   max_positions=getattr(config, "max_position_embeddings", None),
+                   dtype=str(dtype).removeprefix("torch.") if dtype is not None else None)

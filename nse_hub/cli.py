@@ -91,11 +91,23 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from nse_hub import EditSession, load_requests
+    from nse_hub.models import cache_dir
     from nse_hub.scoring import generate_greedy
+    from nse_hub.stats import sufficient_stat_samples
 
     requests = load_requests(Path(str(DEMO_REQUESTS)))
     session = EditSession.from_pretrained(args.model, device=args.device)
+    # A newcomer's first edit waits mostly on the one-time statistics pass: measure the 10 tokens per neuron the
+    # edited layers need, not the 20,480-token floor the presets were tuned with (SmolLM2: 240 samples, not 320).
+    config = session.config
+    needed = sufficient_stat_samples(session.layout.intermediate_size, config.mom2_sample_length)
+    session.config = config.replace(mom2_n_samples=min(needed, config.mom2_n_samples))
     console.print(f"{session}: writing {len(requests)} counterfactual facts in one NSE round")
+    if not session.stats_spec.path(session.layout, config.layers[-1]).is_file():
+        console.print(f"First run: the statistics of layers {list(config.layers)} are measured once, on "
+                      f"{session.config.mom2_n_samples} × {config.mom2_sample_length} tokens of text sampled from "
+                      f"the model, and cached in {cache_dir() / 'stats'} (minutes on a CPU; later runs skip this).",
+                      highlight=False)
     prompts = [r.text for r in requests]
     before = generate_greedy(session.model, session.tokenizer, prompts, max_new_tokens=6)
     _edit_rounds(session, requests, len(requests), Path(args.out))
@@ -149,14 +161,15 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from nse_hub.serving import ServerOptions, describe_plan, plan_serving, serve
 
+    options = ServerOptions(host=args.host, port=args.port, dtype=args.dtype,
+                            extra_args=tuple(shlex.split(args.vllm_args)),
+                            memory_utilization=args.memory_utilization, api_key=args.api_key)
     plan = plan_serving(args.source, args.versions, max_rank=args.max_rank, base_model=args.base_model,
                         served_name=args.served_model_name)
     for line in describe_plan(plan):
         console.print(line, highlight=False)
-    options = ServerOptions(host=args.host, port=args.port, dtype=args.dtype,
-                            extra_args=tuple(shlex.split(args.vllm_args)))
     return serve(plan, options, python=args.serve_python, adapters_dir=args.adapters_dir, dry_run=args.dry_run,
-                 echo=lambda line: console.print(line, highlight=False, soft_wrap=True))
+                 echo=lambda line: console.print(line, highlight=False, soft_wrap=True, markup=False))
 
 
 def _print_evaluation(title: str, evaluation: Any) -> None:
@@ -435,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="truncate versions above this rank (1, 8, 16, 32, 64, 128, 256, 320 or 512; lossy, "
                             "the error is printed)")
     serve.add_argument("--dtype", default="auto", help="vLLM's --dtype (auto, float32, bfloat16 …)")
+    serve.add_argument("--memory-utilization", type=float, metavar="SHARE",
+                       help="the share of memory vLLM may reserve, in (0, 1] (its --gpu-memory-utilization; on the "
+                            "CPU a share of the node's memory). Default: chosen from what the model and versions "
+                            "need and what is available, and printed")
+    serve.add_argument("--api-key", help="clients must send this key (Authorization: Bearer KEY); passed to vLLM "
+                                         "in its environment, never printed (vLLM also reads $VLLM_API_KEY)")
     serve.add_argument("--base-model", help="serve on this copy of the base (default: the recorded one)")
     serve.add_argument("--served-model-name", help="the base's model name (default: the base's name)")
     serve.add_argument("--serve-python", help="Python of the vLLM environment (default: $NSE_HUB_SERVE_PYTHON, "

@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
 
 from nse_hub.errors import ConfigError
 from nse_hub.tokens import encode, pad_id
@@ -196,16 +198,18 @@ def _texts(corpus: Corpus) -> Iterator[str]:
 
 
 def token_sequences(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, n_samples: int, length: int,
-                    model: PreTrainedModel | None = None, seed: int = 0, skip: int = 0) -> Iterator[list[int]]:
+                    model: PreTrainedModel | None = None, seed: int = 0, skip: int = 0,
+                    progress: bool = False) -> Iterator[list[int]]:
     """Yield up to ``n_samples`` token sequences of at most ``length`` tokens from ``corpus``.
 
     ``skip``: leave out the first ``skip`` of them (the same sequences as a full run's, from there on);
     model-sampled text is not generated for them, except for the rest of a sampling batch.
+    ``progress``: show a bar of the tokens sampled from the model (the slow part of a model corpus).
     """
     if corpus.kind == "model":
         if model is None:
             raise ValueError("a model-sampled corpus needs the model")
-        yield from sample_from_model(model, tokenizer, n_samples, length, seed, skip=skip)
+        yield from sample_from_model(model, tokenizer, n_samples, length, seed, skip=skip, progress=progress)
         return
     yield from itertools.islice(_text_windows(_texts(corpus), tokenizer, length), skip, n_samples)
 
@@ -220,35 +224,67 @@ def _text_windows(texts: Iterator[str], tokenizer: PreTrainedTokenizerBase, leng
             yield window
 
 
+class _TokenBar(BaseStreamer):
+    """Advances a progress bar by a batch's rows at every generated token (``generate(streamer=...)``)."""
+
+    def __init__(self, bar: tqdm, rows: int) -> None:
+        self.bar, self.rows, self.prompt_seen = bar, rows, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:  # the first call carries the prompt
+            self.bar.update(self.rows)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def _sampling_batches(tokenizer: PreTrainedTokenizerBase, n_samples: int, length: int,
+                      first: int) -> list[tuple[list[list[int]], int]]:
+    """Per sampling batch from sample ``first`` (a batch start) on: its start tokens and the tokens to generate."""
+    batches = []
+    for made in range(first, n_samples, SAMPLING_BATCH):
+        count = min(SAMPLING_BATCH, n_samples - made)
+        starts = [encode(tokenizer, SAMPLE_STARTS[(made + i) % len(SAMPLE_STARTS)]) for i in range(count)]
+        batches.append((starts, max(1, length - min(len(s) for s in starts))))  # every sample reaches ``length``
+    return batches
+
+
 @torch.no_grad()
 def sample_from_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_samples: int, length: int,
-                      seed: int = 0, skip: int = 0) -> Iterator[list[int]]:
+                      seed: int = 0, skip: int = 0, progress: bool = False) -> Iterator[list[int]]:
     """Sample ``n_samples`` continuations of ``length`` tokens from the model (top-k 50), reproducibly.
 
     Each sampling batch has its own seed, so ``skip`` starts at the batch holding sample ``skip``.
+    ``progress`` shows a bar of the tokens generated.
     """
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     batch_index = skip // SAMPLING_BATCH
-    made = batch_index * SAMPLING_BATCH
-    drop = skip - made
-    while made < n_samples:
-        count = min(SAMPLING_BATCH, n_samples - made)
-        starts = [encode(tokenizer, SAMPLE_STARTS[(made + i) % len(SAMPLE_STARTS)]) for i in range(count)]
-        width = max(len(s) for s in starts)
-        new_tokens = max(1, length - min(len(s) for s in starts))  # every sample reaches ``length``
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in starts], device=device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in starts], device=device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed * 100_003 + batch_index)
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, top_k=50, temperature=1.0,
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                pad_token_id=pad, eos_token_id=None,
-            )
-        for row, start in enumerate(starts):
-            if row >= drop:
-                yield out[row, width - len(start):].tolist()[:length]
-        drop = 0
-        made += count
-        batch_index += 1
+    drop = skip - batch_index * SAMPLING_BATCH
+    batches = _sampling_batches(tokenizer, n_samples, length, batch_index * SAMPLING_BATCH)
+    with tqdm(total=sum(len(starts) * new for starts, new in batches), desc="sampling text", unit="token",
+              disable=not progress, leave=False) as bar:
+        for starts, new_tokens in batches:
+            yield from _sample_batch(model, starts, new_tokens, length, pad, seed * 100_003 + batch_index, device,
+                                     _TokenBar(bar, len(starts)), drop)
+            drop = 0
+            batch_index += 1
+
+
+def _sample_batch(model: PreTrainedModel, starts: list[list[int]], new_tokens: int, length: int, pad: int, seed: int,
+                  device: torch.device, streamer: BaseStreamer, drop: int) -> Iterator[list[int]]:
+    """One sampling batch: left-padded starts, ``new_tokens`` sampled under ``seed``; rows from ``drop`` on."""
+    width = max(len(s) for s in starts)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in starts], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in starts], device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, top_k=50, temperature=1.0,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            pad_token_id=pad, eos_token_id=None, streamer=streamer,
+        )
+    for row, start in enumerate(starts):
+        if row >= drop:
+            yield out[row, width - len(start):].tolist()[:length]

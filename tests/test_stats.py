@@ -13,9 +13,18 @@ from safetensors.torch import save_file
 from nse_hub import stats
 from nse_hub.architectures import ModelLayout
 from nse_hub.config import make_config
-from nse_hub.corpus import Corpus, token_sequences
+from nse_hub.corpus import SAMPLE_STARTS, Corpus, token_sequences
 from nse_hub.fingerprint import model_sha256
-from nse_hub.stats import StatisticsError, StatsSpec, check_second_moment, default_stat_samples, second_moments
+from nse_hub.stats import (
+    StatisticsError,
+    StatsSpec,
+    check_second_moment,
+    default_stat_samples,
+    sample_size_warning,
+    second_moments,
+    sufficient_stat_samples,
+)
+from nse_hub.tokens import encode
 from nse_hub.tracing import run_forward
 
 FACTS = [
@@ -313,3 +322,22 @@ def test_model_samples_skip_exactly() -> None:
     whole = list(token_sequences(Corpus("model"), tokenizer, 70, 6, model=model, seed=2))
     for skip in (0, 5, 64, 66):
         assert list(token_sequences(Corpus("model"), tokenizer, 70, 6, model=model, seed=2, skip=skip)) == whole[skip:]
+
+
+def test_model_sampling_shows_its_progress_and_samples_the_same(capsys) -> None:
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    quiet = list(token_sequences(Corpus("model"), tokenizer, 70, 6, model=model, seed=2))
+    shown = list(token_sequences(Corpus("model"), tokenizer, 70, 6, model=model, seed=2, progress=True))
+    assert shown == quiet
+    bar = capsys.readouterr().err
+    starts = [len(encode(tokenizer, SAMPLE_STARTS[i % len(SAMPLE_STARTS)])) for i in range(70)]
+    generated = sum(len(batch) * (6 - min(batch)) for batch in (starts[:64], starts[64:]))  # two sampling batches
+    assert "sampling text" in bar and f"/{generated} [" in bar  # the bar counts every generated token
+
+
+def test_sufficient_stat_samples_meet_the_ten_tokens_per_neuron_rule() -> None:
+    assert sufficient_stat_samples(1536, 64) == 240  # SmolLM2: 15,360 tokens, below the presets' 320 × 64
+    assert default_stat_samples(1536, 64) == 320
+    for d_ff, length in ((1536, 64), (2048, 64), (8192, 100), (64, 16)):
+        n = sufficient_stat_samples(d_ff, length)
+        assert sample_size_warning(d_ff, n, length) is None and sample_size_warning(d_ff, n - 1, length)
