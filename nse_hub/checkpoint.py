@@ -239,8 +239,7 @@ def write_checkpoint(folder: str | Path, layout: ModelLayout, meta: SessionMeta,
         with folder_lock(folder):
             current = _open_current(folder)
             _check_not_overwriting(folder, current, [d.report for d in rounds], known_digest)
-            transaction = FolderTransaction(folder)
-            try:
+            with FolderTransaction(folder) as transaction:
                 files: dict[str, str] = {}
                 old = current.files if current is not None else {}
                 for index, data in enumerate(rounds, start=1):
@@ -254,18 +253,11 @@ def write_checkpoint(folder: str | Path, layout: ModelLayout, meta: SessionMeta,
                 root[MANIFEST_FILE] = manifest_lines([d.report for d in rounds]).encode("utf-8")
                 for name, data in root.items():
                     files[name] = _stage_if_changed(transaction, folder, name, data)
-                if card is not None:
-                    _stage_if_changed(transaction, folder, CARD_FILE, card.encode("utf-8"))
                 meta.files = files
-                session = json_text(meta.to_dict()).encode("utf-8")
-                _stage_if_changed(transaction, folder, SESSION_FILE, session)
+                session = _stage_metadata(transaction, folder, meta, card)
                 for stale in _round_folders(folder):
                     if int(stale.name) > len(rounds):
                         transaction.delete(f"{ROUNDS_DIR}/{stale.name}")
-                transaction.commit()
-            except BaseException:
-                transaction.abort()
-                raise
         meta.digest = sha256_bytes(session)
         return meta.digest
 
@@ -285,16 +277,8 @@ def write_metadata(folder: str | Path, meta: SessionMeta, card: str | None = Non
             raise ConcurrentWriteError(f"{folder} was saved by another writer since this session read it; "
                                        "load it again before recording figures into it")
         meta.files = dict(current.files)
-        transaction = FolderTransaction(folder)
-        try:
-            if card is not None:
-                _stage_if_changed(transaction, folder, CARD_FILE, card.encode("utf-8"))
-            session = json_text(meta.to_dict()).encode("utf-8")
-            _stage_if_changed(transaction, folder, SESSION_FILE, session)
-            transaction.commit()
-        except BaseException:
-            transaction.abort()
-            raise
+        with FolderTransaction(folder) as transaction:
+            session = _stage_metadata(transaction, folder, meta, card)
     meta.digest = sha256_bytes(session)
     return meta.digest
 
@@ -354,6 +338,15 @@ def _stage_round(transaction: FolderTransaction, folder: Path, layout: ModelLayo
     for name, content in files.items():
         (staged / name).write_bytes(content)
     return {prefix + name: sha256_bytes(content) for name, content in files.items()}
+
+
+def _stage_metadata(transaction: FolderTransaction, folder: Path, meta: SessionMeta, card: str | None) -> bytes:
+    """Stage the card (when given) and ``session.json``; returns ``session.json``'s bytes."""
+    if card is not None:
+        _stage_if_changed(transaction, folder, CARD_FILE, card.encode("utf-8"))
+    session = json_text(meta.to_dict()).encode("utf-8")
+    _stage_if_changed(transaction, folder, SESSION_FILE, session)
+    return session
 
 
 def _stage_if_changed(transaction: FolderTransaction, folder: Path, relpath: str, data: bytes) -> str:

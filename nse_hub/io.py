@@ -173,8 +173,9 @@ def folder_lock(folder: str | Path, timeout: float | None = None) -> Iterator[bo
 class FolderTransaction:
     """A set of file and folder replacements in one folder that take effect together or not at all.
 
-    Stage new content with :meth:`write` (a file) and :meth:`folder` (a whole subfolder, filled by the caller),
-    schedule removals with :meth:`delete`, then :meth:`commit`. Until the journal is written nothing in the folder
+    Stage new content with :meth:`write` (a file) and :meth:`folder_path` (a whole subfolder, filled by the
+    caller), schedule removals with :meth:`delete`, then :meth:`commit` (or use it as a context manager: commit at
+    the end of the block, :meth:`abort` on an exception). Until the journal is written nothing in the folder
     changes; after it, :func:`recover_folder` completes the moves if the process dies. Hold :func:`folder_lock`.
     """
 
@@ -213,6 +214,9 @@ class FolderTransaction:
 
     def commit(self) -> None:
         """Write the journal (the commit point), move everything into place, clean up."""
+        if self.empty:  # nothing changed: nothing to commit
+            self.abort()
+            return
         journal = self.root / _JOURNAL
         with atomic_path(journal) as tmp:
             tmp.write_text(json.dumps({"put": self.puts, "delete": self.deletes}))
@@ -220,6 +224,16 @@ class FolderTransaction:
 
     def abort(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> FolderTransaction:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """Commit when the block ends normally; throw the staged files away when it raises."""
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def _apply(folder: Path, journal: dict[str, list[str]]) -> None:
