@@ -207,7 +207,7 @@ def push_versions(repo_id: str, rounds: int, write_version: Callable[[int, Path]
             if options.create_pr and version == done + 1:
                 target = result.pr_revision or target  # later versions go into the same pull request
         if done == rounds and head is not None and not options.create_pr:
-            recorded = _push_metadata(api, repo_id, rounds, write_version, branch, head, options)
+            recorded = _push_metadata(api, repo_id, rounds, write_version, branch, head)
             pushed += [recorded] if recorded else []
         return pushed
     except HfHubHTTPError as error:
@@ -241,7 +241,7 @@ def _push_one(api: HfApi, repo_id: str, version: int, write_version: Callable[[i
 
 
 def _push_metadata(api: HfApi, repo_id: str, version: int, write_version: Callable[[int, Path], None],
-                   branch: str, head: str, options: PushOptions) -> PushedRound | None:
+                   branch: str, head: str) -> PushedRound | None:
     """Commit the card and session state of the latest version where they differ from the Hub's (figures
     recorded since the push); the weights and the ``round-N`` tags stay as they are."""
     with tempfile.TemporaryDirectory(prefix="nse-hub-push-") as tmp:

@@ -84,8 +84,8 @@ def _not_loadable(name: str, revision: str | None, error: Exception) -> NSEHubEr
     kinds = tuple(type(c) for c in causes)
     folder = Path(name).expanduser()
     at = f" at revision {revision!r}" if revision else ""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if folder.is_dir():
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return MissingFileError(f"{name} is not a complete model folder ({first}): it needs config.json, the "
                                 "weights and the tokenizer files, as save_pretrained writes them")
     if any(issubclass(k, GatedRepoError) for k in kinds):
@@ -101,7 +101,6 @@ def _not_loadable(name: str, revision: str | None, error: Exception) -> NSEHubEr
                         "(and unset HF_HUB_OFFLINE), or pass the path of a local copy of the model")
     if any(issubclass(k, EntryNotFoundError) for k in kinds):
         return HubError(f"{name}{at} is not a transformers model: its repository has no config.json")
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return HubError(f"could not load the model {name!r}{at}: {first}")
 
 

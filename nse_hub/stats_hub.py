@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -41,7 +40,7 @@ from huggingface_hub.errors import (
 from nse_hub.architectures import ModelLayout
 from nse_hub.errors import HubError, StatisticsError
 from nse_hub.hub_http import explain_transport, transport_errors, use_timeout
-from nse_hub.io import atomic_path, atomic_write_json
+from nse_hub.io import atomic_path, atomic_write_json, file_sha256
 from nse_hub.stats import StatsSpec
 
 logger = logging.getLogger(__name__)
@@ -58,14 +57,6 @@ def repo_folder(spec: StatsSpec) -> str:
 def _spec_dict(spec: StatsSpec) -> dict[str, Any]:
     return {"model_fingerprint": spec.model_fingerprint, "corpus": spec.corpus, "n_samples": spec.n_samples,
             "sample_length": spec.sample_length, "seed": spec.seed}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _remote_manifest(repo_id: str, folder: str, token: str | bool | None,
