@@ -10,6 +10,11 @@ against the number of edits, running protocol) and prints the Markdown tables th
 
     python benchmarks/sequential.py --edits 100 --batch 10
     python benchmarks/sequential.py --edits 2000 --batch 100 --methods nse --running-every 5 --name counterfact-2000x100
+    python benchmarks/sequential.py --edits 10000 --batch 100 --methods ultraedit --running-every 10 \
+        --running-sample 1000 --probes rewrite --name counterfact-10000x100
+
+The unedited model is evaluated (once, on every edit) after the methods' runs, so that a long run starts editing
+at once; ``--report-only`` prints the tables of whatever is saved.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ def curve_table(results: dict, metrics: tuple[str, ...] = ("efficacy", "generali
     for run in results["runs"]:
         for point in run["curve"]:
             cells = [f"{point['metrics'][m]:.1f}" if m in point["metrics"] else "–" for m in metrics]
-            lines.append(f"| {run['method']} | {point['edits']} | " + " | ".join(cells) + " |")
+            edits = f"{point['edits']} (sample of {point['sample']})" if point.get("sample") else point["edits"]
+            lines.append(f"| {run['method']} | {edits} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -98,6 +104,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=["nse", "memit_seq"])
     parser.add_argument("--running-every", type=int, default=1, help="rounds between running evaluations")
+    parser.add_argument("--running-sample", type=int,
+                        help="evaluate the running protocol on a fixed random sample of this many edits so far")
+    parser.add_argument("--probes", choices=("all", "rewrite"), default="all",
+                        help="what each round's own report scores (rewrite: efficacy only, for long runs)")
     parser.add_argument("--suite", type=Path, default=SHARED / "glue_eval" / "dataset")
     parser.add_argument("--suite-examples", type=int, default=100)
     parser.add_argument("--fluency-records", type=int, default=0)
@@ -117,23 +127,26 @@ def main() -> None:
     options = EvalOptions(fluency_records=args.fluency_records)
     suite = args.suite if args.suite.is_dir() else None
     settings = {"model": args.model, "data": str(args.data), "edits": args.edits, "batch": args.batch,
-                "running_every": args.running_every, "suite_examples": args.suite_examples,
+                "running_every": args.running_every, "running_sample": args.running_sample,
+                "probes": args.probes, "suite_examples": args.suite_examples,
                 "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(options).items()},
                 "hparams": dict(args.set)}
 
     base_file = state / "base.json"
-    if not base_file.is_file() and not args.report_only:
-        session = resume_session(args.model, None, device=args.device)
-        atomic_write_json(base_file, evaluate_session(session, requests, options=options, suite=suite,
-                                                      suite_examples=args.suite_examples).to_dict())
-        del session
     if not args.report_only:
         for method in args.methods:
             folder = state / method
             session = resume_session(args.model, folder, method=method, device=args.device, **dict(args.set))
-            run = run_sequential(session, requests, args.batch, running_every=args.running_every, options=options,
-                                 suite=suite, suite_examples=args.suite_examples, state_dir=folder)
+            run = run_sequential(session, requests, args.batch, running_every=args.running_every,
+                                 running_sample_size=args.running_sample, options=options, suite=suite,
+                                 suite_examples=args.suite_examples, probes=args.probes, state_dir=folder)
             print(f"{method}: final {run.final.metrics if run.final else None}", flush=True)
+            del session
+        if not base_file.is_file():
+            session = resume_session(args.model, None, device=args.device)
+            atomic_write_json(base_file, evaluate_session(session, requests, options=options, suite=suite,
+                                                          suite_examples=args.suite_examples).to_dict())
+            del session
 
     runs = []
     for folder in sorted(p.parent for p in state.glob(f"*/{RUN_FILE}")):  # every run, whichever process made it

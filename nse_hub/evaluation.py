@@ -90,6 +90,7 @@ class Evaluation:
     metrics: dict[str, float]
     general: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    sample: int | None = None  # the figures cover a fixed random sample of this many of the ``edits``
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +99,8 @@ class Evaluation:
         kind = {"final": "final protocol: every edit evaluated after the last round",
                 "running": "running protocol: edits so far, after this round",
                 "base": "unedited model"}.get(self.protocol, self.protocol)
+        if self.sample is not None:
+            kind += f" (a fixed random sample of {self.sample} of the {self.edits} edits)"
         out = []
         for key, name in METRIC_NAMES.items():
             if key in self.metrics and not math.isnan(self.metrics[key]):

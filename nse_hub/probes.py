@@ -38,13 +38,18 @@ class ProbeItem:
     target: str
 
 
-def probe_plan(requests: Sequence[EditRequest]) -> list[ProbeItem]:
-    """Every (prompt, target) pair the edit metrics of ``requests`` need, in a fixed order."""
+def probe_plan(requests: Sequence[EditRequest], rewrite_only: bool = False) -> list[ProbeItem]:
+    """Every (prompt, target) pair the edit metrics of ``requests`` need, in a fixed order.
+
+    ``rewrite_only``: only the rewrite prompts (efficacy), none of the paraphrases and neighbours.
+    """
     plan: list[ProbeItem] = []
     for i, r in enumerate(requests):
         plan.append(ProbeItem(i, "rewrite_new", r.text, r.target_new))
         if r.target_true:
             plan.append(ProbeItem(i, "rewrite_true", r.text, r.target_true))
+        if rewrite_only:
+            continue
         for p in r.paraphrases:
             plan.append(ProbeItem(i, "paraphrase_new", p, r.target_new))
             if r.target_true:
@@ -56,9 +61,10 @@ def probe_plan(requests: Sequence[EditRequest]) -> list[ProbeItem]:
 
 
 def measure_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
-                   requests: Sequence[EditRequest], batch_size: int = 32) -> list[ProbeScores]:
-    """Per request, the teacher-forced scores of each probe kind (lists in prompt order)."""
-    plan = probe_plan(requests)
+                   requests: Sequence[EditRequest], batch_size: int = 32,
+                   rewrite_only: bool = False) -> list[ProbeScores]:
+    """Per request, the teacher-forced scores of each probe kind (lists in prompt order); see :func:`probe_plan`."""
+    plan = probe_plan(requests, rewrite_only)
     scores = score_targets(model, tokenizer, layout, [p.prompt for p in plan], [p.target for p in plan],
                            batch_size)
     found: list[ProbeScores] = [{} for _ in requests]

@@ -208,7 +208,9 @@ def _first(scores: ProbeScores, kind: str) -> TargetScore | None:
 
 def _probes(kind: str, prompts: Sequence[str], answers: Sequence[str], answer_kind: str, new_kind: str,
             before: ProbeScores, after: ProbeScores) -> list[ProbeResult]:
-    results = []
+    results: list[ProbeResult] = []
+    if new_kind not in before:  # not scored (a round with probes="rewrite")
+        return results
     for k, (prompt, answer) in enumerate(zip(prompts, answers)):
         answer_b = before.get(answer_kind, [None] * (k + 1))[k]
         answer_a = after.get(answer_kind, [None] * (k + 1))[k]
@@ -242,4 +244,4 @@ def request_report(request: EditRequest, before: ProbeScores, after: ProbeScores
                             "paraphrase_true", "paraphrase_new", before, after),
         neighbors=_probes("neighborhood", [n.prompt for n in request.neighbors],
                           [n.answer for n in request.neighbors], "neighborhood_true", "neighborhood_new",
-                          before, after))
+                          before, after))  # both empty where the round scored its rewrite prompts only

@@ -7,6 +7,10 @@ last saved round instead of starting over::
 
     session = resume_session("smollm2-135m", "runs/nse-2000", method="nse")   # fresh, or the saved rounds
     run = run_sequential(session, requests, 100, running_every=5, state_dir="runs/nse-2000")
+
+A stream of edits can write one fact twice (CounterFact's first 10,000 records hold two facts with two
+targets each). A round writes each fact once, so :func:`schedule_rounds` moves a second write of a fact to
+the next round — the later record still wins, as in the stream — and runs edit in that order.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import dataclasses
 import json
 import logging
 import os
+import random
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,7 @@ from nse_hub.checkpoint import is_checkpoint
 from nse_hub.errors import CheckpointError, ConfigError
 from nse_hub.evaluation import FLUENCY_METRICS, METRIC_NAMES, EvalOptions, Evaluation, evaluate_session
 from nse_hub.io import atomic_write_json
-from nse_hub.requests import EditRequest, one_round
+from nse_hub.requests import EditRequest, fact_key
 from nse_hub.session import EditSession
 
 logger = logging.getLogger(__name__)
@@ -78,12 +84,56 @@ def resume_session(model: str, state_dir: str | Path | None, **kwargs: Any) -> E
     return EditSession.from_pretrained(model, **kwargs)
 
 
+def schedule_rounds(requests: Sequence[EditRequest], batch: int) -> list[list[EditRequest]]:
+    """``requests`` cut into rounds of at most ``batch``, in order, each fact (subject and prompt) once per round.
+
+    A request whose fact is already in the round being filled waits for the next round, where it goes first
+    (before requests that came after it). Without such repeats the rounds are the consecutive slices.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"the batch size (edits per round) must be a whole number of at least 1, got {batch!r}")
+    rounds: list[list[EditRequest]] = []
+    waiting: deque[EditRequest] = deque()
+    upcoming = deque(requests)
+    while waiting or upcoming:
+        current: list[EditRequest] = []
+        facts: set[tuple[str, str]] = set()
+        deferred: deque[EditRequest] = deque()
+        for source in (waiting, upcoming):
+            while source and len(current) < batch:
+                request = source.popleft()
+                if fact_key(request) in facts:
+                    deferred.append(request)
+                else:
+                    facts.add(fact_key(request))
+                    current.append(request)
+        waiting = deferred + waiting  # what was deferred now, then what is still waiting from before
+        rounds.append(current)
+    return rounds
+
+
+def running_sample(edits: int, size: int | None, total: int, seed: int = 0) -> list[int]:
+    """Indices of the running protocol's edits after the first ``edits`` of ``total``: all of them, or ``size``.
+
+    The sample is fixed: the first ``size`` of one seeded permutation of all ``total`` indices that are below
+    ``edits`` (in edit order), so that every point of a run and every method draw from the same order.
+    """
+    if size is None or size >= edits:
+        return list(range(edits))
+    order = list(range(total))
+    random.Random(seed).shuffle(order)
+    return sorted([i for i in order if i < edits][:size])
+
+
 def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch: int, *, running: bool = True,
-                   running_every: int = 1, options: EvalOptions | None = None, suite: str | Path | None = None,
-                   suite_examples: int = 100, progress: bool = False,
+                   running_every: int = 1, running_sample_size: int | None = None,
+                   options: EvalOptions | None = None, suite: str | Path | None = None,
+                   suite_examples: int = 100, progress: bool = False, probes: str = "all",
                    state_dir: str | Path | None = None) -> SequentialRun:
     """Edit ``requests`` in rounds of ``batch``; evaluate every ``running_every`` rounds (running protocol, the
     edits so far) and at the end (final protocol, every edit).
+
+    Rounds follow :func:`schedule_rounds` (a fact written twice waits for the next round).
 
     Args:
         session: the session to edit; with ``state_dir``, one from :func:`resume_session`.
@@ -92,37 +142,37 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
         running: measure the running curve.
         running_every: rounds between running evaluations (the last round is always measured: its point is
             read off the final evaluation, which covers the same edits).
+        running_sample_size: evaluate the running protocol on a fixed random sample of this many of the edits
+            so far (:func:`running_sample`; the points say so); ``None``: on all of them.
         options: what to measure besides teacher-forced comparisons (fluency only in the final protocol).
         suite, suite_examples: the general-ability suite for the final evaluation.
         progress: progress bars inside each round.
+        probes: what each round's own report scores (``session.edit``'s ``probes``: ``"all"`` or ``"rewrite"``).
         state_dir: save the session and the run's progress here after every round, and resume from them.
 
     Raises:
         CheckpointError: ``state_dir`` holds a run of other requests or another batch size.
     """
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ConfigError(f"the batch size (edits per round) must be a whole number of at least 1, got {batch!r}")
-    for start in range(0, len(requests), batch):  # a conflict in a late round fails before the first round runs
-        one_round(requests[start:start + batch], source=f"round {start // batch + 1}", warn=False, start=start)
+    schedule = schedule_rounds(requests, batch)
+    requests = [request for round_requests in schedule for request in round_requests]  # in edit order
     state = Path(state_dir) if state_dir else None
     run = _load_run(state, session, requests, batch)
     device = describe_device(session.device)
     if run.devices[-1:] != [device]:
         run.devices.append(device)
     running_options = dataclasses.replace(options or EvalOptions(), fluency_records=0)
-    rounds = (len(requests) + batch - 1) // batch
-    for index in range(len(session.rounds), rounds):
-        start = index * batch
-        report = session.edit(requests[start:start + batch], progress=progress)
+    done = sum(len(r) for r in schedule[: len(session.rounds)])
+    for index in range(len(session.rounds), len(schedule)):
+        report = session.edit(schedule[index], progress=progress, probes=probes)
+        done += len(schedule[index])
         run.round_seconds.append(report.seconds)
         # The last round's point is read off the final evaluation below, which measures the same edits.
-        if running and (index + 1) % running_every == 0 and index + 1 < rounds:
-            run.curve.append(evaluate_session(session, requests[: start + batch], protocol="running",
-                                              options=running_options, record=False))
+        if running and (index + 1) % running_every == 0 and index + 1 < len(schedule):
+            run.curve.append(_running_point(session, requests, done, running_sample_size, running_options))
         if state is not None:
             session.save_pretrained(state / SESSION_DIR)
             atomic_write_json(state / RUN_FILE, run.to_dict())
-        logger.info("round %d/%d done (%d edits)", index + 1, rounds, min(len(requests), start + batch))
+        logger.info("round %d/%d done (%d edits)", index + 1, len(schedule), done)
     if run.final is None:
         run.final = evaluate_session(session, requests, protocol="final", options=options, suite=suite,
                                      suite_examples=suite_examples)
@@ -132,6 +182,14 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
             session.save_card(state / SESSION_DIR)
             atomic_write_json(state / RUN_FILE, run.to_dict())
     return run
+
+
+def _running_point(session: EditSession, requests: Sequence[EditRequest], done: int, sample_size: int | None,
+                   options: EvalOptions) -> Evaluation:
+    chosen = running_sample(done, sample_size, len(requests))
+    point = evaluate_session(session, [requests[i] for i in chosen], protocol="running", options=options,
+                             record=False)
+    return dataclasses.replace(point, edits=done, sample=len(chosen) if len(chosen) < done else None)
 
 
 def running_point(final: Evaluation) -> Evaluation:
@@ -157,7 +215,7 @@ def _load_run(state: Path | None, session: EditSession, requests: Sequence[EditR
     # Rounds saved after the last run.json write are redone from the saved session, not lost.
     run.round_seconds = run.round_seconds[: len(session.rounds)]
     run.curve = [e for e in run.curve if e.rounds <= len(session.rounds)]
-    if len(session.rounds) * batch < len(requests):
+    if len(done) < len(requests):
         run.final = None
     return run
 
@@ -199,7 +257,7 @@ def curve_figure(runs: Sequence[SequentialRun], base: Evaluation | None = None,
         if base is not None and metric in base.metrics:
             axis.axhline(base.metrics[metric], color="grey", linestyle="--", linewidth=1, label="unedited")
         axis.set_title(METRIC_NAMES.get(metric, metric))
-        axis.set_xlabel("edits (running protocol)")
+        axis.set_xlabel(f"edits (running protocol{_sampled(runs)})")
         axis.set_ylim(0, 100)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("%")
@@ -208,6 +266,11 @@ def curve_figure(runs: Sequence[SequentialRun], base: Evaluation | None = None,
         figure.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
     figure.tight_layout(rect=(0, 0.1, 1, 1))
     return figure
+
+
+def _sampled(runs: Sequence[SequentialRun]) -> str:
+    sizes = {e.sample for run in runs for e in run.curve if e.sample}
+    return f"; points on a fixed random sample of {max(sizes)} edits" if sizes else ""
 
 
 def write_results(path: str | Path, base: Evaluation | None, runs: Sequence[SequentialRun],

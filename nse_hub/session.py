@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from huggingface_hub import ModelCard
@@ -293,26 +293,35 @@ class EditSession:
 
     # --- editing ------------------------------------------------------------------------------------
 
-    def edit(self, requests: RequestLike | Iterable[RequestLike], progress: bool = True) -> RoundReport:
+    def edit(self, requests: RequestLike | Iterable[RequestLike], progress: bool = True,
+             probes: Literal["all", "rewrite"] = "all") -> RoundReport:
         """Write a batch of facts as one round; returns what changed.
 
         ``requests`` are :class:`EditRequest` objects or dicts in any supported schema. All are
         validated first: if one is bad, nothing is edited.
+
+        ``probes`` chooses what the round's report scores before and after the round: ``"all"`` (the rewrite
+        prompt, paraphrases and neighbours: efficacy, generalization and specificity) or ``"rewrite"`` (the
+        rewrite prompt only: efficacy), for long runs that evaluate apart — scoring every probe of a
+        CounterFact record costs more than editing it with the training-free methods.
 
         Raises:
             RequestError: a request is invalid (its number and the reason are in the message).
         """
         if isinstance(requests, (EditRequest, dict)):
             requests = [requests]
-        return self._apply(one_round(parse_requests(requests)), progress)
+        if probes not in ("all", "rewrite"):
+            raise ConfigError(f"probes must be 'all' or 'rewrite', got {probes!r}")
+        return self._apply(one_round(parse_requests(requests)), progress, rewrite_only=probes == "rewrite")
 
-    def _apply(self, parsed: list[EditRequest], progress: bool, values: ValueResult | None = None) -> RoundReport:
+    def _apply(self, parsed: list[EditRequest], progress: bool, values: ValueResult | None = None,
+               rewrite_only: bool = False) -> RoundReport:
         """One round of ``parsed``; ``values``: precomputed value targets to reuse (see :func:`run_round`)."""
         started = time.perf_counter()
         self._check_lengths(parsed)
         seconds = self._prepare(progress)
         tic = time.perf_counter()
-        before = self._measure(parsed)
+        before = self._measure(parsed, rewrite_only)
         seconds["scoring"] = time.perf_counter() - tic
         inputs = RoundInputs(self.model, self.tokenizer, self.layout, self.config, self.deltas, self.memory,
                              self._second_moments or {}, self.context_templates, self.engine)
@@ -325,7 +334,7 @@ class EditSession:
         self.memory.add_round(outcome.keys)
         self.engine.commit_lifelong(outcome.lifelong)
         tic = time.perf_counter()
-        after = self._measure(parsed)
+        after = self._measure(parsed, rewrite_only)
         seconds["scoring"] += time.perf_counter() - tic
         seconds.update(outcome.seconds)
         seconds["total"] = time.perf_counter() - started
@@ -377,8 +386,9 @@ class EditSession:
                                f"({listed}{', …' if len(too_long) > 5 else ''}): a request's prompt with its target, "
                                f"paraphrases and neighbours must stay under {room} tokens; shorten them")
 
-    def _measure(self, requests: list[EditRequest]) -> list[Any]:
-        return measure_probes(self.model, self.tokenizer, self.layout, requests, self.config.batch_size)
+    def _measure(self, requests: list[EditRequest], rewrite_only: bool = False) -> list[Any]:
+        return measure_probes(self.model, self.tokenizer, self.layout, requests, self.config.batch_size,
+                              rewrite_only)
 
     # --- preparation --------------------------------------------------------------------------------
 

@@ -1,0 +1,90 @@
+"""Long sequential runs: rounds that write each fact once, the running protocol on a fixed sample, lean rounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, TINY_HPARAMS
+
+from nse_hub import EditSession, load_requests
+from nse_hub.errors import ConfigError
+from nse_hub.evaluation import EvalOptions
+from nse_hub.requests import EditRequest, fact_key
+from nse_hub.sequential import resume_session, run_sequential, running_sample, schedule_rounds
+
+REQUESTS = load_requests(FIXTURES / "requests.json")
+SHARED_COUNTERFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact_easyedit" / \
+    "counterfact-edit.json"
+
+
+def rewrite(request: EditRequest, target: str) -> EditRequest:
+    return EditRequest(**{**request.to_dict(), "target_new": target, "neighbors": ()})
+
+
+def test_rounds_are_the_consecutive_slices_without_repeats() -> None:
+    rounds = schedule_rounds(REQUESTS, 3)
+    assert rounds == [list(REQUESTS[:3]), list(REQUESTS[3:])]
+
+
+def test_a_second_write_of_a_fact_waits_for_the_next_round_and_keeps_its_order() -> None:
+    a, b, c, d = REQUESTS[:4]
+    again = rewrite(a, "Klingon")
+    rounds = schedule_rounds([a, b, again, c, d], 3)
+    # `again` cannot join a's round: it waits, goes first in round 2, and the later write still comes later.
+    assert rounds == [[a, b, c], [again, d]]
+    assert all(len({fact_key(r) for r in batch}) == len(batch) for batch in rounds)
+    thrice = [a, rewrite(a, "Klingon"), rewrite(a, "Elvish"), b]
+    assert schedule_rounds(thrice, 4) == [[a, b], [thrice[1]], [thrice[2]]]
+
+
+def test_the_running_sample_is_fixed_uniform_and_only_of_edits_made() -> None:
+    first = running_sample(500, 100, 1000)
+    assert first == running_sample(500, 100, 1000) and len(first) == 100 and max(first) < 500
+    assert first == sorted(set(first))
+    assert running_sample(50, 100, 1000) == list(range(50))
+    later = running_sample(1000, 100, 1000)
+    assert later != first and len(later) == 100
+    assert running_sample(500, 100, 1000, seed=1) != first
+
+
+@pytest.mark.skipif(not SHARED_COUNTERFACT.is_file(), reason="../shared/data/counterfact_easyedit is absent")
+def test_counterfacts_first_10000_records_schedule_into_rounds_of_100() -> None:
+    records = load_requests(SHARED_COUNTERFACT, limit=10_000)
+    rounds = schedule_rounds(records, 100)
+    flat = [r for batch in rounds for r in batch]
+    assert sorted(map(id, flat)) == sorted(map(id, records)) and max(map(len, rounds)) == 100
+    assert all(len({fact_key(r) for r in batch}) == len(batch) for batch in rounds)
+    assert flat != list(records)  # the stream does write some fact twice within a round of 100
+
+
+def test_a_run_with_repeats_a_sample_and_lean_rounds_resumes(tiny_dir: Path, tmp_path: Path) -> None:
+    requests = [REQUESTS[0], rewrite(REQUESTS[0], "Klingon"), *REQUESTS[1:3]]
+    options = EvalOptions(generation=False)
+    state = tmp_path / "state"
+    session = resume_session(str(tiny_dir), state, device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    run = run_sequential(session, requests, 2, running_sample_size=2, options=options, probes="rewrite",
+                         state_dir=state)
+    assert [[r.request for r in report.requests] for report in session.rounds] == [
+        [requests[0], requests[2]], [requests[1], requests[3]]]
+    point = run.curve[0]
+    assert (point.edits, point.sample) == (2, None)  # two edits so far: all of them, no sample
+    assert run.final.edits == 4
+    report = session.rounds[0].requests[0]
+    assert report.paraphrases == [] and report.neighbors == [] and report.p_new_after is not None
+    saved = json.loads((state / "run.json").read_text())
+    assert saved["curve"][0]["sample"] is None
+    resumed = resume_session(str(tiny_dir), state, device="cpu")
+    again = run_sequential(resumed, requests, 2, running_sample_size=2, options=options, state_dir=state)
+    assert again.final.metrics == pytest.approx(run.final.metrics) and len(resumed.rounds) == 2
+
+
+def test_a_sampled_point_says_so(tiny_dir: Path) -> None:
+    session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    run = run_sequential(session, REQUESTS, 2, running_sample_size=1, options=EvalOptions(generation=False),
+                         probes="rewrite")
+    assert [(e.edits, e.sample) for e in run.curve] == [(2, 1), (4, None)]
+    assert "sample of 1 of the 2 edits" in run.curve[0].card_metrics()[0].protocol
+    with pytest.raises(ConfigError, match="probes must be 'all' or 'rewrite'"):
+        session.edit(REQUESTS[:1], probes="some")
