@@ -15,6 +15,7 @@ round. How the edit reaches the model depends on the weights' precision:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nse_hub.architectures import ModelLayout
+from nse_hub.errors import ConfigError
 from nse_hub.fingerprint import tensor_sha256
 
 
@@ -53,6 +55,8 @@ class Factors:
 
 # Weight precisions whose rounding would swallow small updates: edits to them are applied unmerged.
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# On an unmerged projection: (weak reference to the WeightDeltas that hooks it, the hook's id).
+_OWNER = "_nse_hub_deltas"
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,9 @@ class WeightDeltas:
         self.rounds: list[dict[int, Factors]] = []
         self._pending: dict[int, list[Factors]] = {}
         self._applied: dict[int, _Unmerged | None] = dict.fromkeys(self.layers)
-        self._hooks = [m.register_forward_hook(self._hook(layer)) for layer, m in self.modules.items()] \
-            if self.unmerged else []
+        if self.unmerged:
+            for layer in self.layers:
+                self._claim(layer)
 
     # --- building a round ------------------------------------------------------------------------
 
@@ -160,15 +165,29 @@ class WeightDeltas:
 
     # --- applying ---------------------------------------------------------------------------------
 
-    def _hook(self, layer: int) -> Any:
+    def _claim(self, layer: int) -> None:
+        """Hook the projection of ``layer``, refusing one whose deltas another live WeightDeltas applies."""
         module = self.modules[layer]
+        earlier = getattr(module, _OWNER, None)
+        if earlier is not None:
+            owner, hook_id = earlier[0](), earlier[1]
+            if owner is not None and any(m is module for m in owner.modules.values()):
+                raise ConfigError(f"{self.layout.projection_name(layer)} is already edited by another session (in "
+                                  f"{module.weight.dtype} its deltas are added by a forward hook): continue that "
+                                  "session, or load the model again for a new one")
+            module._forward_hooks.pop(hook_id, None)  # a dropped session's, or a copy's: it edits nothing
+        handle = module.register_forward_hook(self._hook(layer))
+        setattr(module, _OWNER, (weakref.ref(self), handle.id))
+
+    def _hook(self, layer: int) -> Any:
+        module, owner = self.modules[layer], weakref.ref(self)  # a dropped session stops editing
 
         def add_delta(hooked: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            applied = self._applied[layer]
+            deltas = owner()
             # A deep copy of the model (a merge) carries this hook along: it must not edit the copy.
-            if applied is None or hooked is not module:
+            if deltas is None or hooked is not module or deltas._applied[layer] is None:
                 return None
-            return applied.add_to(args[0], output)
+            return deltas._applied[layer].add_to(args[0], output)
 
         return add_delta
 

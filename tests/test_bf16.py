@@ -15,6 +15,7 @@ from nse_hub.architectures import ModelLayout
 from nse_hub.checkpoint import read_meta
 from nse_hub.cli import main
 from nse_hub.deltas import Factors, WeightDeltas
+from nse_hub.errors import ConfigError
 
 REQUESTS = load_requests(FIXTURES / "requests.json")
 # An edited prompt of each round: where the edit shows.
@@ -170,3 +171,17 @@ def test_nse_hub_edit_takes_a_dtype(tiny_dir: Path, tmp_path: Path, capsys) -> N
     assert "bfloat16" in (out / "README.md").read_text()
     assert main(["edit", str(tiny_dir), "--dtype", "int8", *common]) == 2
     assert "dtype 'int8'" in capsys.readouterr().out
+
+
+def test_one_live_session_per_bf16_model() -> None:
+    model = tiny_model().to(torch.bfloat16)
+    layout = ModelLayout.detect(model)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    first = WeightDeltas(model, layout, [1])
+    first.add(1, Factors(torch.randn(32, 1), torch.randn(1, 64)))
+    with pytest.raises(ConfigError, match="already edited by another session"):
+        WeightDeltas(model, layout, [1])
+    del first  # a dropped session stops editing: a new one starts from W0 alone
+    second = WeightDeltas(model, layout, [1])
+    assert torch.equal(layout.projection(model, 1)(x), torch.nn.functional.linear(x, second.originals[1]))
+    assert len(layout.projection(model, 1)._forward_hooks) == 1
