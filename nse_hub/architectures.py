@@ -236,8 +236,12 @@ class ModelLayout:
         return matrix.T.contiguous() if self.weight_layout == "conv1d" else matrix
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Output-head logits for final hidden states (after the final norm)."""
-        logits = model.get_output_embeddings()(hidden)
+        """Output-head logits for final hidden states (after the final norm), in float32.
+
+        The head runs in the model's precision; its logits are upcast before the soft cap and any loss, so a
+        bfloat16/float16 model's value step computes its loss in float32.
+        """
+        logits = model.get_output_embeddings()(hidden).float()
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits

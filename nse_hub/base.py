@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from huggingface_hub import ModelCard
 from transformers import PreTrainedModel
 
@@ -42,6 +43,8 @@ class BaseModelInfo:
         model_sha256: fingerprint of all original weights (keys the statistics cache); empty until needed.
         module_sha256: per edited module, fingerprint of its original weight.
         license: the base model's license identifier (``apache-2.0``), when known.
+        dtype: the precision the edited weights were loaded in (``bfloat16``; fingerprints depend on it);
+            ``None`` in edits saved before it was recorded.
     """
 
     name_or_path: str
@@ -52,6 +55,7 @@ class BaseModelInfo:
     model_sha256: str
     module_sha256: dict[str, str]
     license: str | None = field(default=None)
+    dtype: str | None = field(default=None)
 
     @property
     def portable_id(self) -> str:
@@ -126,7 +130,13 @@ def describe_base(model: PreTrainedModel, layout: ModelLayout, module_sha256: di
         model_sha256="",  # computed on first need: hashing all weights takes a moment
         module_sha256={layout.projection_name(layer): sha for layer, sha in module_sha256.items()},
         license=license_,
+        dtype=dtype_name(layout.projection(model, min(module_sha256)).weight.dtype) if module_sha256 else None,
     )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"`` (as ``session.json`` and ``dtype=`` arguments name it)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def check_base(model: PreTrainedModel, base: BaseModelInfo) -> None:
@@ -143,6 +153,10 @@ def check_base(model: PreTrainedModel, base: BaseModelInfo) -> None:
                 f"this edit was made on {base.name_or_path} ({base.architecture}); the given base model "
                 f"({type(model).__name__}) has no module {name}") from None
         actual = tensor_sha256(module.weight)
+        if actual != expected and base.dtype and dtype_name(module.weight.dtype) != base.dtype:
+            raise BaseModelMismatchError(
+                f"this edit was made on {base.name_or_path} loaded in {base.dtype}, but the given base model's "
+                f"weights are {dtype_name(module.weight.dtype)}; load the base with dtype={base.dtype!r}")
         if actual != expected:
             raise BaseModelMismatchError(
                 f"wrong base model: {name} has fingerprint {actual[:16]}…, but this edit was made on "

@@ -115,6 +115,15 @@ def _base_loading(meta: SessionMeta) -> tuple[str, str, bool]:
     return code, "", meta.base.upstream_id is None
 
 
+def _dtype_note(dtype: str | None) -> str:
+    """What the card says about the precision the base was edited in (nothing for edits that did not record it)."""
+    if dtype in ("bfloat16", "float16"):
+        return (f"The edit was made on the base loaded in {dtype}, with the deltas kept in float32 on top of it "
+                "(not rounded into the weights), the way PEFT keeps LoRA factors: the adapters' factors are float32. "
+                f"Load the base in {dtype} (`dtype=torch.{dtype}`) for the outputs the edit was measured with.")
+    return f"The edit was made on the base loaded in {dtype}." if dtype else ""
+
+
 def _adapter_note(compression: list[CompressionReport]) -> str:
     if any(r.lossy for r in compression):
         worst = max(compression, key=lambda r: r.relative_error)
@@ -199,6 +208,7 @@ def build_card(meta: SessionMeta, reports: list[RoundReport], repo_id: str | Non
         adapter_note=_adapter_note(compression or []),
         method_description=METHODS.get(meta.config.method, ("", meta.config.method.upper()))[1],
         weights_note=weights_note,
+        dtype_note=_dtype_note(base.dtype),
         license=base.license or "not stated (see the base model's terms)",
         rounds=[{"round": r.round, "tag": tags[r.round] if r.round < len(tags) else f"round-{r.round}",
                  "date": r.created[:10] or "–", "edits": len(r.requests),

@@ -79,9 +79,11 @@ def _edit_rounds(session: Any, requests: list, batch_size: int, out: Path | None
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from nse_hub import EditSession, load_requests
+    from nse_hub.plan import plan_dtype
 
+    dtype = plan_dtype(args.dtype)  # a bad name fails here, before the model is loaded
     requests = load_requests(args.requests, limit=args.limit, offset=args.offset)
-    session = EditSession.from_pretrained(args.model, method=args.method, device=args.device,
+    session = EditSession.from_pretrained(args.model, method=args.method, device=args.device, dtype=dtype,
                                           stats_repo=args.stats_repo, **_hparams(args.set))
     console.print(f"{session} — {len(requests)} edits in rounds of {args.batch_size}")
     _edit_rounds(session, requests, args.batch_size, Path(args.out))
@@ -404,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--limit", type=_at_least(1), help="use only this many requests")
     edit.add_argument("--offset", type=_at_least(0), default=0, help="skip this many requests first")
     edit.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA if available)")
+    edit.add_argument("--dtype", help="bfloat16 (bf16), float16 (fp16) or float32 (default: float32, or bfloat16 "
+                                      "on CUDA above 2B parameters; a saved edit: its own); in bf16/fp16 the deltas "
+                                      "stay exact, applied in float32")
     edit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a hyperparameter, e.g. --set mom2_update_weight=15000")
     edit.add_argument("--stats-repo", help="Hub dataset repo of shared second moments (nse-hub stats push)")

@@ -2,20 +2,31 @@
 
 Every update NSE or MEMIT writes is ``ΔW = B @ A`` (``B``: ``d_model × r``, ``A``: ``r × d_ff``).
 :class:`WeightDeltas` keeps the original weight of each edited projection and the factors of every
-round; the module's weight is always recomputed as ``W0 + B_all @ A_all`` from them, so the same
-factors give bit-identical weights in any process (resume, rollback, PEFT merge).
+round. How the edit reaches the model depends on the weights' precision:
+
+* float32 (and float64) models: the module's weight is recomputed as ``W0 + B_all @ A_all`` from
+  them, so the same factors give bit-identical weights in any process (resume, rollback, PEFT merge);
+* bfloat16 and float16 models: ``W0 + ΔW`` rounded back to the weights' precision would drop every
+  update entry below half a step of the weight it lands on, so the weights stay ``W0`` and a forward
+  hook adds ``B_all (A_all x)`` computed in float32 to the projection's output, then rounds the sum
+  once, as stock ``peft`` does with LoRA factors kept in float32 (so a saved adapter loaded by
+  ``peft`` on the same base computes the same outputs).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from nse_hub.architectures import ModelLayout
+from nse_hub.errors import ConfigError
 from nse_hub.fingerprint import tensor_sha256
 
 
@@ -42,8 +53,40 @@ class Factors:
         return Factors(torch.cat([p.B for p in parts], dim=1), torch.cat([p.A for p in parts], dim=0))
 
 
+# Weight precisions whose rounding would swallow small updates: edits to them are applied unmerged.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# On an unmerged projection: (weak reference to the WeightDeltas that hooks it, the hook's id).
+_OWNER = "_nse_hub_deltas"
+
+
+@dataclass(frozen=True)
+class _Unmerged:
+    """A delta added to a projection's output in float32: ``B (A x)``, or ``ΔW x`` when that is cheaper."""
+
+    B: torch.Tensor | None = None
+    A: torch.Tensor | None = None
+    dense: torch.Tensor | None = None  # d_model × d_ff
+
+    @staticmethod
+    def of(factors: Factors) -> _Unmerged:
+        d_model, d_ff = factors.B.shape[0], factors.A.shape[1]
+        if factors.rank * (d_model + d_ff) >= d_model * d_ff:
+            return _Unmerged(dense=factors.dense().float())
+        return _Unmerged(factors.B.float().contiguous(), factors.A.float().contiguous())
+
+    def add_to(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result + ΔW x`` summed in float32 and rounded once to ``result``'s dtype (as peft's LoRA layer)."""
+        x = x.to(torch.float32)
+        change = F.linear(x, self.dense) if self.dense is not None else F.linear(F.linear(x, self.A), self.B)
+        return (result + change).to(result.dtype)
+
+
 class WeightDeltas:
     """The edited projections of a model: original weights plus per-round factors.
+
+    In a float32 model the edits are merged into the weights (``W0 + ΔW``); in a bfloat16 or float16
+    model (:data:`LOW_PRECISION`) the weights stay ``W0`` and a forward hook on each edited projection
+    adds ``ΔW x`` in float32 (see the module docstring): :attr:`unmerged` says which.
 
     Args:
         model: the model whose projections are edited in place.
@@ -55,10 +98,17 @@ class WeightDeltas:
         self.layout = layout
         self.layers = tuple(layers)
         self.modules = {layer: layout.projection(model, layer) for layer in self.layers}
-        self.originals = {layer: m.weight.detach().clone() for layer, m in self.modules.items()}
+        self.unmerged = any(m.weight.dtype in LOW_PRECISION for m in self.modules.values())
+        # Unmerged, the weights never change: they are the originals (no copy).
+        self.originals = {layer: m.weight.detach() if self.unmerged else m.weight.detach().clone()
+                          for layer, m in self.modules.items()}
         self.original_sha256 = {layer: tensor_sha256(w) for layer, w in self.originals.items()}
         self.rounds: list[dict[int, Factors]] = []
         self._pending: dict[int, list[Factors]] = {}
+        self._applied: dict[int, _Unmerged | None] = dict.fromkeys(self.layers)
+        if self.unmerged:
+            for layer in self.layers:
+                self._claim(layer)
 
     # --- building a round ------------------------------------------------------------------------
 
@@ -101,7 +151,11 @@ class WeightDeltas:
         return Factors.stack(parts) if parts else None
 
     def edited_weight(self, layer: int, upto: int | None = None) -> torch.Tensor:
-        """``W0 + ΔW`` in the module's own layout and dtype."""
+        """``W0 + ΔW`` in the module's own layout and dtype (what a merge writes).
+
+        In a bfloat16/float16 model this rounds ``ΔW`` away where it is below half a step of the weight; the
+        session itself applies the deltas unmerged there (see :class:`WeightDeltas`).
+        """
         original = self.originals[layer]
         total = self.cumulative(layer, upto)
         if total is None:
@@ -111,8 +165,41 @@ class WeightDeltas:
 
     # --- applying ---------------------------------------------------------------------------------
 
+    def _claim(self, layer: int) -> None:
+        """Hook the projection of ``layer``, refusing one whose deltas another live WeightDeltas applies."""
+        module = self.modules[layer]
+        earlier = getattr(module, _OWNER, None)
+        if earlier is not None:
+            owner, hook_id = earlier[0](), earlier[1]
+            if owner is not None and any(m is module for m in owner.modules.values()):
+                raise ConfigError(f"{self.layout.projection_name(layer)} is already edited by another session (in "
+                                  f"{module.weight.dtype} its deltas are added by a forward hook): continue that "
+                                  "session, or load the model again for a new one")
+            module._forward_hooks.pop(hook_id, None)  # a dropped session's, or a copy's: it edits nothing
+        handle = module.register_forward_hook(self._hook(layer))
+        setattr(module, _OWNER, (weakref.ref(self), handle.id))
+
+    def _hook(self, layer: int) -> Any:
+        module, owner = self.modules[layer], weakref.ref(self)  # a dropped session stops editing
+
+        def add_delta(hooked: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            deltas = owner()
+            # A deep copy of the model (a merge) carries this hook along: it must not edit the copy.
+            if deltas is None or hooked is not module or deltas._applied[layer] is None:
+                return None
+            return deltas._applied[layer].add_to(args[0], output)
+
+        return add_delta
+
+    def _unmerged_delta(self, layer: int, upto: int | None = None) -> _Unmerged | None:
+        total = self.cumulative(layer, upto)
+        return None if total is None else _Unmerged.of(total.to(self.originals[layer].device))
+
     def _apply(self, layer: int) -> None:
-        self.modules[layer].weight.data = self.edited_weight(layer)
+        if self.unmerged:
+            self._applied[layer] = self._unmerged_delta(layer)
+        else:
+            self.modules[layer].weight.data = self.edited_weight(layer)
 
     def apply_all(self) -> None:
         for layer in self.layers:
@@ -121,7 +208,7 @@ class WeightDeltas:
     @contextmanager
     def original(self) -> Iterator[None]:
         """Run the model on its original weights ("deltas off"); no weight is copied."""
-        with self._weights({layer: self.originals[layer] for layer in self.layers}):
+        with self.at_round(0):
             yield
 
     @contextmanager
@@ -129,8 +216,17 @@ class WeightDeltas:
         """Run the model as the version after round ``upto`` (0: the original weights), then restore it.
 
         The weights are ``W0 + B_all @ A_all`` of rounds ``1..upto``, the same as :meth:`edited_weight` and so
-        as a merge or the saved adapter of that version.
+        as a merge or the saved adapter of that version; unmerged (bfloat16/float16 models), the projections
+        add that version's ``ΔW x`` in float32, as the saved adapter of that version does under ``peft``.
         """
+        if self.unmerged:
+            current = dict(self._applied)
+            self._applied.update({layer: self._unmerged_delta(layer, upto) for layer in self.layers})
+            try:
+                yield
+            finally:
+                self._applied = current
+            return
         with self._weights({layer: self.edited_weight(layer, upto) for layer in self.layers}):
             yield
 

@@ -106,7 +106,9 @@ class EditSession:
     the session through :meth:`edit` and :meth:`rollback`.
 
     Attributes:
-        model: the edited model (original weights plus all rounds), usable with ``generate``.
+        model: the edited model (original weights plus all rounds), usable with ``generate``. In a bfloat16 or
+            float16 model the weights stay the original ones and forward hooks add the rounds' deltas in
+            float32 (exact where rounding them into the weights would lose them); :meth:`merge` writes them in.
         tokenizer: its tokenizer.
         config: the hyperparameters (fixed for the session's life).
         layout: where the model's edited modules are.
@@ -172,7 +174,9 @@ class EditSession:
             base_model: for a saved edit, use this base instead of the recorded one (it must be the
                 same weights: the wrong-base guard compares fingerprints).
             device, dtype: where and in which precision to run (default: CUDA if available;
-                float32, or bfloat16 on CUDA above 2B parameters).
+                float32, or bfloat16 on CUDA above 2B parameters; a saved edit: the precision it was made
+                in). In bfloat16 and float16 the deltas are applied unmerged, in float32, so no update is
+                lost to rounding.
             token: Hub token (default: ``HF_TOKEN`` or the stored login).
             stats_repo: a Hub dataset repo of second moments (:mod:`nse_hub.stats_hub`): statistics missing
                 from the local cache are downloaded from it (checked by sha256) instead of measured.
@@ -238,7 +242,9 @@ class EditSession:
                                   "base_model='path/to/that/folder' (the same weights: their fingerprints are checked)")
             # An embedded base is fetched again by name: its folder may not exist on this machine.
             source = base_model or meta.base.embedded or meta.base.name_or_path
-            model, loaded_tokenizer = load_base_model(source, meta.base.revision, device, dtype, token)
+            # The base in the precision the edit was made in: its fingerprints (and a bf16 edit's outputs) need it.
+            model, loaded_tokenizer = load_base_model(source, meta.base.revision, device, dtype or meta.base.dtype,
+                                                      token)
             tokenizer = tokenizer or loaded_tokenizer
         check_base(model, meta.base)
         session = cls(model, tokenizer, meta.config, base=meta.base)
@@ -364,7 +370,10 @@ class EditSession:
 
     def merge(self, round: int | None = None) -> PreTrainedModel:
         """A standalone copy of the model with the deltas up to ``round`` (default: all) merged in:
-        exactly ``W0 + ΔW``, no adapter needed."""
+        exactly ``W0 + ΔW``, no adapter needed.
+
+        In a bfloat16/float16 model ``W0 + ΔW`` is rounded to that precision, which drops update entries below
+        half a step of their weight: the session and its saved adapter keep the deltas in float32 instead."""
         version = resolve_round(round, len(self.rounds))
         merged = copy.deepcopy(self.model)
         for layer in self.config.layers:

@@ -1,0 +1,157 @@
+"""Exact edits in low precision: NSE edits on SmolLM2 in float32 and in bfloat16, merged or not.
+
+One session per process (run them one after the other): N CounterFact edits in rounds of B made in ``--dtype``,
+then the final-protocol edit metrics (teacher-forced ES/PS/NS) of the session as it runs (in bfloat16: deltas
+applied unmerged, in float32). ``--apply-in bfloat16`` also loads the base in bfloat16, applies the session's
+deltas to it unmerged (as the session and peft do) and naively merged (``round(W0 + ΔW)``), and measures both:
+the difference between the two is what rounding the edit into bf16 weights costs. Also what that rounding loses
+of the deltas, per edit layer and in all (see :func:`rounding_loss`). Writes ``<out>/<dtype>-<N>x<B>.json`` and
+prints the table of benchmarks/README.md from every result in ``<out>``.
+
+    OMP_NUM_THREADS=1 python benchmarks/bf16.py --dtype float32 --apply-in bfloat16
+    OMP_NUM_THREADS=1 python benchmarks/bf16.py --dtype bfloat16      # where bf16 is fast (a GPU; see README)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nse_hub import EditSession, load_requests
+from nse_hub.base import dtype_name
+from nse_hub.deltas import WeightDeltas
+from nse_hub.evaluation import EvalOptions, measure_requests
+from nse_hub.io import atomic_write_json
+from nse_hub.loading import load_base_model
+from nse_hub.plan import plan_dtype
+from nse_hub.requests import EditRequest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+METRICS = (("efficacy", "ES"), ("generalization", "PS"), ("specificity", "NS"), ("score", "S"))
+
+
+def rounding_loss(deltas: WeightDeltas, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """What rounding ``W0 + ΔW`` to ``dtype`` would lose of the deltas.
+
+    Per edit layer ``l`` (and over all of them, norms summed in squares): ``lost = ‖round(W0 + ΔW) − W0 − ΔW‖_F /
+    ‖ΔW‖_F``, everything but the rounding in float64, with ``W0`` the weights as loaded (in ``dtype`` they are
+    exact), and ``vanished``: the fraction of ΔW's entries that rounding drops entirely
+    (``round(W0 + ΔW) == W0``).
+    """
+    out: dict[str, float] = {}
+    lost_sq = delta_sq = vanished = entries = 0.0
+    for layer in deltas.layers:
+        total = deltas.cumulative(layer)
+        if total is None:  # a layer no round changed
+            continue
+        w0 = deltas.originals[layer].to(dtype).double()
+        delta = deltas.layout.to_stored_layout(total.dense()).double()
+        merged = (w0 + delta).to(dtype).double()
+        lost, norm = float((merged - w0 - delta).square().sum()), float(delta.square().sum())
+        gone = float(((merged == w0) & (delta != 0)).sum())
+        out[f"lost_layer_{layer}"] = (lost / norm) ** 0.5 if norm else 0.0
+        out[f"vanished_layer_{layer}"] = gone / max(1.0, float((delta != 0).sum()))
+        lost_sq, delta_sq = lost_sq + lost, delta_sq + norm
+        vanished, entries = vanished + gone, entries + float((delta != 0).sum())
+    out["lost"] = (lost_sq / delta_sq) ** 0.5 if delta_sq else 0.0
+    out["vanished"] = vanished / max(1.0, entries)
+    return out
+
+
+def apply_in(session: EditSession, dtype: torch.dtype, requests: list[EditRequest], options: EvalOptions
+             ) -> dict[str, Any]:
+    """The session's deltas on its base loaded in ``dtype``: edit metrics unmerged (float32 deltas, as the session
+    and peft apply them there) and naively merged (``round(W0 + ΔW)``), and what that rounding loses."""
+    model, _ = load_base_model(session.base.name_or_path, device=session.device, dtype=dtype)
+    deltas = WeightDeltas(model, session.layout, session.config.layers)
+    for factors in session.deltas.rounds:
+        deltas.append_round(factors)
+    out: dict[str, Any] = {"rounding_loss": rounding_loss(deltas, dtype)}
+    out["metrics_unmerged"] = measure_requests(model, session.tokenizer, session.layout, requests, options)
+    with deltas.original():  # hooks off; the weights merged and rounded
+        for layer in session.config.layers:
+            session.layout.projection(model, layer).weight.data = deltas.edited_weight(layer)
+        out["metrics_naive_merge"] = measure_requests(model, session.tokenizer, session.layout, requests, options)
+    return out
+
+
+def table(out: Path) -> str:
+    lines = ["| edits made in | applied in | how | " + " | ".join(label for _, label in METRICS)
+             + " | ‖ΔW‖ lost to rounding into the weights |", "|---|---|---|" + "---|" * (len(METRICS) + 1)]
+    for file in sorted(out.glob("*.json")):
+        result = json.loads(file.read_text())
+        made = result["dtype"]
+
+        def row(applied: str, how: str, metrics: dict, lost: str, made: str = made) -> str:
+            return (f"| {made} | {applied} | {how} | " + " | ".join(f"{metrics[key]:.1f}" if key in metrics else "–"
+                                                                    for key, _ in METRICS) + f" | {lost} |")
+
+        lines.append(row(made, "session", result["metrics"], "–" if made == "float32" else
+                         f"{result['rounding_loss']['lost']:.1%}"))
+        for applied, part in result.get("applied", {}).items():
+            lost = f"{part['rounding_loss']['lost']:.1%}"
+            lines.append(row(applied, "unmerged, float32 deltas", part["metrics_unmerged"], lost))
+            lines.append(row(applied, "naive merge round(W0 + ΔW)", part["metrics_naive_merge"], lost))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="float32", help="precision of the edit session: float32, bfloat16 (bf16) "
+                                                          "or float16 (fp16)")
+    parser.add_argument("--apply-in", nargs="*", default=[], metavar="DTYPE",
+                        help="also apply the session's deltas to the base loaded in these precisions")
+    parser.add_argument("--apply-probes", choices=("all", "rewrite"), default="all",
+                        help="prompts measured when applying: all (ES/PS/NS) or the rewrite prompts only (ES)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", type=Path, default=SHARED / "counterfact_easyedit" / "counterfact-edit.json")
+    parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bf16")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    dtype = plan_dtype(args.dtype) or torch.float32
+    name = dtype_name(dtype)
+    requests = load_requests(args.data, limit=args.edits)
+    options = EvalOptions(generation=False)
+
+    session = EditSession.from_pretrained(args.model, "nse", device=args.device, dtype=dtype)
+    started = time.perf_counter()
+    rounds = []
+    for start in range(0, len(requests), args.batch):
+        report = session.edit(requests[start:start + args.batch], progress=False)
+        rounds.append(report.seconds)
+        print(f"{name}: round {report.round} {report.seconds['total']:.0f} s", flush=True)
+    result: dict[str, Any] = {
+        "dtype": name, "model": args.model, "edits": len(requests), "batch": args.batch,
+        "unmerged": session.deltas.unmerged, "seconds_edit": round(time.perf_counter() - started, 1),
+        "round_seconds": rounds, "torch": torch.__version__,
+        "machine": (torch.cuda.get_device_name() if session.device.type == "cuda" else
+                    f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), measured beside other work"),
+        "metrics": measure_requests(session.model, session.tokenizer, session.layout, requests, options)}
+    if dtype != torch.float32:
+        result["rounding_loss"] = rounding_loss(session.deltas, dtype)
+    probes = requests if args.apply_probes == "all" else \
+        [dataclasses.replace(r, paraphrases=(), neighbors=()) for r in requests]
+    result["applied"] = {}
+    for other in args.apply_in:
+        other_dtype = plan_dtype(other) or torch.float32
+        tic = time.perf_counter()
+        result["applied"][dtype_name(other_dtype)] = {**apply_in(session, other_dtype, probes, options),
+                                                      "probes": args.apply_probes,
+                                                      "seconds": round(time.perf_counter() - tic, 1)}
+        print(f"applied in {other}: {time.perf_counter() - tic:.0f} s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / f"{name}-{len(requests)}x{args.batch}.json", result)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
