@@ -21,6 +21,7 @@ from nse_hub.architectures import ModelLayout
 from nse_hub.errors import BaseModelMismatchError
 from nse_hub.fingerprint import tensor_sha256
 from nse_hub.models import EMBEDDED_MODELS, embedded_model_of
+from nse_hub.offload import read_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +138,12 @@ def check_base(model: PreTrainedModel, base: BaseModelInfo) -> None:
     """
     for name, expected in base.module_sha256.items():
         try:
-            module = model.get_submodule(name)
+            weight = read_tensor(model, f"{name}.weight")
         except AttributeError:
             raise BaseModelMismatchError(
                 f"this edit was made on {base.name_or_path} ({base.architecture}); the given base model "
                 f"({type(model).__name__}) has no module {name}") from None
-        actual = tensor_sha256(module.weight)
+        actual = tensor_sha256(weight)
         if actual != expected:
             raise BaseModelMismatchError(
                 f"wrong base model: {name} has fingerprint {actual[:16]}…, but this edit was made on "

@@ -17,6 +17,7 @@ from torch import nn
 
 from nse_hub.architectures import ModelLayout
 from nse_hub.fingerprint import tensor_sha256
+from nse_hub.offload import read_tensor, write_tensor
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,11 @@ class WeightDeltas:
     def __init__(self, model: nn.Module, layout: ModelLayout, layers: Sequence[int]) -> None:
         self.layout = layout
         self.layers = tuple(layers)
+        self.model = model
         self.modules = {layer: layout.projection(model, layer) for layer in self.layers}
-        self.originals = {layer: m.weight.detach().clone() for layer, m in self.modules.items()}
+        # Read and written through accelerate's offload hooks where a projection is offloaded (nse_hub.offload).
+        self._names = {layer: f"{layout.projection_name(layer)}.weight" for layer in self.layers}
+        self.originals = {layer: read_tensor(model, name).detach().clone() for layer, name in self._names.items()}
         self.original_sha256 = {layer: tensor_sha256(w) for layer, w in self.originals.items()}
         self.rounds: list[dict[int, Factors]] = []
         self._pending: dict[int, list[Factors]] = {}
@@ -112,7 +116,7 @@ class WeightDeltas:
     # --- applying ---------------------------------------------------------------------------------
 
     def _apply(self, layer: int) -> None:
-        self.modules[layer].weight.data = self.edited_weight(layer)
+        write_tensor(self.model, self._names[layer], self.edited_weight(layer))
 
     def apply_all(self) -> None:
         for layer in self.layers:
@@ -136,14 +140,14 @@ class WeightDeltas:
 
     @contextmanager
     def _weights(self, weights: dict[int, torch.Tensor]) -> Iterator[None]:
-        current = {layer: m.weight.data for layer, m in self.modules.items()}
+        current = {layer: read_tensor(self.model, name) for layer, name in self._names.items()}
         try:
-            for layer, module in self.modules.items():
-                module.weight.data = weights[layer]
+            for layer, name in self._names.items():
+                write_tensor(self.model, name, weights[layer])
             yield
         finally:
-            for layer, module in self.modules.items():
-                module.weight.data = current[layer]
+            for layer, name in self._names.items():
+                write_tensor(self.model, name, current[layer])
 
 
 class KeyMemory:

@@ -72,6 +72,7 @@ from nse_hub.io import atomic_write_text, folder_lock
 from nse_hub.lineage import HistoryDiff, MergePlan, Side, Version, diff_versions, plan_merge, probe_diff, report_digest
 from nse_hub.loading import check_finite_weights, hidden_rms, load_base_model
 from nse_hub.models import check_model_name, embedded_model_of, is_embedded
+from nse_hub.offload import write_tensor
 from nse_hub.probes import measure_probes
 from nse_hub.report import RoundReport, request_report
 from nse_hub.requests import EditRequest, RequestLike, one_round, parse_requests
@@ -359,7 +360,8 @@ class EditSession:
         version = resolve_round(round, len(self.rounds))
         merged = copy.deepcopy(self.model)
         for layer in self.config.layers:
-            self.layout.projection(merged, layer).weight.data = self.deltas.edited_weight(layer, version)
+            weight = self.deltas.edited_weight(layer, version)
+            write_tensor(merged, f"{self.layout.projection_name(layer)}.weight", weight)
         return merged
 
     def _check_lengths(self, requests: list[EditRequest]) -> None:
