@@ -649,6 +649,20 @@ class EditSession:
         self.lineage.setdefault("merges", []).append(record)
         return plan
 
+    def compute_statistics(self, progress: bool = True) -> dict[str, Path]:
+        """Measure this session's second moments now (or find them cached) and return where they are cached,
+        per module.
+
+        Run under ``torchrun`` / ``accelerate launch`` with a process group initialised, the pass is
+        data-parallel: each process reads its share of the corpus and rank 0 writes the files (see
+        :mod:`nse_hub.stats`); every process returns the same paths.
+        """
+        with self.deltas.original():
+            if self._second_moments is None:
+                self._second_moments = self._load_second_moments(progress)
+        return {self.layout.projection_name(layer): self.stats_spec.path(self.layout, layer)
+                for layer in self.config.layers}
+
     def push_statistics(self, repo_id: str, token: str | bool | None = None, private: bool | None = None) -> str:
         """Upload this session's second moments to a Hub dataset repo (measured first if needed); returns the
         folder in the repo. Sessions started with ``stats_repo=repo_id`` then download instead of measuring."""
