@@ -277,6 +277,8 @@ def second_moments(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, l
                     save_file({"second_moment": matrix}, str(tmp), metadata=metadata)
             found[layer] = matrix
         partial.unlink(missing_ok=True)
+        if shard.world_size > 1:  # the cached files exist for every process once it returns
+            torch.distributed.barrier()
         if problems:
             raise problems[0]
     return {layer: found[layer] for layer in layers}
