@@ -20,8 +20,9 @@ the session, context templates, the fingerprint). Checks:
 * llama-width-solve: NSE's solve at d_ff 14,336 on its own (C, P and neuron_update; no model).
 * gemma3-nse: Gemma 3 270M (real weights, float32), as the SmolLM2 checks.
 * llama-width-4-nse: the whole NSE round of a random Llama-3-8B-width model of 4 layers (vocabulary 1,024),
-  bfloat16 weights so that it fits 12 GB, edit layer 1: one request, one value step, no generated context
-  templates, one update pass (the CPU's bfloat16 matmuls are slow; the phases' memory hardly depends on these),
+  bfloat16 weights so that it fits 12 GB, edit layer 1: one request, one Adam step (v_num_grad_steps 2), no
+  generated context templates, one update pass (the CPU's bfloat16 matmuls are slow; the phases' memory hardly
+  depends on these),
   the statistics pass on one 64-token sample (stopping at the check after its peak) and then a synthetic C,
   and the real solve at d_ff 14,336.
 """
@@ -74,6 +75,8 @@ class PhasePeaks:
         self.overall = max(self.overall, peak)
         if phase:
             self.peaks[phase] = max(self.peaks.get(phase, 0), peak)
+            # On stderr as it goes: a check cut short by a time limit still shows the phases it measured.
+            print(f"phase {phase}: {peak / MIB:.0f} MiB", file=sys.stderr, flush=True)
 
     def wrap(self, owner: object, name: str, phase: str) -> None:
         inner = getattr(owner, name)
@@ -148,7 +151,7 @@ def llama_width_config(layers: int = 2):
 LLAMA_WIDTH_SETTINGS = {"layers": [1], "mom2_n_samples": 32, "batch_size": 32}
 # The 4-layer check's whole round, cut to what the CPU computes in minutes (one request, one step, one pass).
 LLAMA_WIDTH_4 = {"layers": 4, "dtype": "bfloat16", "edits": 1,
-                 "settings": {"layers": [1], "mom2_n_samples": 1, "batch_size": 1, "v_num_grad_steps": 1,
+                 "settings": {"layers": [1], "mom2_n_samples": 1, "batch_size": 1, "v_num_grad_steps": 2,
                               "context_prefixes": [], "max_iterations": 2, "alpha": 0.0, "upper_bound": 1e9}}
 
 
@@ -182,8 +185,17 @@ def measure_llama_width_4(out: Path) -> dict:
     from nse_hub.errors import StatisticsError
 
     peaks.start()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(llama_width_config(LLAMA_WIDTH_4["layers"]), dtype=torch.bfloat16).eval()
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # normal init of 0.9B parameters takes minutes on a busy CPU; uniform is quick
+        model = LlamaForCausalLM._from_config(llama_width_config(LLAMA_WIDTH_4["layers"]), dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            param.data.uniform_(-0.035, 0.035, generator=generator)  # std 0.02, the config's initializer_range
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     settings = {**LLAMA_WIDTH_4["settings"], "mom2_dataset": str(corpus)}
     session = EditSession.from_pretrained(model, method="nse", tokenizer=tokenizer, **settings)
@@ -292,9 +304,10 @@ def run_check(check: str) -> dict:
         command = [sys.executable, __file__, "--measure", check, "--out", out]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         tic = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        # stderr streams through (phases as they are measured, errors); stdout holds the result.
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
         if done.returncode != 0:
-            raise SystemExit(f"{check} failed:\n{done.stderr[-3000:]}")
+            raise SystemExit(f"{check} failed (its output is above)")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         result["seconds"] = round(time.perf_counter() - tic, 1)
     return result
