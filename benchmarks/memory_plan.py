@@ -18,6 +18,13 @@ the session, context templates, the fingerprint). Checks:
   d_ff it stops at the check that follows its peak), then a round on a synthetic C written to the cache with
   the solves replaced by zero updates of the same shape (they are measured alone, next).
 * llama-width-solve: NSE's solve at d_ff 14,336 on its own (C, P and neuron_update; no model).
+* gemma3-nse: Gemma 3 270M (real weights, float32), as the SmolLM2 checks.
+* llama-width-4-nse: the whole NSE round of a random Llama-3-8B-width model of 4 layers (vocabulary 1,024),
+  bfloat16 weights so that it fits 12 GB, edit layer 1: one request, one Adam step (v_num_grad_steps 2), no
+  generated context templates, one update pass (the CPU's bfloat16 matmuls are slow; the phases' memory hardly
+  depends on these),
+  the statistics pass on one 64-token sample (stopping at the check after its peak) and then a synthetic C,
+  and the real solve at d_ff 14,336.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact_easyedit" / "counterfact-edit.json"
 TINY_TOKENIZER = ROOT / "tests" / "fixtures" / "tiny-tokenizer"
 CONFIGS = ROOT / "tests" / "fixtures" / "configs"
-CHECKS = ("smollm2-nse", "smollm2-alphaedit", "llama-width-nse", "llama-width-solve")
+CHECKS = ("smollm2-nse", "smollm2-alphaedit", "llama-width-nse", "llama-width-solve", "gemma3-nse",
+          "llama-width-4-nse")
 MIB = 2**20
 
 
@@ -67,6 +75,8 @@ class PhasePeaks:
         self.overall = max(self.overall, peak)
         if phase:
             self.peaks[phase] = max(self.peaks.get(phase, 0), peak)
+            # On stderr as it goes: a check cut short by a time limit still shows the phases it measured.
+            print(f"phase {phase}: {peak / MIB:.0f} MiB", file=sys.stderr, flush=True)
 
     def wrap(self, owner: object, name: str, phase: str) -> None:
         inner = getattr(owner, name)
@@ -111,7 +121,7 @@ def _requests(limit: int = 10):
     return load_requests(COUNTERFACT, limit=limit)
 
 
-def measure_smollm2(method: str, out: Path) -> dict:
+def measure_smollm2(method: str, out: Path, model: str = "smollm2-135m") -> dict:
     import nse_hub.models as models
 
     cache = Path(tempfile.mkdtemp(prefix="nse-hub-plan-"))
@@ -122,7 +132,7 @@ def measure_smollm2(method: str, out: Path) -> dict:
     from nse_hub import EditSession
 
     peaks.start()
-    session = EditSession.from_pretrained("smollm2-135m", method=method, device="cpu")
+    session = EditSession.from_pretrained(model, method=method, device="cpu")
     peaks.wrap(session, "value_optimizer", "value step (per chunk)")
     session.edit(_requests(), progress=False)
     session.save_pretrained(out / "session")
@@ -139,6 +149,64 @@ def llama_width_config(layers: int = 2):
 
 
 LLAMA_WIDTH_SETTINGS = {"layers": [1], "mom2_n_samples": 32, "batch_size": 32}
+# The 4-layer check's whole round, cut to what the CPU computes in minutes (one request, one step, one pass).
+LLAMA_WIDTH_4 = {"layers": 4, "dtype": "bfloat16", "edits": 1,
+                 "settings": {"layers": [1], "mom2_n_samples": 1, "batch_size": 1, "v_num_grad_steps": 2,
+                              "context_prefixes": [], "max_iterations": 2, "alpha": 0.0, "upper_bound": 1e9}}
+
+
+def _synthetic_second_moment(session, layer: int) -> None:
+    """A C with a log-normal spectrum written to the cache, as the pass would have written it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from nse_hub.stats import CHECK_VERSION
+
+    n = session.layout.intermediate_size
+    c = torch.diag(torch.randn(n).exp())
+    path = session.stats_spec.path(session.layout, layer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"second_moment": c}, str(path), metadata={"tokens": str(10 * n), "check": CHECK_VERSION})
+    session._second_moments = None
+
+
+def measure_llama_width_4(out: Path) -> dict:
+    import torch
+
+    cache = Path(tempfile.mkdtemp(prefix="nse-hub-plan-"))
+    os.environ["NSE_HUB_CACHE"] = str(cache)
+    corpus = cache / "corpus.txt"
+    corpus.write_text(" ".join(["The river runs past the old mill where the millers ground wheat."] * 40))
+    peaks = PhasePeaks()
+    peaks.install()
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from nse_hub import EditSession
+    from nse_hub.errors import StatisticsError
+
+    peaks.start()
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # normal init of 0.9B parameters takes minutes on a busy CPU; uniform is quick
+        model = LlamaForCausalLM._from_config(llama_width_config(LLAMA_WIDTH_4["layers"]), dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            param.data.uniform_(-0.035, 0.035, generator=generator)  # std 0.02, the config's initializer_range
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    settings = {**LLAMA_WIDTH_4["settings"], "mom2_dataset": str(corpus)}
+    session = EditSession.from_pretrained(model, method="nse", tokenizer=tokenizer, **settings)
+    peaks.wrap(session, "value_optimizer", "value step (per chunk)")
+    with contextlib.suppress(StatisticsError):
+        session._prepare(progress=False)  # the statistics pass on too few tokens: it fails at the check, after its peak
+    _synthetic_second_moment(session, 1)
+    session.edit(_requests(LLAMA_WIDTH_4["edits"]), progress=False)
+    session.save_pretrained(out / "session")
+    peaks.close(None)
+    return {"peaks": peaks.peaks, "overall": peaks.overall}
 
 
 def measure_llama_width(out: Path) -> dict:
@@ -214,8 +282,13 @@ def measure_llama_width_solve() -> dict:
 def plan_for(check: str) -> dict[str, int]:
     from nse_hub.plan import NSE_SOLVE_MATRICES, PROCESS_BYTES, memory_plan
 
-    if check.startswith("smollm2"):
-        plan = memory_plan("smollm2-135m", method=check.split("-")[1], dtype="float32", device="cpu", batch_size=10)
+    if check.startswith(("smollm2", "gemma3")):
+        name = "smollm2-135m" if check.startswith("smollm2") else "gemma3-270m"
+        plan = memory_plan(name, method=check.split("-")[-1], dtype="float32", device="cpu", batch_size=10)
+        return {p.name: p.bytes for p in plan.phases}
+    if check == "llama-width-4-nse":
+        plan = memory_plan(llama_width_config(LLAMA_WIDTH_4["layers"]), method="nse", dtype=LLAMA_WIDTH_4["dtype"],
+                           device="cpu", batch_size=LLAMA_WIDTH_4["edits"], hparams=LLAMA_WIDTH_4["settings"])
         return {p.name: p.bytes for p in plan.phases}
     plan = memory_plan(llama_width_config(), method="nse", dtype="float32", device="cpu", batch_size=10,
                        hparams=LLAMA_WIDTH_SETTINGS)
@@ -231,9 +304,10 @@ def run_check(check: str) -> dict:
         command = [sys.executable, __file__, "--measure", check, "--out", out]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         tic = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        # stderr streams through (phases as they are measured, errors); stdout holds the result.
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
         if done.returncode != 0:
-            raise SystemExit(f"{check} failed:\n{done.stderr[-3000:]}")
+            raise SystemExit(f"{check} failed (its output is above)")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         result["seconds"] = round(time.perf_counter() - tic, 1)
     return result
@@ -296,7 +370,9 @@ def main() -> None:
         result = {"smollm2-nse": lambda: measure_smollm2("nse", out),
                   "smollm2-alphaedit": lambda: measure_smollm2("alphaedit", out),
                   "llama-width-nse": lambda: measure_llama_width(out),
-                  "llama-width-solve": measure_llama_width_solve}[args.measure]()
+                  "llama-width-solve": measure_llama_width_solve,
+                  "gemma3-nse": lambda: measure_smollm2("nse", out, "gemma3-270m"),
+                  "llama-width-4-nse": lambda: measure_llama_width_4(out)}[args.measure]()
         print(json.dumps(result))
         return
     if args.readme:

@@ -22,6 +22,7 @@ from nse_hub.architectures import ModelLayout
 from nse_hub.errors import BaseModelMismatchError
 from nse_hub.fingerprint import tensor_sha256
 from nse_hub.models import EMBEDDED_MODELS, embedded_model_of
+from nse_hub.offload import read_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -147,16 +148,16 @@ def check_base(model: PreTrainedModel, base: BaseModelInfo) -> None:
     """
     for name, expected in base.module_sha256.items():
         try:
-            module = model.get_submodule(name)
+            weight = read_tensor(model, f"{name}.weight")
         except AttributeError:
             raise BaseModelMismatchError(
                 f"this edit was made on {base.name_or_path} ({base.architecture}); the given base model "
                 f"({type(model).__name__}) has no module {name}") from None
-        actual = tensor_sha256(module.weight)
-        if actual != expected and base.dtype and dtype_name(module.weight.dtype) != base.dtype:
+        actual = tensor_sha256(weight)
+        if actual != expected and base.dtype and dtype_name(weight.dtype) != base.dtype:
             raise BaseModelMismatchError(
                 f"this edit was made on {base.name_or_path} loaded in {base.dtype}, but the given base model's "
-                f"weights are {dtype_name(module.weight.dtype)}; load the base with dtype={base.dtype!r}")
+                f"weights are {dtype_name(weight.dtype)}; load the base with dtype={base.dtype!r}")
         if actual != expected:
             raise BaseModelMismatchError(
                 f"wrong base model: {name} has fingerprint {actual[:16]}…, but this edit was made on "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -275,11 +276,37 @@ def cmd_merge_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _join_launched_group(device: str | None) -> str | None:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1): join the process group; this process's device."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return device
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from nse_hub import EditSession
     from nse_hub.stats_hub import pull_statistics
 
-    session = EditSession.from_pretrained(args.model, device=args.device, **_hparams(args.set))
+    if args.action != "compute" and not args.repo_id:
+        raise ConfigError(f"nse-hub stats {args.action} needs the dataset repo: nse-hub stats {args.action} "
+                          f"{args.model} namespace/name")
+    device = _join_launched_group(args.device) if args.action == "compute" else args.device
+    session = EditSession.from_pretrained(args.model, device=device, **_hparams(args.set))
+    if args.action == "compute":
+        paths = session.compute_statistics(progress=not args.quiet)
+        if int(os.environ.get("RANK", "0")) == 0:
+            for module, path in paths.items():
+                console.print(f"{module}: {path}", highlight=False, soft_wrap=True)
+        return 0
     if args.action == "push":
         folder = session.push_statistics(args.repo_id, private=args.private or None)
         console.print(f"Pushed the second moments of {session} to the dataset {args.repo_id} ({folder})")
@@ -345,10 +372,14 @@ def _add_history_commands(sub: Any) -> None:
     merge.add_argument("--device")
     merge.set_defaults(func=cmd_merge_history)
 
-    stats = sub.add_parser("stats", help="share second moments through a Hub dataset repo")
-    stats.add_argument("action", choices=["push", "pull"])
+    stats = sub.add_parser("stats", help="measure second moments into the cache, or share them through a Hub dataset",
+                           description="compute: measure the second moments into the local cache (data-parallel "
+                                       "under torchrun --nproc-per-node N); push / pull: share them through a Hub "
+                                       "dataset repo.")
+    stats.add_argument("action", choices=["compute", "push", "pull"])
     stats.add_argument("model", help="embedded name, Hub id, local model folder or saved edit")
-    stats.add_argument("repo_id", help="the dataset repo (namespace/name)")
+    stats.add_argument("repo_id", nargs="?", help="the dataset repo (namespace/name), for push and pull")
+    stats.add_argument("--quiet", action="store_true", help="compute: no progress bars")
     stats.add_argument("--private", action="store_true", help="create the dataset as private")
     stats.add_argument("--device")
     stats.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -35,6 +35,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from nse_hub.errors import ConfigError
 from nse_hub.tokens import encode, pad_id
+from nse_hub.tracing import model_device
 
 # Short openings for model-sampled text: varied enough to cover ordinary prose.
 SAMPLE_STARTS = (
@@ -258,7 +259,7 @@ def sample_from_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     Each sampling batch has its own seed, so ``skip`` starts at the batch holding sample ``skip``.
     ``progress`` shows a bar of the tokens generated.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     pad = pad_id(tokenizer)
     batch_index = skip // SAMPLING_BATCH
     drop = skip - batch_index * SAMPLING_BATCH

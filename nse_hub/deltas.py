@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from nse_hub.architectures import ModelLayout
 from nse_hub.errors import ConfigError
 from nse_hub.fingerprint import tensor_sha256
+from nse_hub.offload import read_tensor, write_tensor
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,9 @@ class _Unmerged:
     def add_to(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result + ΔW x`` summed in float32 and rounded once to ``result``'s dtype (as peft's LoRA layer)."""
         x = x.to(torch.float32)
-        change = F.linear(x, self.dense) if self.dense is not None else F.linear(F.linear(x, self.A), self.B)
+        # An offloaded projection runs where accelerate moves it; its factors stay where the originals are read.
+        dense, A, B = (None if t is None else t.to(x.device) for t in (self.dense, self.A, self.B))
+        change = F.linear(x, dense) if dense is not None else F.linear(F.linear(x, A), B)
         return (result + change).to(result.dtype)
 
 
@@ -97,11 +100,14 @@ class WeightDeltas:
     def __init__(self, model: nn.Module, layout: ModelLayout, layers: Sequence[int]) -> None:
         self.layout = layout
         self.layers = tuple(layers)
+        self.model = model
         self.modules = {layer: layout.projection(model, layer) for layer in self.layers}
-        self.unmerged = any(m.weight.dtype in LOW_PRECISION for m in self.modules.values())
+        # Read and written through accelerate's offload hooks where a projection is offloaded (nse_hub.offload).
+        self._names = {layer: f"{layout.projection_name(layer)}.weight" for layer in self.layers}
+        weights = {layer: read_tensor(model, name).detach() for layer, name in self._names.items()}
+        self.unmerged = any(w.dtype in LOW_PRECISION for w in weights.values())
         # Unmerged, the weights never change: they are the originals (no copy).
-        self.originals = {layer: m.weight.detach() if self.unmerged else m.weight.detach().clone()
-                          for layer, m in self.modules.items()}
+        self.originals = {layer: w if self.unmerged else w.clone() for layer, w in weights.items()}
         self.original_sha256 = {layer: tensor_sha256(w) for layer, w in self.originals.items()}
         self.rounds: list[dict[int, Factors]] = []
         self._pending: dict[int, list[Factors]] = {}
@@ -199,7 +205,7 @@ class WeightDeltas:
         if self.unmerged:
             self._applied[layer] = self._unmerged_delta(layer)
         else:
-            self.modules[layer].weight.data = self.edited_weight(layer)
+            write_tensor(self.model, self._names[layer], self.edited_weight(layer))
 
     def apply_all(self) -> None:
         for layer in self.layers:
@@ -232,14 +238,14 @@ class WeightDeltas:
 
     @contextmanager
     def _weights(self, weights: dict[int, torch.Tensor]) -> Iterator[None]:
-        current = {layer: m.weight.data for layer, m in self.modules.items()}
+        current = {layer: read_tensor(self.model, name) for layer, name in self._names.items()}
         try:
-            for layer, module in self.modules.items():
-                module.weight.data = weights[layer]
+            for layer, name in self._names.items():
+                write_tensor(self.model, name, weights[layer])
             yield
         finally:
-            for layer, module in self.modules.items():
-                module.weight.data = current[layer]
+            for layer, name in self._names.items():
+                write_tensor(self.model, name, current[layer])
 
 
 class KeyMemory:

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from nse_hub.offload import read_tensor
+
 
 def tensor_sha256(tensor: torch.Tensor, digest: hashlib._Hash | None = None) -> str:
     """sha256 of a tensor's dtype, shape and raw bytes (as stored, in C order)."""
@@ -36,9 +38,11 @@ def model_sha256(model: nn.Module, skip: Iterable[str] = ()) -> str:
     digest = hashlib.sha256()
     seen: set[int] = set()
     for name, tensor in sorted([*model.named_parameters(), *model.named_buffers()], key=lambda item: item[0]):
-        if name in skipped or tensor.data_ptr() in seen:
+        # Offloaded tensors all sit at address 0 on the meta device: tell them apart by object instead.
+        identity = id(tensor) if tensor.device.type == "meta" else tensor.data_ptr()
+        if name in skipped or identity in seen:
             continue
-        seen.add(tensor.data_ptr())
+        seen.add(identity)
         digest.update(name.encode())
-        tensor_sha256(tensor, digest)
+        tensor_sha256(read_tensor(model, name) if tensor.device.type == "meta" else tensor, digest)
     return digest.hexdigest()

@@ -72,6 +72,7 @@ from nse_hub.io import atomic_write_text, folder_lock
 from nse_hub.lineage import HistoryDiff, MergePlan, Side, Version, diff_versions, plan_merge, probe_diff, report_digest
 from nse_hub.loading import check_finite_weights, hidden_rms, load_base_model
 from nse_hub.models import check_model_name, embedded_model_of, is_embedded
+from nse_hub.offload import write_tensor
 from nse_hub.probes import measure_probes
 from nse_hub.report import RoundReport, request_report
 from nse_hub.requests import EditRequest, RequestLike, one_round, parse_requests
@@ -377,7 +378,8 @@ class EditSession:
         version = resolve_round(round, len(self.rounds))
         merged = copy.deepcopy(self.model)
         for layer in self.config.layers:
-            self.layout.projection(merged, layer).weight.data = self.deltas.edited_weight(layer, version)
+            weight = self.deltas.edited_weight(layer, version)
+            write_tensor(merged, f"{self.layout.projection_name(layer)}.weight", weight)
         return merged
 
     def _check_lengths(self, requests: list[EditRequest]) -> None:
@@ -665,6 +667,20 @@ class EditSession:
                                      "dropped": len(planned.dropped)})
         self.lineage.setdefault("merges", []).append(record)
         return plan
+
+    def compute_statistics(self, progress: bool = True) -> dict[str, Path]:
+        """Measure this session's second moments now (or find them cached) and return where they are cached,
+        per module.
+
+        Run under ``torchrun`` / ``accelerate launch`` with a process group initialised, the pass is
+        data-parallel: each process reads its share of the corpus and rank 0 writes the files (see
+        :mod:`nse_hub.stats`); every process returns the same paths.
+        """
+        with self.deltas.original():
+            if self._second_moments is None:
+                self._second_moments = self._load_second_moments(progress)
+        return {self.layout.projection_name(layer): self.stats_spec.path(self.layout, layer)
+                for layer in self.config.layers}
 
     def push_statistics(self, repo_id: str, token: str | bool | None = None, private: bool | None = None) -> str:
         """Upload this session's second moments to a Hub dataset repo (measured first if needed); returns the

@@ -15,6 +15,13 @@ every ``checkpoint_seconds`` and when it is interrupted (Ctrl-C, an error), and 
 same specification continues from there instead of starting again; the result is bit-identical to an
 uninterrupted pass.
 
+Data-parallel: when a ``torch.distributed`` process group is initialised (``torchrun``, ``accelerate launch``),
+each of its N processes reads its own contiguous 1/N of the corpus samples, and the processes add up their
+float64 sums and token counts (``all_reduce``) at the end: every process gets the same ``C``, equal to the
+one-process result up to the order of float32 summation. Each process keeps its own partial sums
+(``partial-*-rank<r>of<N>.safetensors``), so an interrupted pass resumes with the same number of processes;
+only rank 0 writes the cached matrices.
+
 Every matrix is checked when it is built and when it is read: fewer tokens than dimensions, a neuron
 that never fired, or a matrix that is not numerically positive definite raise :class:`StatisticsError`
 naming the module and the fix, rather than leaving a singular system to the solve.
@@ -23,6 +30,7 @@ naming the module and the fix, rather than leaving a singular system to the solv
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import time
@@ -44,7 +52,7 @@ from nse_hub.errors import StatisticsError
 from nse_hub.io import atomic_path
 from nse_hub.models import cache_dir
 from nse_hub.tokens import pad_id, pad_right
-from nse_hub.tracing import read_input, run_forward, stop_after
+from nse_hub.tracing import model_device, read_input, run_forward, stop_after
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +137,41 @@ class StatsSpec:
     def path(self, layout: ModelLayout, layer: int, root: Path | None = None) -> Path:
         return self.folder(root) / f"{layout.projection_name(layer)}.safetensors"
 
-    def partial_path(self, layout: ModelLayout, layers: Sequence[int], root: Path | None = None) -> Path:
-        """Where an unfinished pass over ``layers`` keeps its running sums."""
+    def partial_path(self, layout: ModelLayout, layers: Sequence[int], root: Path | None = None,
+                     shard: Shard | None = None) -> Path:
+        """Where an unfinished pass over ``layers`` keeps its running sums (one file per process of a
+        data-parallel pass)."""
         names = ",".join(layout.projection_name(layer) for layer in sorted(layers))
-        return self.folder(root) / f"partial-{hashlib.sha256(names.encode()).hexdigest()[:12]}.safetensors"
+        rank = f"-rank{shard.rank}of{shard.world_size}" if shard and shard.world_size > 1 else ""
+        return self.folder(root) / f"partial-{hashlib.sha256(names.encode()).hexdigest()[:12]}{rank}.safetensors"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a data-parallel statistics pass: samples ``[start, stop)`` of the corpus."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> Shard:
+        """The shard of this process: its rank in the initialised ``torch.distributed`` group, else the whole."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        return cls()
+
+    def bounds(self, n_samples: int) -> tuple[int, int]:
+        """Contiguous, as even as possible: rank r reads samples ``[r·n/N, (r+1)·n/N)``."""
+        return self.rank * n_samples // self.world_size, (self.rank + 1) * n_samples // self.world_size
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the cached matrices (rank 0 only)."""
+        return self.rank == 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.rank}/{self.world_size}"
 
 
 def matrix_sha256(matrix: torch.Tensor) -> str:
@@ -198,11 +237,13 @@ def second_moments(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, l
     after every batch) and when the pass is interrupted. Raises :class:`StatisticsError` when a
     matrix is singular or not positive definite (see :func:`check_second_moment`).
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
+    shard = Shard.current()
+    cached = _agreed([spec.path(layout, layer, root).is_file() for layer in layers], shard, device)
     found = {}
-    for layer in layers:
+    for layer, is_cached in zip(layers, cached):
         path = spec.path(layout, layer, root)
-        if path.is_file():
+        if is_cached:
             matrix, metadata = _read(path)
             tokens = int(metadata["tokens"]) if metadata.get("tokens", "").isdigit() else None
             # Files written by this version were factorised before they were written.
@@ -214,9 +255,9 @@ def second_moments(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, l
         warning = sample_size_warning(layout.intermediate_size, spec.n_samples, spec.sample_length)
         if warning:
             logger.warning("%s", warning)
-        partial = spec.partial_path(layout, missing, root)
-        computed, tokens = _measure(model, tokenizer, layout, missing, spec, batch_size, progress, partial,
-                                    checkpoint_seconds)
+        partial = spec.partial_path(layout, missing, root, shard)
+        computed, tokens = _measure(model, tokenizer, layout, missing, spec, batch_size, progress and shard.writes,
+                                    partial, checkpoint_seconds, shard)
         if tokens < recommended_tokens(layout.intermediate_size):
             logger.warning("The corpus gave %s tokens, below %d × d_ff = %s: C is poorly determined.",
                            f"{tokens:,}", TOKENS_PER_NEURON, f"{recommended_tokens(layout.intermediate_size):,}")
@@ -231,24 +272,58 @@ def second_moments(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, l
                         "sample_length": str(spec.sample_length), "seed": str(spec.seed),
                         "model_fingerprint": spec.model_fingerprint, "module": layout.projection_name(layer),
                         "check": CHECK_VERSION, "min_relative_pivot": f"{pivot:.3e}"}
-            with atomic_path(spec.path(layout, layer, root)) as tmp:
-                save_file({"second_moment": matrix}, str(tmp), metadata=metadata)
+            if shard.writes:
+                with atomic_path(spec.path(layout, layer, root)) as tmp:
+                    save_file({"second_moment": matrix}, str(tmp), metadata=metadata)
             found[layer] = matrix
         partial.unlink(missing_ok=True)
+        if shard.world_size > 1:  # the cached files exist for every process once it returns
+            torch.distributed.barrier()
         if problems:
             raise problems[0]
     return {layer: found[layer] for layer in layers}
 
 
-def _save_partial(path: Path, sums: dict[int, torch.Tensor], samples: int, tokens: int, spec: StatsSpec) -> None:
+def _agreed(flags: list[bool], shard: Shard, device: torch.device) -> list[bool]:
+    """``flags`` where every process of a data-parallel pass has them true (each must take the same path)."""
+    if shard.world_size == 1 or not flags:
+        return flags
+    votes = torch.tensor(flags, dtype=torch.int32, device=_reduce_device(device))
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MIN)
+    return [bool(v) for v in votes.tolist()]
+
+
+def _reduce_device(device: torch.device) -> torch.device:
+    """Where the collectives run: the accelerator for NCCL, the CPU for gloo."""
+    return device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _reduce_sums(sums: dict[int, torch.Tensor], tokens: int, shard: Shard) -> int:
+    """Add every process's float64 sums (in place) and token counts; returns the total tokens."""
+    if shard.world_size == 1:
+        return tokens
+    for layer in sorted(sums):
+        reduce_device = _reduce_device(sums[layer].device)
+        total = sums[layer].to(reduce_device)
+        torch.distributed.all_reduce(total)
+        sums[layer] = total.to(sums[layer].device)
+    count = torch.tensor([tokens], dtype=torch.int64, device=_reduce_device(next(iter(sums.values())).device))
+    torch.distributed.all_reduce(count)
+    return int(count.item())
+
+
+def _save_partial(path: Path, sums: dict[int, torch.Tensor], samples: int, tokens: int, spec: StatsSpec,
+                  shard: Shard = Shard()) -> None:
     metadata = {"samples": str(samples), "tokens": str(tokens), "layers": ",".join(map(str, sorted(sums))),
+                "shard": shard.label,
                 "corpus": spec.corpus, "n_samples": str(spec.n_samples), "sample_length": str(spec.sample_length),
                 "seed": str(spec.seed), "model_fingerprint": spec.model_fingerprint}
     with atomic_path(path) as tmp:
         save_file({f"layer.{layer}": total.cpu() for layer, total in sums.items()}, str(tmp), metadata=metadata)
 
 
-def _load_partial(path: Path, layers: Sequence[int], device: torch.device) -> tuple[dict[int, torch.Tensor], int, int]:
+def _load_partial(path: Path, layers: Sequence[int], device: torch.device,
+                  shard: Shard = Shard()) -> tuple[dict[int, torch.Tensor], int, int]:
     """Running sums, samples done and tokens counted of an unfinished pass (empty when there is none)."""
     if not path.is_file():
         return {}, 0, 0
@@ -257,6 +332,8 @@ def _load_partial(path: Path, layers: Sequence[int], device: torch.device) -> tu
             metadata = handle.metadata() or {}
         if metadata.get("layers") != ",".join(map(str, sorted(layers))):
             raise ValueError("other layers")
+        if metadata.get("shard", "0/1") != shard.label:
+            raise ValueError(f"another process's share ({metadata.get('shard')}, this is {shard.label})")
         tensors = load_file(path)
         sums = {layer: tensors[f"layer.{layer}"].to(device) for layer in layers}
         return sums, int(metadata["samples"]), int(metadata["tokens"])
@@ -269,16 +346,18 @@ def _load_partial(path: Path, layers: Sequence[int], device: torch.device) -> tu
 def _measure(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
              layers: Sequence[int], spec: StatsSpec, batch_size: int, progress: bool,
              partial: Path | None = None, checkpoint_seconds: float = CHECKPOINT_SECONDS,
-             ) -> tuple[dict[int, torch.Tensor], int]:
-    device = next(model.parameters()).device
+             shard: Shard = Shard()) -> tuple[dict[int, torch.Tensor], int]:
+    device = model_device(model)
     corpus = Corpus.parse(spec.corpus)
-    sums, done, tokens = _load_partial(partial, layers, device) if partial else ({}, 0, 0)
+    start, stop = shard.bounds(spec.n_samples)
+    share = f" (process {shard.label}: samples {start}–{stop})" if shard.world_size > 1 else ""
+    sums, done, tokens = _load_partial(partial, layers, device, shard) if partial else ({}, 0, 0)
     if done:
-        logger.info("Resuming the E[kkᵀ] pass at layers %s after %d of %d samples (%s)", list(layers), done,
-                    spec.n_samples, partial)
+        logger.info("Resuming the E[kkᵀ] pass at layers %s after %d of %d samples%s (%s)", list(layers), done,
+                    stop - start, share, partial)
     else:
-        logger.info("Measuring E[kkᵀ] at layers %s over %d samples of %s", list(layers), spec.n_samples,
-                    corpus.describe())
+        logger.info("Measuring E[kkᵀ] at layers %s over %d samples of %s%s", list(layers), spec.n_samples,
+                    corpus.describe(), share)
         sums = {layer: torch.zeros(layout.intermediate_size, layout.intermediate_size, dtype=torch.float64,
                                    device=device) for layer in layers}
     state = {"mask": None, "done": done, "tokens": tokens, "saved_at": time.monotonic()}
@@ -294,12 +373,15 @@ def _measure(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout:
 
     def save() -> None:
         if partial is not None:
-            _save_partial(partial, sums, state["done"], state["tokens"], spec)
+            _save_partial(partial, sums, state["done"], state["tokens"], spec, shard)
             state["saved_at"] = time.monotonic()
 
-    sequences = token_sequences(corpus, tokenizer, spec.n_samples, spec.sample_length, model=model, seed=spec.seed,
-                                skip=done, progress=progress)
-    bar = tqdm(total=spec.n_samples, initial=done, desc="second moments", unit="sample", disable=not progress)
+    # The whole pass's sequence stream, cut to this process's share: a model-sampled corpus draws each sampling
+    # batch as the one-process pass does, whatever share it is cut to.
+    sequences = itertools.islice(token_sequences(corpus, tokenizer, spec.n_samples, spec.sample_length, model=model,
+                                                 seed=spec.seed, skip=start + done, progress=progress),
+                                 stop - start - done)
+    bar = tqdm(total=stop - start, initial=done, desc="second moments", unit="sample", disable=not progress)
     last = layout.projection(model, max(layers))
     batch: list[list[int]] = []
 
@@ -333,11 +415,12 @@ def _measure(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout:
         pending.clear()
         if state["done"] > done:
             save()
-            logger.warning("Statistics pass interrupted after %d of %d samples; the next run resumes from there.",
-                           state["done"], spec.n_samples)
+            logger.warning("Statistics pass interrupted after %d of %d samples%s; the next run resumes from there.",
+                           state["done"], stop - start, share)
         raise
     finally:
         bar.close()
+    state["tokens"] = _reduce_sums(sums, state["tokens"], shard)
     if state["tokens"] == 0:
         raise ValueError(f"corpus {spec.corpus!r} produced no text")
     return {layer: (total / state["tokens"]).float().cpu() for layer, total in sums.items()}, state["tokens"]

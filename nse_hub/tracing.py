@@ -16,10 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from nse_hub.offload import input_device
+
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of a model's parameters (nse-hub keeps a model on one device)."""
-    return next(model.parameters()).device
+    """The device a model's inputs go to: its parameters', or its input embedding's execution device when
+    accelerate dispatches or offloads it (see :mod:`nse_hub.offload`)."""
+    return input_device(model)
 
 
 @contextmanager
@@ -100,11 +103,19 @@ def start_at(layers: Sequence[nn.Module], index: int, hidden: torch.Tensor,
 
     with ExitStack() as stack:
         for layer in layers[:index]:
-            layer.forward = bypass  # instance attribute shadows the class method
-            stack.callback(delattr, layer, "forward")
+            stack.callback(_restore_forward, layer, layer.__dict__.get("forward"))
+            layer.forward = bypass  # instance attribute shadows the class method (and accelerate's hooked forward)
         handle = layers[index].register_forward_pre_hook(feed, with_kwargs=True)
         stack.callback(handle.remove)
         yield
+
+
+def _restore_forward(layer: nn.Module, previous: Any) -> None:
+    """Undo ``layer.forward = bypass``: back to accelerate's hooked forward where it had one, else the class's."""
+    if previous is None:
+        del layer.forward
+    else:
+        layer.forward = previous
 
 
 def run_forward(module: nn.Module, **inputs: Any) -> Any:

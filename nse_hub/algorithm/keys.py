@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from nse_hub.algorithm.batches import KeyBatch
 from nse_hub.architectures import ModelLayout
 from nse_hub.tokens import pad_right
-from nse_hub.tracing import StopForward, read_input, read_output, run_forward, start_at, stop_after
+from nse_hub.tracing import StopForward, model_device, read_input, read_output, run_forward, start_at, stop_after
 
 
 class Reading(NamedTuple):
@@ -48,7 +48,7 @@ class KeyProbe:
                  z_layer: int, pad: int, batch_size: int) -> None:
         self.model, self.layout, self.batch = model, layout, batch
         self.first_layer, self.z_layer = first_layer, z_layer
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.averaging = batch.averaging(self.device)
         self.chunks = [list(range(s, min(s + batch_size, len(batch.sequences))))
                        for s in range(0, len(batch.sequences), batch_size)]

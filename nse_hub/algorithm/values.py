@@ -37,7 +37,7 @@ from nse_hub.algorithm.batches import ValueBatch
 from nse_hub.architectures import ModelLayout, attention_kv_width
 from nse_hub.config import EditConfig
 from nse_hub.tokens import pad_right
-from nse_hub.tracing import edit_output, read_output, start_at
+from nse_hub.tracing import edit_output, model_device, read_output, start_at
 
 
 @dataclass
@@ -138,7 +138,7 @@ class _SuffixGroup:
                  cut: list[int], pad: int, z: int) -> None:
         self.model, self.layout, self.z = model, layout, z
         self.rows = rows
-        device = next(model.parameters()).device
+        device = model_device(model)
         cuts = [cut[r] for r in rows]
         self.prefix = max(cuts)
         width = max(len(batch.sequences[r]) - c for r, c in zip(rows, cuts))
@@ -245,7 +245,7 @@ def sequence_bytes_for(layout: ModelLayout, z: int, kv_width: int, vocab: int, e
 
 def chunk_sequences(model: PreTrainedModel, layout: ModelLayout, batch: ValueBatch, z: int) -> int:
     """Default bound on the sequences of one chunk: :data:`CHUNK_BYTES` for the device over :func:`sequence_bytes`."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
     return max(1, budget // max(1, sequence_bytes(model, layout, batch, z)))
 
@@ -289,7 +289,7 @@ def optimize_values(model: PreTrainedModel, layout: ModelLayout, batch: ValueBat
 def _optimize_chunk(model: PreTrainedModel, layout: ModelLayout, batch: ValueBatch, config: EditConfig,
                     pad: int, bar: tqdm) -> ValueResult:
     """One Adam loop over all requests of ``batch``; advances ``bar`` by ``v_num_grad_steps - 1``."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     n_rows, n = len(batch.sequences), batch.num_requests
     # Prefixes come from a cache unless a sliding attention window shorter than the sequences would
     # see the left padding; then whole sequences run, right-padded (same result, more work).
@@ -380,7 +380,7 @@ def optimize_values_reference(model: PreTrainedModel, layout: ModelLayout, batch
 
     ``progress`` shows a bar over requests.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     layers = layout.layers(model)
     targets, hiddens, loss_seen, nll_seen, steps = [], [], [], [], []
     for request in tqdm(range(batch.num_requests), desc="values (reference)", unit="request", disable=not progress,
