@@ -16,6 +16,14 @@ from nse_hub.models import EMBEDDED_MODELS
 from nse_hub.report import ROUND_METRICS, RoundReport, edit_metrics
 
 MAX_EDIT_ROWS = 500
+PORTABILITY_KEYS = ("portability", "portability_generation", "portability_true", "portability_true_generation")
+PORTABILITY_NOTE = (" *Portability* asks MQuAKE's multi-hop questions, which depend on the edited facts (\"What is "
+                    "the official language of the country of citizenship of …?\"): a case counts when any of its "
+                    "questions is answered with the new answer that the edits imply; *multi-hop accuracy (original "
+                    "answer)* counts the answer before the edits instead. The *unedited model* rows are the same "
+                    "questions before editing. Questions follow a few-shot prompt; teacher-forced figures compare "
+                    "the two answers' likelihoods, generation figures match the greedy answer against the answer "
+                    "and its aliases.")
 TAGS = ["model-editing", "knowledge-editing", "nse", "nse-hub", "peft", "lora"]
 
 
@@ -230,7 +238,8 @@ def build_card(meta: SessionMeta, reports: list[RoundReport], repo_id: str | Non
                       "likelihoods, per edit first, then averaged). *Generation* figures count a greedy "
                       "continuation only when it starts with the new answer. Magnitudes are mean probability "
                       "margins ×100; fluency is the n-gram entropy of generated text ×100 (compare it with "
-                      "the unedited model's: a sharp fall means repetitive text)."),
+                      "the unedited model's: a sharp fall means repetitive text)."
+                      + (PORTABILITY_NOTE if any(m.key.endswith(PORTABILITY_KEYS) for m in metrics) else "")),
         method=method_name(meta.config.method),
         layers=", ".join(str(layer) for layer in meta.config.layers),
         module_pattern=" … ".join(dict.fromkeys([min(base.module_sha256), max(base.module_sha256)])),

@@ -197,9 +197,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from nse_hub import EditSession, load_requests
     from nse_hub.checkpoint import is_checkpoint
     from nse_hub.evaluation import EvalOptions, evaluate_session
+    from nse_hub.multihop import case_requests, load_multihop_cases
     from nse_hub.sequential import plot_curves, run_sequential, write_results
 
-    options = EvalOptions(generation=not args.no_generation, fluency_records=args.fluency_records, idf=args.idf)
+    cases = load_multihop_cases(args.portability, limit=args.portability_cases) if args.portability else None
+    options = EvalOptions(generation=not args.no_generation, fluency_records=args.fluency_records, idf=args.idf,
+                          portability=cases)
     requests = load_requests(args.data, limit=args.limit, offset=args.offset,
                              attribute_snippets=args.attribute_snippets) if args.data else None
     out = Path(args.out) if args.out else None
@@ -217,8 +220,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             session.save_card(args.model)  # only the card and session state change: a push commits just them
             console.print(f"Recorded the figures in {args.model}'s model card; `nse-hub push` publishes them")
         return 0
+    if requests is None and cases:
+        requests = case_requests(cases)  # the single-hop facts whose multi-hop questions are asked
     if requests is None:
-        raise ConfigError("--data is needed to edit a base model and evaluate the edits")
+        raise ConfigError("--data (or --portability) is needed to edit a base model and evaluate the edits")
     base = evaluate_session(session, requests, options=options, suite=args.suite, suite_examples=args.suite_examples)
     _print_evaluation("unedited", base)
     runs = []
@@ -232,7 +237,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             session.save_pretrained(out / f"{method}-session")
     if out:
         settings = {"model": args.model, "data": args.data, "limit": args.limit, "offset": args.offset,
-                    "batch_size": args.batch_size, "hparams": hparams, "options": vars(options)}
+                    "batch_size": args.batch_size, "hparams": hparams,
+                    "options": {**vars(options), "portability": args.portability},
+                    "portability_cases": len(cases or [])}
         write_results(out / "results.json", base, runs, settings)
         if args.protocol != "final":
             plot_curves(runs, out / "curves.png", base)
@@ -430,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = sub.add_parser("edit", help="write facts into a model in rounds and save the session")
     edit.add_argument("model", help="embedded name, Hub id, local model folder, or a saved edit to continue")
-    edit.add_argument("--requests", required=True, help="JSON/JSONL file (nse-hub, CounterFact or zsRE format)")
+    edit.add_argument("--requests", required=True,
+                      help="JSON/JSONL file (nse-hub, CounterFact, zsRE or MQuAKE format)")
     edit.add_argument("--batch-size", type=_at_least(1), default=10, help="edits per round (default 10)")
     edit.add_argument("--out", required=True, help="folder to save the session to (after every round)")
     edit.add_argument("--method", choices=METHODS, default="nse")
@@ -520,6 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="ROME's attribute_snippets.json: consistency for CounterFact (ROME schema) records "
                                "with fluency generations")
     evaluate.add_argument("--idf", metavar="DIR", help="folder with ROME's idf.npy and tfidf_vocab.json")
+    evaluate.add_argument("--portability", metavar="JSON",
+                          help="MQuAKE cases (MQuAKE's schema): ask their multi-hop questions and report portability "
+                               "before and after; with a base model and no --data, their rewrites are the edits")
+    evaluate.add_argument("--portability-cases", type=_at_least(1), metavar="N",
+                          help="use only the first N MQuAKE cases (default: all)")
     evaluate.add_argument("--record", action="store_true",
                           help="a saved edit: write the figures into its model card and session state")
     evaluate.add_argument("--out", help="folder for results.json, curves.png and the sessions")

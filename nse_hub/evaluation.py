@@ -8,7 +8,8 @@ labels every figure with its protocol:
 * **running**: after each round, the edits made so far;
 * **base**: the unedited model on the same requests.
 
-Teacher-forced and generation-based figures are always reported side by side.
+Teacher-forced and generation-based figures are always reported side by side. With
+``EvalOptions(portability=cases)`` the MQuAKE cases' multi-hop questions are asked too (:mod:`nse_hub.multihop`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from nse_hub.card import Metric
 from nse_hub.errors import MissingFileError
 from nse_hub.metrics import compute_edit_metrics
 from nse_hub.metrics.edit_metrics.edit_metrics import idf_from_vocab
+from nse_hub.multihop import MultiHopCase, question_prompt
 from nse_hub.probes import drop_unmeasured, mean_nlls, measure_probes, nll_inputs, token_inputs
 from nse_hub.requests import EditRequest
-from nse_hub.scoring import generate_greedy
+from nse_hub.scoring import generate_greedy, score_targets
 
 if TYPE_CHECKING:
     from nse_hub.session import EditSession
@@ -45,7 +47,16 @@ METRIC_NAMES = {
     "specificity_token_accuracy": "Specificity (token accuracy)",
     "efficacy_magnitude": "Efficacy magnitude", "generalization_magnitude": "Generalization magnitude",
     "specificity_magnitude": "Specificity magnitude", "fluency": "Fluency", "consistency": "Consistency",
+    "portability": "Portability (multi-hop, new answer)",
+    "portability_generation": "Portability (multi-hop, new answer, generation)",
+    "portability_true": "Multi-hop accuracy (original answer)",
+    "portability_true_generation": "Multi-hop accuracy (original answer, generation)",
 }
+PORTABILITY_METRICS = ("portability", "portability_generation", "portability_true", "portability_true_generation")
+# An edited session's evaluation (final protocol) also measures the unedited model on the multi-hop questions: the
+# "before" beside the "after", in the same results and card.
+UNEDITED = "unedited_"
+METRIC_NAMES.update({UNEDITED + key: f"{METRIC_NAMES[key]}, unedited model" for key in PORTABILITY_METRICS})
 FLUENCY_METRICS = ("fluency", "consistency")  # what ``EvalOptions.fluency_records`` adds to the edit metrics
 
 
@@ -67,6 +78,10 @@ class EvalOptions:
         generator: greedy generation at serving speed: ``generator(prompts, max_new_tokens) -> texts`` for
             the model being evaluated, e.g. ``VersionedLLM.generator("round-3")`` of :mod:`nse_hub.serving`
             in the serving environment (vLLM). Default: ``transformers`` ``generate`` on the session's model.
+        portability: MQuAKE cases (:func:`nse_hub.multihop.load_multihop_cases`) whose multi-hop questions are
+            asked, for the ``portability`` figures; in every protocol, always all of these cases. An edited
+            session's final evaluation also measures its unedited model on them (``unedited_*`` figures).
+        portability_tokens: tokens generated per multi-hop question.
     """
 
     generation: bool = True
@@ -76,11 +91,16 @@ class EvalOptions:
     idf: str | Path | None = None
     batch_size: int = 32
     generator: Callable[[Sequence[str], int], list[str]] | None = field(default=None, repr=False)
+    portability: Sequence[MultiHopCase] | None = field(default=None, repr=False)
+    portability_tokens: int = 10
 
 
 @dataclass
 class Evaluation:
-    """Figures with their protocol, for JSON results, plots and model cards."""
+    """Figures with their protocol, for JSON results, plots and model cards.
+
+    ``portability_cases`` is the number of MQuAKE cases behind the ``portability*`` figures (0: none asked).
+    """
 
     protocol: str
     model: str
@@ -91,6 +111,7 @@ class Evaluation:
     general: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     sample: int | None = None  # the figures cover a fixed random sample of this many of the ``edits``
+    portability_cases: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,9 +125,13 @@ class Evaluation:
         out = []
         for key, name in METRIC_NAMES.items():
             if key in self.metrics and not math.isnan(self.metrics[key]):
-                style = MEASUREMENT_STYLES.get(key, "generation-based" if "generation" in key else "teacher-forced")
-                out.append(Metric(key, name, round(self.metrics[key], 1), f"{kind}; {style}", dataset_name,
-                                  "nse-hub-edits"))
+                measured = key.removeprefix(UNEDITED)
+                style = MEASUREMENT_STYLES.get(measured,
+                                               "generation-based" if "generation" in key else "teacher-forced")
+                dataset = (f"MQuAKE multi-hop questions ({self.portability_cases} cases)", "mquake") \
+                    if measured in PORTABILITY_METRICS else (dataset_name, "nse-hub-edits")
+                where = "unedited model" if key.startswith(UNEDITED) else kind
+                out.append(Metric(key, name, round(self.metrics[key], 1), f"{where}; {style}", *dataset))
         if "perplexity" in self.general:
             out.append(Metric("perplexity", "Perplexity (held-out text)", round(self.general["perplexity"], 2),
                               kind, "held-out text", "text"))
@@ -116,6 +141,13 @@ class Evaluation:
 MEASUREMENT_STYLES = {
     "fluency": "generation-based: n-gram entropy of ~100-token greedy generations",
     "consistency": "generation-based: TF-IDF similarity with reference texts about the new answer",
+    **{key: ("teacher-forced: a case counts when, after any of its questions, the "
+             + ("new answer is more likely than the original" if key == "portability"
+                else "original answer is more likely than the new"))
+       for key in ("portability", "portability_true")},
+    **{key: ("generation-based: a case counts when the greedy answer to any of its questions is the "
+             + ("new" if key == "portability_generation" else "original") + " answer or an alias")
+       for key in ("portability_generation", "portability_true_generation")},
 }
 
 
@@ -173,6 +205,35 @@ def _generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt
     return generate_greedy(model, tokenizer, prompts, max_new_tokens, options.batch_size)
 
 
+def measure_portability(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
+                        cases: Sequence[MultiHopCase], options: EvalOptions | None = None) -> dict[str, float]:
+    """The multi-hop figures of MQuAKE ``cases`` on the model as it is now (``portability``, ``portability_true``
+    and their generation-based forms; see the metric module).
+
+    Every question is asked in :func:`nse_hub.multihop.question_prompt`'s few-shot format. Teacher forced, the
+    new and the original answer (not their aliases, whose lengths differ wildly) are scored after it; with
+    ``options.generation``, a greedy answer of ``options.portability_tokens`` tokens is judged against the answer
+    and its aliases.
+    """
+    options = options or EvalOptions()
+    prompts = [question_prompt(q) for case in cases for q in case.questions]
+    targets = [t for case in cases for _ in case.questions for t in (case.new_answer, case.answer)]
+    scores = iter(score_targets(model, tokenizer, layout, [p for p in prompts for _ in range(2)], targets,
+                                options.batch_size))
+    new_nll, true_nll = [], []
+    for case in cases:
+        pairs = [(next(scores).mean_nll, next(scores).mean_nll) for _ in case.questions]
+        new_nll.append([new for new, _ in pairs])
+        true_nll.append([true for _, true in pairs])
+    inputs: dict[str, list] = {"portability_new_nll": new_nll, "portability_true_nll": true_nll}
+    if options.generation:
+        outputs = iter(_generate(model, tokenizer, prompts, options.portability_tokens, options))
+        inputs.update(portability_generations=[[next(outputs) for _ in case.questions] for case in cases],
+                      portability_new_answers=[list(case.new_answers) for case in cases],
+                      portability_true_answers=[list(case.answers) for case in cases])
+    return compute_edit_metrics(**inputs)
+
+
 def read_idf(folder: str | Path) -> dict[str, float]:
     """ROME's IDF table (``idf.npy`` + ``tfidf_vocab.json``) as word -> IDF."""
     import numpy
@@ -195,6 +256,16 @@ def general_ability(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             "examples_per_task": examples_per_task, "perplexity_texts": len(texts)}
 
 
+def _session_portability(session: EditSession, cases: Sequence[MultiHopCase], options: EvalOptions,
+                         unedited: bool) -> dict[str, float]:
+    figures = measure_portability(session.model, session.tokenizer, session.layout, cases, options)
+    if unedited and session.rounds and options.generator is None:  # a generator serves one version only
+        with session.deltas.original():
+            before = measure_portability(session.model, session.tokenizer, session.layout, cases, options)
+        figures.update({UNEDITED + key: value for key, value in before.items()})
+    return figures
+
+
 def _requests_of(session: EditSession) -> list[EditRequest]:
     return [r.request for report in session.rounds for r in report.requests]
 
@@ -211,12 +282,15 @@ def evaluate_session(session: EditSession, requests: Sequence[EditRequest] | Non
     requests = list(requests) if requests is not None else _requests_of(session)
     metrics = measure_requests(session.model, session.tokenizer, session.layout, requests, options) \
         if requests else {}
+    cases = list(options.portability or []) if options else []
+    if cases:
+        metrics.update(_session_portability(session, cases, options, unedited=protocol == "final"))
     general = (general_ability(session.model, session.tokenizer, session.layout, suite, suite_examples,
                                batch_size=session.config.batch_size) if suite else {})
     result = Evaluation(protocol=protocol if session.rounds else "base", model=session.base.name_or_path,
                         method=session.config.method if session.rounds else None, edits=len(requests),
                         rounds=len(session.rounds), metrics=metrics, general=general,
-                        seconds=round(time.perf_counter() - started, 1))
+                        seconds=round(time.perf_counter() - started, 1), portability_cases=len(cases))
     if record and session.rounds:
         session.evaluations[len(session.rounds)] = result.card_metrics()
     return result

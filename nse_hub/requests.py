@@ -12,6 +12,9 @@ Supported record formats (detected per record from its keys):
   "target_new", "ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth"}``
 * **zsRE (ROME/MEND schema)** — ``{"subject", "src", "answers", "rephrase", "loc", "loc_ans"}``;
   as in ROME/MEMIT/NSE, the edit writes ``answers[0]`` and has no ``target_true``.
+* **MQuAKE** — ``{"case_id", "requested_rewrite": [ROME-style rewrites], "questions", "new_answer", ...}``:
+  one record holds several rewrites and gives one request per rewrite, in order (so ``limit``/``offset`` count
+  cases). Its multi-hop questions are read by :mod:`nse_hub.multihop`.
 """
 
 from __future__ import annotations
@@ -182,6 +185,19 @@ def _from_counterfact(record: Mapping[str, Any]) -> EditRequest:
     )
 
 
+def _from_mquake(record: Mapping[str, Any]) -> list[EditRequest]:
+    rewrites = record["requested_rewrite"]
+    if not rewrites:
+        raise RequestError("'requested_rewrite' is an empty list: an MQuAKE case needs at least one rewrite")
+    requests = []
+    for number, rewrite in enumerate(rewrites):
+        try:
+            requests.append(_from_counterfact({"requested_rewrite": rewrite, "case_id": record.get("case_id")}))
+        except RequestError as error:
+            raise RequestError(f"requested_rewrite[{number}]: {error}") from None
+    return requests
+
+
 def _from_easyedit(record: Mapping[str, Any]) -> EditRequest:
     neighbors = []
     if record.get("locality_prompt"):
@@ -232,7 +248,10 @@ def _from_own(record: Mapping[str, Any]) -> EditRequest:
 
 
 def record_format(record: Mapping[str, Any]) -> str:
-    """Name the schema of a raw record: ``counterfact``, ``counterfact-easyedit``, ``zsre`` or ``nse-hub``."""
+    """Name the schema of a raw record: ``counterfact``, ``mquake``, ``counterfact-easyedit``, ``zsre`` or
+    ``nse-hub``."""
+    if isinstance(record.get("requested_rewrite"), list):
+        return "mquake"
     if "requested_rewrite" in record:
         return "counterfact"
     if "src" in record and "answers" in record:
@@ -252,13 +271,24 @@ _PARSERS = {
 
 def parse_request(record: RequestLike) -> EditRequest:
     """One raw record (any supported schema) or an :class:`EditRequest` as a validated request."""
+    parsed = parse_record(record)
+    if len(parsed) != 1:
+        raise RequestError(f"the record holds {len(parsed)} rewrites (an MQuAKE case), not one request: read it "
+                           "with parse_requests or load_requests, which give one request per rewrite")
+    return parsed[0]
+
+
+def parse_record(record: RequestLike) -> list[EditRequest]:
+    """The validated requests of one raw record: one, or one per rewrite of an MQuAKE case."""
     if isinstance(record, EditRequest):
-        return record
+        return [record]
     if not isinstance(record, Mapping):
         raise RequestError(f"expected an object with 'prompt', 'subject' and 'target_new', "
                            f"got {type(record).__name__}")
     try:
-        return _PARSERS[record_format(record)](record)
+        if record_format(record) == "mquake":
+            return _from_mquake(record)
+        return [_PARSERS[record_format(record)](record)]
     except KeyError as missing:
         raise RequestError(f"missing field {missing}") from None
     except TypeError as wrong:
@@ -270,7 +300,7 @@ def parse_requests(records: Iterable[RequestLike], source: str = "requests") -> 
     parsed = []
     for number, record in enumerate(records):
         try:
-            parsed.append(parse_request(record))
+            parsed.extend(parse_record(record))
         except RequestError as error:
             raise RequestError(f"{source}: record {number}: {error}") from None
     if not parsed:

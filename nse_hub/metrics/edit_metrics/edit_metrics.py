@@ -46,6 +46,12 @@ _CITATION = """\
   journal={arXiv preprint arXiv:2410.04045},
   year={2024}
 }
+@inproceedings{zhong2023mquake,
+  title={{MQuAKE}: Assessing Knowledge Editing in Language Models via Multi-Hop Questions},
+  author={Zexuan Zhong and Zhengxuan Wu and Christopher D. Manning and Christopher Potts and Danqi Chen},
+  booktitle={Proceedings of the 2023 Conference on Empirical Methods in Natural Language Processing},
+  year={2023}
+}
 @article{yang2025mirage,
   title={The Mirage of Model Editing: Revisiting Evaluation in the Wild},
   author={Wanli Yang and Fei Sun and Jiajun Tan and Xinyu Ma and Qi Cao and Dawei Yin and Huawei Shen
@@ -72,6 +78,8 @@ zsRE: token-level teacher-forced top-1 accuracy (tokens, then prompts, then reco
 Generation-based success ("The Mirage of Model Editing"): the greedy continuation starts with target_new.
 Fluency: ROME's weighted bigram/trigram entropy of greedy generations. Consistency: TF-IDF cosine similarity between
 the generations and reference snippets about target_new.
+Multi-hop portability (MQuAKE): a case counts when ANY of its multi-hop questions is answered with the new answer
+(portability, portability_generation) or the original one (portability_true, portability_true_generation).
 Averages are always taken per record first, then over records.
 """
 
@@ -103,6 +111,12 @@ Args:
         (usually the same texts as fluency_generations).
     reference_snippets (`list` of `list` of `str`): per record, reference texts about target_new (ROME's
         attribute_snippets for the record's relation and target_new).
+    portability_new_nll (`list` of `list` of `float`): per MQuAKE case, per multi-hop question, mean per-token NLL
+        of the case's new_answer after the question.
+    portability_true_nll (`list` of `list` of `float`): the same for the case's original answer.
+    portability_generations (`list` of `list` of `str`): per case, the greedy continuation of each question.
+    portability_new_answers (`list` of `list` of `str`): per case, new_answer and its aliases.
+    portability_true_answers (`list` of `list` of `str`): per case, the original answer and its aliases.
     idf (`dict` of `str` to `float`, optional, not per record): IDF weight of each word for consistency, e.g. ROME's
         idf.npy + tfidf_vocab.json via `idf_from_vocab`. Words outside it are ignored. Without it the IDF is
         computed from the given texts (each generation and each snippet is one document, sklearn's smooth IDF),
@@ -113,7 +127,7 @@ Returns:
     efficacy, efficacy_magnitude, generalization, generalization_magnitude, specificity, specificity_magnitude,
     score (needs efficacy, generalization and specificity), efficacy_token_accuracy,
     generalization_token_accuracy, specificity_token_accuracy, efficacy_generation, generalization_generation,
-    fluency, consistency.
+    fluency, consistency, portability, portability_true, portability_generation, portability_true_generation.
 
 Rules:
     - Ties are failures: efficacy/generalization need new_nll < true_nll, specificity needs true_nll < new_nll.
@@ -127,6 +141,11 @@ Rules:
     - Consistency of one record: cosine of the TF-IDF vectors (raw counts x IDF, words = lowercased
       \\b\\w\\w+\\b as sklearn's TfidfVectorizer) of the record's generations joined by spaces and of its snippets
       joined by spaces; 0 when either vector is empty.
+    - Portability (MQuAKE: a case counts when any of its questions is answered): teacher forced, a question is
+      answered with the new answer when new_nll < true_nll strictly (portability) and with the original one when
+      true_nll < new_nll (portability_true); generation-based, when the first line of its continuation, stripped and
+      casefolded, equals one of the answers or aliases or starts with one followed by a character that is not a
+      letter or digit (so the alias "ar" does not count for "Argentina").
 
 Examples:
     >>> metric = evaluate.load(nse_hub.metrics.EDIT_METRICS_PATH)
@@ -159,6 +178,11 @@ FEATURES = datasets.Features(
         "fluency_generations": _TEXTS,
         "consistency_generations": _TEXTS,
         "reference_snippets": _TEXTS,
+        "portability_new_nll": _NLLS,
+        "portability_true_nll": _NLLS,
+        "portability_generations": _TEXTS,
+        "portability_new_answers": _TEXTS,
+        "portability_true_answers": _TEXTS,
     }
 )
 
@@ -265,6 +289,46 @@ def generation_record(generations: Sequence[str | None] | None, answer: str | No
         return None
     hits = [float(generation_success(text, answer)) for text in generations if text is not None]
     return mean(hits) if hits else None
+
+
+def answer_match(continuation: str | None, answers: Sequence[str | None]) -> bool:
+    """Whether a generated answer is one of ``answers`` (an answer and its aliases, MQuAKE's judgment).
+
+    The continuation's first line, stripped and casefolded, must equal a stripped, casefolded answer or start with
+    one followed by a character that is neither a letter nor a digit ("Arabic." counts for "Arabic"; "Argentina"
+    does not count for the alias "ar"). An empty continuation fails; empty answers are ignored.
+    """
+    if not continuation:
+        return False
+    lines = continuation.strip().splitlines()
+    text = lines[0].strip().casefold() if lines else ""
+    for answer in answers:
+        expected = (answer or "").strip().casefold()
+        if expected and text.startswith(expected) and (len(text) == len(expected)
+                                                       or not text[len(expected)].isalnum()):
+            return True
+    return False
+
+
+def any_question_record(new_nlls: Sequence[float | None] | None, true_nlls: Sequence[float | None] | None, *,
+                        new_should_win: bool) -> float | None:
+    """1.0 when any question of a case prefers the wanted answer (strictly), else 0.0; ``None`` if none was measured.
+
+    With ``new_should_win`` a question counts when ``new_nll < true_nll``, otherwise when ``true_nll < new_nll``.
+    """
+    found = comparison_record(new_nlls, true_nlls, new_should_win=new_should_win)
+    if found is None:
+        return None
+    return float(found[0] > 0)  # the share of questions won is above 0 exactly when one was
+
+
+def any_answer_record(generations: Sequence[str | None] | None, answers: Sequence[str | None] | None) -> float | None:
+    """1.0 when any of a case's continuations is one of ``answers`` (:func:`answer_match`), else 0.0; ``None``
+    without continuations or answers."""
+    texts = [text for text in generations or [] if text is not None]
+    if not texts or not any((answer or "").strip() for answer in answers or []):
+        return None
+    return float(any(answer_match(text, answers) for text in texts))
 
 
 def word_tokens(text: str) -> list[str]:
@@ -436,6 +500,11 @@ class EditMetrics(evaluate.Metric):
         fluency_generations: Sequence[Sequence[str | None] | None] | None = None,
         consistency_generations: Sequence[Sequence[str | None] | None] | None = None,
         reference_snippets: Sequence[Sequence[str | None] | None] | None = None,
+        portability_new_nll: Sequence[Sequence[float | None] | None] | None = None,
+        portability_true_nll: Sequence[Sequence[float | None] | None] | None = None,
+        portability_generations: Sequence[Sequence[str | None] | None] | None = None,
+        portability_new_answers: Sequence[Sequence[str | None] | None] | None = None,
+        portability_true_answers: Sequence[Sequence[str | None] | None] | None = None,
         idf: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
         arguments = locals()  # taken first, so it holds exactly the parameters
@@ -466,6 +535,14 @@ class EditMetrics(evaluate.Metric):
 
         results["fluency"] = average_records(fluency_record(texts) for texts in col["fluency_generations"])
         results["consistency"] = self._consistency(col["consistency_generations"], col["reference_snippets"], idf)
+
+        new, true = col["portability_new_nll"], col["portability_true_nll"]
+        for name, new_should_win, answers in (("portability", True, "portability_new_answers"),
+                                              ("portability_true", False, "portability_true_answers")):
+            results[name] = average_records(any_question_record(n, t, new_should_win=new_should_win)
+                                            for n, t in zip(new, true))
+            results[f"{name}_generation"] = average_records(
+                any_answer_record(texts, found) for texts, found in zip(col["portability_generations"], col[answers]))
 
         scaled = {name: 100.0 * value for name, value in results.items() if value is not None}
         trio = [scaled.get(name) for name in ("efficacy", "generalization", "specificity")]
