@@ -110,6 +110,13 @@ class EditConfig:
     ultraedit_ridge: float = _setting(
         1.0, "UltraEdit: λ of the ridge solve ΔWᵀ = (KᵀK + λI)⁻¹KᵀV on the raw keys (reference: 1). Larger keeps "
         "the update smaller where the keys are weak.")
+    lean: bool = _setting(
+        True, "The lean engine (nse_hub.algorithm.lean): the d_ff × d_ff matrices (C, the key memory once it holds "
+        "d_ff keys or more) are stored in float32 on the host and promoted to float64 on the session's device one "
+        "layer at a time for each solve; the key memory is kept as its keys while they are fewer than d_ff; "
+        "AlphaEdit's null-space bases stay on the host. Same updates as false within float64 rounding (float32 "
+        "rounding of the key memory after the switch). false: every layer's C and float64 key memory stay on the "
+        "device (needs 1.5·d_ff² bytes more per edit layer there).", compare=False)
     preset: str | None = _setting(None, "The measured preset these settings started from (informational).",
                                   compare=False)
 
@@ -225,6 +232,8 @@ class EditConfig:
             out.append(f"preset must be a string or null, got {self.preset!r}")
         if not isinstance(self.norm_anchor, bool):
             out.append(f"norm_anchor must be true or false, got {self.norm_anchor!r}")
+        if not isinstance(self.lean, bool):
+            out.append(f"lean must be true or false, got {self.lean!r}")
         return out
 
     @property

@@ -248,32 +248,123 @@ class WeightDeltas:
                 write_tensor(self.model, name, current[layer])
 
 
-class KeyMemory:
-    """Keys written in earlier rounds per layer, and ``P = Σ K Kᵀ`` over them (float64).
+# Rows of a float32 host matrix (or keys of the key memory) promoted to float64 on the device at a time: bounds
+# the transient copies there to 8 · d_ff · 1024 bytes.
+PROMOTE_ROWS = 1024
 
-    Only the keys are state (``d_ff × n`` per round and layer); ``P`` is re-summed from them in
-    round order, so rollback and resume reproduce it exactly.
+
+def promote_into(target: torch.Tensor, source: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """``target += source[index][:, index]`` in ``target``'s dtype and device, a block of rows at a time.
+
+    ``source`` (float32, usually on the host) is never copied whole to ``target``'s device: each block is
+    promoted there exactly (float32 → float64 is exact) and added in place.
+    """
+    if index is not None:
+        source = source[index.cpu()][:, index.cpu()] if source.device.type == "cpu" else source[index][:, index]
+    for start in range(0, source.shape[0], PROMOTE_ROWS):
+        stop = start + PROMOTE_ROWS
+        target[start:stop] += source[start:stop].to(target.device, target.dtype)
+    return target
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """One layer's key memory ``P = Σ K Kᵀ`` as the lean engine reads it (see :class:`KeyMemory`).
+
+    Attributes:
+        keys: ``d_ff × N`` float32 keys of every earlier round (host), while ``N < d_ff``; else ``None``.
+        matrix: ``P`` as a float32 ``d_ff × d_ff`` matrix (host), once ``N ≥ d_ff``; else ``None``.
+        device: where the solve runs (``P`` is promoted to float64 there, never formed as a whole matrix
+            while it is kept as keys).
     """
 
-    def __init__(self, layers: Sequence[int], size: int, device: torch.device | str) -> None:
+    keys: torch.Tensor | None
+    matrix: torch.Tensor | None
+    device: torch.device
+
+    def add_to(self, lhs: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``lhs += P[index][:, index]`` in place (float64, on ``lhs``'s device)."""
+        if self.matrix is not None:
+            return promote_into(lhs, self.matrix, index)
+        if self.keys is not None:
+            keys = self.keys if index is None else self.keys[index.cpu()]
+            for block in self.key_blocks(lhs.device, keys):
+                lhs.addmm_(block, block.T)
+        return lhs
+
+    def key_blocks(self, device: torch.device | str, keys: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """The stored keys (or ``keys``), :data:`PROMOTE_ROWS` at a time, in float64 on ``device``."""
+        keys = self.keys if keys is None else keys
+        for start in range(0, 0 if keys is None else keys.shape[1], PROMOTE_ROWS):
+            yield keys[:, start:start + PROMOTE_ROWS].to(device, torch.float64)
+
+
+class KeyMemory:
+    """Keys written in earlier rounds per layer, and ``P = Σ K Kᵀ`` over them.
+
+    Only the keys are state (``d_ff × n`` per round and layer, float32 on the host); ``P`` is derived from
+    them in round order, so rollback and resume reproduce it exactly. Without ``lean``, ``P`` is a float64
+    ``d_ff × d_ff`` matrix per layer on ``device``. With ``lean`` (the default), ``P`` is not formed while a
+    layer holds fewer than ``d_ff`` keys (the solve adds ``K Kᵀ`` from the keys); from ``d_ff`` keys on, it
+    is summed in float64 and stored as float32 on the host (:class:`LayerMemory`).
+    """
+
+    def __init__(self, layers: Sequence[int], size: int, device: torch.device | str, lean: bool = True) -> None:
         self.layers = tuple(layers)
-        self.device = device
+        self.size = size
+        self.device = torch.device(device)
+        self.lean = lean
         self.rounds: list[dict[int, torch.Tensor]] = []
-        self._sums = {layer: torch.zeros(size, size, dtype=torch.float64, device=device) for layer in self.layers}
+        self._sums: dict[int, torch.Tensor] = {} if lean else {
+            layer: torch.zeros(size, size, dtype=torch.float64, device=device) for layer in self.layers}
+        self._matrices: dict[int, torch.Tensor] = {}  # lean: P in float32 once a layer holds d_ff keys
 
     def add_round(self, keys: dict[int, torch.Tensor]) -> None:
         stored = {layer: k.detach().float().cpu() for layer, k in keys.items()}
         self.rounds.append(stored)
         for layer, k in stored.items():
-            k64 = k.to(self.device, torch.float64)
-            self._sums[layer] += k64 @ k64.T
+            if not self.lean:
+                k64 = k.to(self.device, torch.float64)
+                self._sums[layer] += k64 @ k64.T
+            elif layer in self._matrices:  # in place: one float64 d_ff² besides the stored float32 P
+                k64 = k.double()
+                self._matrices[layer].copy_(self._matrices[layer].double().addmm_(k64, k64.T))
+            elif self.count(layer) >= self.size:
+                self._matrices[layer] = self._sum(layer).float()
+
+    def count(self, layer: int) -> int:
+        """Keys stored for ``layer`` over all rounds."""
+        return sum(r[layer].shape[1] for r in self.rounds if layer in r)
+
+    def _sum(self, layer: int) -> torch.Tensor:
+        """``Σ K Kᵀ`` in float64 on the host, in round order."""
+        total = torch.zeros(self.size, self.size, dtype=torch.float64)
+        for r in self.rounds:
+            if layer in r:
+                k64 = r[layer].double()
+                total.addmm_(k64, k64.T)
+        return total
 
     def truncate(self, rounds: int) -> None:
         kept = self.rounds[:rounds]
         self.rounds = []
         self._sums = {layer: torch.zeros_like(s) for layer, s in self._sums.items()}
+        self._matrices = {}
         for keys in kept:
             self.add_round(keys)
 
+    def layer(self, layer: int) -> LayerMemory:
+        """The lean view of ``layer``'s memory: its keys, or its float32 matrix once it holds ``d_ff`` keys."""
+        if layer in self._matrices:
+            return LayerMemory(None, self._matrices[layer], self.device)
+        parts = [r[layer] for r in self.rounds if layer in r]
+        keys = torch.cat(parts, dim=1) if parts else torch.zeros(self.size, 0)
+        return LayerMemory(keys, None, self.device)
+
     def P(self, layer: int) -> torch.Tensor:
-        return self._sums[layer]
+        """``P`` of ``layer`` as a float64 ``d_ff × d_ff`` matrix on ``device`` (formed on demand when lean)."""
+        if not self.lean:
+            return self._sums[layer]
+        if layer in self._matrices:
+            return self._matrices[layer].to(self.device, torch.float64)
+        return self._sum(layer).to(self.device)

@@ -20,6 +20,11 @@ whole process (CPU: resident memory including the Python process itself) or of t
 The plan describes a round of a session at its steady state: the key memory and the second moments are in
 memory (and AlphaEdit's null spaces once the first round has made them). Coefficients marked "measured" were
 measured on the CPU with torch 2.13 (benchmarks/memory_plan.py checks the whole plan against measurement).
+
+Two engines are planned, as ``EditConfig.lean`` selects. The lean engine (default) keeps C, the key memory and
+the null-space bases on the host (float32 d_ff² at most) and brings one layer's to the device per solve; on
+CUDA they do not count against the device. Its statistics pass and value step are sized to the device memory
+(:class:`EngineSettings`, chosen by :func:`choose_settings`, which ``EditSession.from_pretrained`` applies).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,10 +44,12 @@ from nse_hub.algorithm.values import CHUNK_BYTES, sequence_bytes_for
 from nse_hub.architectures import ModelLayout, attention_kv_width
 from nse_hub.config import EditConfig, make_config
 from nse_hub.corpus import SAMPLING_BATCH
+from nse_hub.deltas import PROMOTE_ROWS
 from nse_hub.errors import ConfigError, MissingFileError
 from nse_hub.loading import as_dtype, default_dtype
 
-__all__ = ["MemoryPlan", "PhaseMemory", "PlanShape", "Suggestion", "memory_plan", "parse_bytes"]
+__all__ = ["EngineSettings", "MemoryPlan", "PhaseMemory", "PlanShape", "Suggestion", "choose_settings", "memory_plan",
+           "parse_bytes", "session_plan"]
 
 GIB = 2**30
 # Resident memory of a Python process that has imported torch, transformers and nse-hub, before any model
@@ -66,6 +74,35 @@ KEY_TOKENS = 26
 NSE_SOLVE_MATRICES = 3.4
 NULL_SPACE_MATRICES = 5.2
 ALPHAEDIT_SOLVE_MATRICES = 2.0
+# The lean engine (nse_hub.algorithm.update), in the same unit: NSE's solve holds the system and its Cholesky
+# factor (the system is freed once factorised; the triangular solves copy nothing): 2. The null space holds the
+# symmetrised C and what eigh allocates (the eigenvectors and LAPACK's workspace, measured: 3): 4. AlphaEdit's
+# solve holds the projected system and its LU copy: 2 (while it is built: the system, Uᵀ(KKᵀ + P) and, on an
+# accelerator, the basis' copy).
+LEAN_NSE_SOLVE_MATRICES = 2.0
+LEAN_NULL_SPACE_MATRICES = 4.0
+LEAN_ALPHAEDIT_SOLVE_MATRICES = 2.0
+# The lean value step's chunk takes this share of what the device has left beyond the steady state (the rest
+# absorbs the estimate's error; sequence_bytes_for is within 5 % on SmolLM2).
+CHUNK_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the lean engine sizes its passes to the device (not saved: a resumed session chooses again).
+
+    Attributes:
+        stats_layers_per_pass: edit layers measured per statistics pass (``None``: all in one pass); fewer
+            layers per pass hold fewer float64 sums, at the cost of more passes over the corpus.
+        value_chunk_bytes: the memory one chunk of the value optimisation may use (``None``: the device's
+            :data:`~nse_hub.algorithm.values.CHUNK_BYTES`).
+    """
+
+    stats_layers_per_pass: int | None = None
+    value_chunk_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -82,6 +119,7 @@ class PlanShape:
         config: the edit settings (:func:`nse_hub.config.make_config`).
         edits: edits per round.
         device: ``"cpu"`` or ``"cuda"``.
+        settings: the lean engine's sizes (``None``: chosen for the device memory by the plan).
     """
 
     layout: ModelLayout
@@ -93,6 +131,22 @@ class PlanShape:
     config: EditConfig
     edits: int
     device: str
+    settings: EngineSettings | None = None
+
+    @property
+    def lean(self) -> bool:
+        return self.config.lean
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the matrices the lean engine keeps on the host count against the planned memory."""
+        return not self.lean or self.device == "cpu"
+
+    @property
+    def stats_group(self) -> int:
+        """Edit layers per statistics pass."""
+        group = self.settings.stats_layers_per_pass if self.settings else None
+        return min(group or self.layers, self.layers)
 
     @property
     def element_size(self) -> int:
@@ -177,6 +231,7 @@ class MemoryPlan:
         reserve_bytes: memory kept free beyond the peak (CUDA context and allocator slack).
         fits: whether ``peak_bytes + reserve_bytes <= device_memory`` (None when the memory is unknown).
         suggestions: settings that make it fit (or, when none does, those that come closest).
+        settings: the lean engine's sizes the plan assumes (what ``EditSession.from_pretrained`` chooses).
     """
 
     model: str
@@ -192,6 +247,8 @@ class MemoryPlan:
     device_memory: int | None
     reserve_bytes: int
     suggestions: list[Suggestion] = field(default_factory=list)
+    settings: EngineSettings = field(default_factory=EngineSettings)
+    lean: bool = True
 
     @property
     def peak_bytes(self) -> int:
@@ -213,7 +270,8 @@ class MemoryPlan:
                 "batch_size": self.batch_size, "layers": self.layers, "num_parameters": self.num_parameters,
                 "d_model": self.d_model, "d_ff": self.d_ff, "peak_bytes": self.peak_bytes,
                 "peak_phase": self.peak_phase, "device_memory": self.device_memory,
-                "reserve_bytes": self.reserve_bytes, "fits": self.fits,
+                "reserve_bytes": self.reserve_bytes, "fits": self.fits, "lean": self.lean,
+                "settings": self.settings.to_dict(),
                 "phases": [p.to_dict() for p in self.phases],
                 "suggestions": [s.to_dict() for s in self.suggestions]}
 
@@ -232,7 +290,7 @@ class MemoryPlan:
             table.add_row(phase.name, gib(phase.bytes), phase.dominant, style=style)
         verdict = {True: "fits", False: "does not fit", None: "fit unknown (give --device-memory)"}[self.fits]
         lines = [f"peak {gib(self.peak_bytes)} GiB ({self.peak_phase}) + reserve {gib(self.reserve_bytes)} GiB: "
-                 f"{verdict}"]
+                 f"{verdict}", "engine: " + self.engine_line()]
         if self.fits is False:
             if any(s.fits for s in self.suggestions):
                 lines.append("fits with: " + "; ".join(f"{s.setting} ({gib(s.peak_bytes)} GiB)"
@@ -242,6 +300,18 @@ class MemoryPlan:
                     f"{s.setting} ({gib(s.peak_bytes)} GiB)" for s in self.suggestions))
         table.caption = "\n".join(lines)
         return table
+
+
+    def engine_line(self) -> str:
+        """The engine planned, in words."""
+        if not self.lean:
+            return "float64 path (lean=false): C, P and null spaces on the device"
+        where = "on the host" if self.device == "cuda" else "in memory"
+        group = self.settings.stats_layers_per_pass
+        chunk = self.settings.value_chunk_bytes
+        return (f"lean: d_ff² matrices in float32 {where}, one layer's in float64 per solve; statistics "
+                f"{f'{group} layer(s) per pass' if group else 'all layers in one pass'}; value chunks of "
+                f"{f'{gib(chunk)} GiB' if chunk else 'the default size'}")
 
 
 def gib(value: int | None) -> str:
@@ -261,20 +331,27 @@ def _weights_bytes(s: PlanShape) -> int:
 
 
 def _base(s: PlanShape) -> int:
-    """Process, weights, the copy of the edited projections' original weights, and the key memory P (float64
-    d_ff², allocated for every method when the session starts)."""
+    """Process, weights, the copy of the edited projections' original weights, and the key memory."""
     originals = s.layers * s.d_model * s.d_ff * s.element_size
-    return _process(s) + _weights_bytes(s) + originals + s.layers * s.square64
+    return _process(s) + _weights_bytes(s) + originals + _key_memory(s)
+
+
+def _key_memory(s: PlanShape) -> int:
+    """The float64 P per layer (allocated for every method when the session starts); lean: at the steady state
+    a float32 d_ff² per layer (its keys until there are d_ff of them, then P), on the host."""
+    if not s.lean:
+        return s.layers * s.square64
+    return s.layers * s.square64 // 2 if s.on_device else 0
 
 
 def _second_moments(s: PlanShape) -> int:
-    """C, float32 d_ff² per edit layer, kept on the session's device."""
-    return s.layers * s.square64 // 2
+    """C, float32 d_ff² per edit layer, kept on the session's device (lean: on the host)."""
+    return s.layers * s.square64 // 2 if s.on_device else 0
 
 
 def _null_spaces(s: PlanShape, layers: int | None = None) -> int:
-    """AlphaEdit's null-space bases (float64 d_ff × k per layer), kept between rounds."""
-    if s.config.method != "alphaedit":
+    """AlphaEdit's null-space bases (float64 d_ff × k per layer), kept between rounds (lean: on the host)."""
+    if s.config.method != "alphaedit" or not s.on_device:
         return 0
     return (s.layers if layers is None else layers) * 8 * s.d_ff * s.null_space_dims
 
@@ -288,11 +365,13 @@ def phase_weights(s: PlanShape) -> tuple[int, str]:
     fingerprint = s.largest_tensor * s.element_size if s.device == "cpu" else 0
     return (_base(s) + fingerprint,
             f"weights {gib(_weights_bytes(s))} GiB ({s.num_parameters / 1e9:.2f}B × {s.element_size} B), "
-            f"key memory P {gib(s.layers * s.square64)} GiB")
+            f"key memory P {gib(_key_memory(s))} GiB")
 
 
 def phase_statistics(s: PlanShape) -> tuple[int, str]:
-    n2, layers = s.square64 // 8, s.layers
+    n2, layers = s.square64 // 8, s.stats_group
+    # Lean, several passes: the earlier passes' results wait in float32 (on the host).
+    held = 4 * n2 * (s.layers - layers) if s.on_device else 0
     tokens = s.config.batch_size * s.config.mom2_sample_length
     # Forward pass of a batch up to the last edit layer: the MLP's intermediates and the hook's copy of the keys.
     forward = tokens * (5 * s.d_ff + 8 * s.d_model) * s.element_size
@@ -307,7 +386,7 @@ def phase_statistics(s: PlanShape) -> tuple[int, str]:
     else:  # results go to the host one by one; each is checked on the device
         finish = 8 * n2 * layers + 12 * n2
         check = 20 * n2
-    peak = max(accumulate, sampling, finish, check)
+    peak = max(accumulate, sampling, finish, check) + held
     return (_base(s) + peak,
             f"float64 sums {gib(8 * n2 * layers)} GiB + float32 batch products {gib(4 * n2 * layers)} GiB "
             f"({layers} layer{'s' if layers > 1 else ''} at once)")
@@ -318,7 +397,8 @@ def _value_rows(s: PlanShape) -> tuple[int, int, int]:
     per_request = len(s.config.context_prefixes) + 2  # "{}", one per generated prefix, and the KL row
     one = sequence_bytes_for(s.layout, s.config.z_layer, s.kv_width, s.vocab_size, s.element_size,
                              suffix=VALUE_SUFFIX_TOKENS, prefix=VALUE_PREFIX_TOKENS, read=VALUE_READ_PER_ROW)
-    limit = max(1, CHUNK_BYTES.get(s.device, CHUNK_BYTES["cuda"]) // max(1, one))
+    budget = (s.settings.value_chunk_bytes if s.settings else None) or CHUNK_BYTES.get(s.device, CHUNK_BYTES["cuda"])
+    limit = max(1, budget // max(1, one))
     requests = min(s.edits, max(1, limit // per_request))
     return per_request, requests * per_request, one
 
@@ -337,17 +417,20 @@ def phase_keys(s: PlanShape) -> tuple[int, str]:
     forward = s.config.batch_size * KEY_TOKENS * (5 * s.d_ff + 8 * s.d_model) * s.element_size
     keys = s.layers * s.d_ff * rows * 4
     return (_steady(s) + first_inputs + forward + keys,
-            f"C {gib(_second_moments(s))} GiB and P held; first-layer inputs of {rows} rows {gib(first_inputs)} GiB")
+            f"C {gib(_second_moments(s))} GiB and P {gib(_key_memory(s))} GiB held; first-layer inputs of {rows} "
+            f"rows {gib(first_inputs)} GiB")
 
 
 def phase_null_space(s: PlanShape) -> tuple[int, str]:
-    transient = int(NULL_SPACE_MATRICES * s.square64)
+    transient = int((LEAN_NULL_SPACE_MATRICES if s.lean else NULL_SPACE_MATRICES) * s.square64)
     return (_base(s) + _second_moments(s) + _null_spaces(s, s.layers - 1) + transient,
             f"eigendecomposition of C in float64: {gib(transient)} GiB for one layer")
 
 
 def phase_solves(s: PlanShape) -> tuple[int, str]:
-    if s.config.method == "alphaedit":
+    if s.lean:
+        transient, what = _lean_solve(s)
+    elif s.config.method == "alphaedit":
         transient = int(ALPHAEDIT_SOLVE_MATRICES * s.square64 + 8 * s.d_ff * s.null_space_dims)
         what = "projected system and its LU copy"
     else:
@@ -358,7 +441,21 @@ def phase_solves(s: PlanShape) -> tuple[int, str]:
     return _steady(s) + transient + update, f"{what}: {gib(transient)} GiB (float64 d_ff², one layer at a time)"
 
 
+def _lean_solve(s: PlanShape) -> tuple[int, str]:
+    """The lean solve's transient on its device: one layer's float64 system and what it is built from."""
+    block = 8 * s.d_ff * PROMOTE_ROWS  # a block of C's rows or of the stored keys, promoted to float64
+    if s.config.method != "alphaedit":
+        return int(LEAN_NSE_SOLVE_MATRICES * s.square64) + block, "λC + P + KKᵀ and its Cholesky factor"
+    basis = 8 * s.d_ff * s.null_space_dims  # also the size of Uᵀ(KKᵀ + P)
+    copy = basis if s.device != "cpu" else 0  # on an accelerator: the basis brought there for the solve
+    building = copy + basis + max(2 * block, s.square64)
+    return max(building, int(LEAN_ALPHAEDIT_SOLVE_MATRICES * s.square64)), "projected system and its LU copy"
+
+
 def phase_key_memory(s: PlanShape) -> tuple[int, str]:
+    if s.lean:  # on the host: P is re-summed in float64 in place (one float64 d_ff²), then stored in float32
+        added = s.square64 if s.on_device else 0
+        return _steady(s) + added, f"P {gib(_key_memory(s))} GiB + its float64 sum {gib(added)} GiB"
     return _steady(s) + s.square64, f"P {gib(s.layers * s.square64)} GiB + one K Kᵀ {gib(s.square64)} GiB"
 
 
@@ -432,14 +529,15 @@ def load_config(model: Any) -> tuple[Any, str, str | None]:
 
 
 def build_shape(config: Any, method: str, dtype: torch.dtype, device: str, edits: int,
-                embedded: str | None, hparams: Mapping[str, Any]) -> PlanShape:
-    """The model on the ``meta`` device (no memory, no weights) and the edit settings for it."""
+                embedded: str | None, hparams: Mapping[str, Any], edit_config: EditConfig | None = None) -> PlanShape:
+    """The model on the ``meta`` device (no memory, no weights) and the edit settings for it (``edit_config``
+    when given, else :func:`~nse_hub.config.make_config` with ``hparams``)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layout = ModelLayout.detect(model, probe=False)
-    edit_config = make_config(layout, embedded, method, **hparams)
+    edit_config = edit_config or make_config(layout, embedded, method, **hparams)
     head = model.get_output_embeddings().weight
     return PlanShape(layout=layout, num_parameters=model.num_parameters(),
                      largest_tensor=max(p.numel() for p in model.parameters()), vocab_size=head.shape[0],
@@ -518,13 +616,63 @@ def memory_plan(model: Any, method: str = "nse", *, dtype: str | torch.dtype | N
     return plan
 
 
+def choose_settings(shape: PlanShape, memory: int | None) -> EngineSettings:
+    """The lean engine's sizes for ``memory``: the most layers per statistics pass that fit, and a value chunk
+    of :data:`CHUNK_SHARE` of what the steady state leaves (never more than the device's default)."""
+    if not shape.lean or memory is None:
+        return EngineSettings()
+    available = memory - (CUDA_RESERVE_BYTES if shape.device == "cuda" else 0)
+    group = next((g for g in range(shape.layers, 0, -1)
+                  if phase_statistics(replace(shape, settings=EngineSettings(g)))[0] <= available), 1)
+    default = CHUNK_BYTES.get(shape.device, CHUNK_BYTES["cuda"])
+    chunk = int(CHUNK_SHARE * (available - _steady(shape)))
+    _, _, one = _value_rows(replace(shape, settings=EngineSettings()))
+    return EngineSettings(stats_layers_per_pass=group if group < shape.layers else None,
+                          value_chunk_bytes=max(chunk, one) if chunk < default else None)
+
+
 def _plan(shape: PlanShape, name: str, memory: int | None) -> MemoryPlan:
+    if shape.settings is None:
+        shape = replace(shape, settings=choose_settings(shape, memory))
     return MemoryPlan(model=name, method=shape.config.method,
                       dtype=str(shape.dtype).removeprefix("torch."),
                       device=shape.device, batch_size=shape.edits, layers=list(shape.config.layers),
                       num_parameters=shape.num_parameters, d_model=shape.d_model, d_ff=shape.d_ff,
                       phases=plan_phases(shape), device_memory=memory,
-                      reserve_bytes=CUDA_RESERVE_BYTES if shape.device == "cuda" else 0)
+                      reserve_bytes=CUDA_RESERVE_BYTES if shape.device == "cuda" else 0,
+                      settings=shape.settings, lean=shape.lean)
+
+
+def session_plan(model: Any, config: EditConfig, device: str | torch.device, device_memory: str | int | None = None,
+                 edits: int = 10) -> MemoryPlan:
+    """The plan of a session's round: its loaded model's config and dtype, its settings, ``edits`` per round.
+
+    ``device_memory`` (default: the ``NSE_HUB_DEVICE_MEMORY`` environment variable, else the device's) is
+    the memory to fit in. No suggestions are searched.
+    """
+    device_type = torch.device(device).type
+    if device_type not in ("cpu", "cuda"):
+        device_type = "cuda"  # other accelerators: planned as a CUDA device
+    given = device_memory if device_memory is not None else os.environ.get(DEVICE_MEMORY_ENV) or None
+    memory = parse_bytes(given) if given is not None else _available_memory(device_type)
+    dtype = next(model.parameters()).dtype
+    shape = build_shape(model.config, config.method, dtype, device_type, edits, None, {}, edit_config=config)
+    return _plan(shape, getattr(model, "name_or_path", "") or type(model).__name__, memory)
+
+
+def session_suggestions(model: Any, config: EditConfig, plan: MemoryPlan) -> list[Suggestion]:
+    """Settings that make a session's plan (:func:`session_plan`) fit, as :func:`memory_plan` suggests them."""
+    device = plan.device
+    dtype = next(model.parameters()).dtype
+    hparams = {k: v for k, v in config.to_dict().items() if k not in ("method", "preset")}
+    shape = build_shape(model.config, config.method, dtype, device, plan.batch_size, None, {}, edit_config=config)
+    with warnings.catch_warnings():  # the session's own settings, checked when it was made
+        warnings.simplefilter("ignore")
+        return _suggestions(model.config, shape, plan.model, plan.device_memory, None, hparams)
+
+
+#: The environment variable that sets the device memory sessions plan for (``24GB``), as ``device_memory=``.
+DEVICE_MEMORY_ENV = "NSE_HUB_DEVICE_MEMORY"
 
 
 def _suggestions(config: Any, shape: PlanShape, name: str, memory: int | None, embedded: str | None,
@@ -535,6 +683,8 @@ def _suggestions(config: Any, shape: PlanShape, name: str, memory: int | None, e
     """
     z = shape.config.z_layer
     singles: list[tuple[str, dict[str, Any]]] = []
+    if not shape.lean:
+        singles.append(("--set lean=true", {"hparams": {"lean": True}}))
     if shape.element_size > 2:
         singles.append(("--dtype bfloat16", {"dtype": "bfloat16"}))
     for count in (3, 1):
@@ -550,7 +700,7 @@ def _suggestions(config: Any, shape: PlanShape, name: str, memory: int | None, e
         hp = {**settings, **changes.get("hparams", {})}
         changed = replace(shape, config=make_config(shape.layout, embedded, shape.config.method, **hp),
                           edits=changes.get("batch_size", shape.edits),
-                          dtype=plan_dtype(changes.get("dtype")) or shape.dtype)
+                          dtype=plan_dtype(changes.get("dtype")) or shape.dtype, settings=None)
         peak = _plan(changed, name, memory).peak_bytes
         fits = memory is not None and peak + _plan(changed, name, memory).reserve_bytes <= memory
         return Suggestion(label, changes, peak, fits)

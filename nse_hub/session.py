@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import time
+import warnings
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,6 +74,7 @@ from nse_hub.lineage import HistoryDiff, MergePlan, Side, Version, diff_versions
 from nse_hub.loading import check_finite_weights, hidden_rms, load_base_model
 from nse_hub.models import check_model_name, embedded_model_of, is_embedded
 from nse_hub.offload import write_tensor
+from nse_hub.plan import EngineSettings, MemoryPlan, Suggestion, gib, session_plan, session_suggestions
 from nse_hub.probes import measure_probes
 from nse_hub.report import RoundReport, request_report
 from nse_hub.requests import EditRequest, RequestLike, one_round, parse_requests
@@ -83,6 +85,8 @@ from nse_hub.tracing import model_device
 
 logger = logging.getLogger(__name__)
 
+#: Edits per round that ``from_pretrained`` plans the memory for (the command line's default round).
+PLANNED_EDITS = 10
 # Tokens a context template adds before a prompt besides its generated words (the prefix, punctuation, BOS).
 CONTEXT_TEMPLATE_MARGIN = 8
 
@@ -131,7 +135,7 @@ class EditSession:
         self.config = config
         self.device = model_device(model)
         self.deltas = WeightDeltas(model, self.layout, config.layers)
-        self.memory = KeyMemory(config.layers, self.layout.intermediate_size, self.device)
+        self.memory = KeyMemory(config.layers, self.layout.intermediate_size, self.device, lean=config.lean)
         self.rounds: list[RoundReport] = []
         self.context_templates: list[list[str]] | None = None
         self._second_moments: dict[int, torch.Tensor] | None = None
@@ -150,6 +154,9 @@ class EditSession:
         self._known_digests: dict[Path, str] = {}
         # How value targets are optimised; benchmarks swap in optimize_values_reference to compare.
         self.value_optimizer: ValueOptimizer = optimize_values
+        # The memory plan of a round on this device and the lean engine's sizes chosen from it (from_pretrained).
+        self.memory_plan: MemoryPlan | None = None
+        self.engine_settings = EngineSettings()
 
     # --- construction ------------------------------------------------------------------------------
 
@@ -159,7 +166,7 @@ class EditSession:
                         round: int | None = None, base_model: str | PreTrainedModel | None = None,
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         token: str | bool | None = None, stats_repo: str | None = None,
-                        **hparams: Any) -> EditSession:
+                        device_memory: str | int | None = None, **hparams: Any) -> EditSession:
         """Start a session on a model, or resume a saved one.
 
         Args:
@@ -181,6 +188,11 @@ class EditSession:
             token: Hub token (default: ``HF_TOKEN`` or the stored login).
             stats_repo: a Hub dataset repo of second moments (:mod:`nse_hub.stats_hub`): statistics missing
                 from the local cache are downloaded from it (checked by sha256) instead of measured.
+            device_memory: the memory the session plans for (``"24GB"``; default: the ``NSE_HUB_DEVICE_MEMORY``
+                environment variable, else the device's). The memory plan of a round of
+                :data:`PLANNED_EDITS` edits (:func:`nse_hub.plan.session_plan`) chooses the lean engine's sizes
+                (statistics layers per pass, value chunks; ``session.engine_settings``), and a warning naming the
+                setting to change is given when it will not fit.
             **hparams: :class:`EditConfig` fields overriding the preset/automatic settings.
 
         A saved edit resumed at a chosen version (``revision=`` or ``round=``) records it as its parent in
@@ -200,6 +212,7 @@ class EditSession:
                                       hparams=hparams, downloaded=not Path(model_or_name).expanduser().is_dir())
                 session._set_parent(model_or_name, saved, revision, round)
                 session.stats_repo, session._stats_token = stats_repo, token
+                session._plan_memory(device_memory)
                 return session
             embedded = model_or_name if is_embedded(model_or_name) else None
             model, loaded_tokenizer = load_base_model(model_or_name, revision, device, dtype, token)
@@ -216,7 +229,29 @@ class EditSession:
         session = cls(model, tokenizer, config)
         session.base.revision = revision
         session.stats_repo, session._stats_token = stats_repo, token
+        session._plan_memory(device_memory)
         return session
+
+    def _plan_memory(self, device_memory: str | int | None) -> None:
+        """Plan a round on this device: choose the lean engine's sizes, and warn when it will not fit."""
+        plan = session_plan(self.model, self.config, self.device, device_memory, edits=PLANNED_EDITS)
+        self.memory_plan, self.engine_settings = plan, plan.settings
+        if plan.fits is False:
+            fixes = session_suggestions(self.model, self.config, plan)
+            fitting = [_setting_words(s) for s in fixes if s.fits]
+            if fitting:
+                fix = "change " + ", or ".join(fitting)
+            elif fixes:
+                fix = ("no single setting makes it fit; closest: " + ", or ".join(_setting_words(s) for s in fixes)
+                       + "; or use a device with more memory")
+            else:
+                fix = "use a device with more memory"
+            warnings.warn(
+                f"this session will not fit the device's memory: a round of {plan.batch_size} edits peaks at "
+                f"{_size(plan.peak_bytes)} ({plan.peak_phase}) + {_size(plan.reserve_bytes)} reserve on "
+                f"{plan.device}, which has {_size(plan.device_memory)}. To fit, {fix} (`nse-hub plan` shows every "
+                "phase; device_memory= or NSE_HUB_DEVICE_MEMORY sets the memory planned for).",
+                ResourceWarning, stacklevel=3)
 
     @classmethod
     def _resume(cls, folder: Path, *, method: str | None, tokenizer: PreTrainedTokenizerBase | None,
@@ -331,7 +366,8 @@ class EditSession:
         before = self._measure(parsed, rewrite_only)
         seconds["scoring"] = time.perf_counter() - tic
         inputs = RoundInputs(self.model, self.tokenizer, self.layout, self.config, self.deltas, self.memory,
-                             self._second_moments or {}, self.context_templates, self.engine)
+                             self._second_moments or {}, self.context_templates, self.engine,
+                             value_chunk_bytes=self.engine_settings.value_chunk_bytes)
         try:
             outcome = run_round(inputs, parsed, optimize=self.value_optimizer, values=values, progress=progress)
         except BaseException:
@@ -432,8 +468,13 @@ class EditSession:
         if self.stats_repo:
             pull_statistics(self.stats_repo, self.stats_spec, self.layout, self.config.layers,
                             token=self._stats_token)
-        matrices = second_moments(self.model, self.tokenizer, self.layout, self.config.layers, self.stats_spec,
-                                  self.config.batch_size, progress=progress)
+        layers = list(self.config.layers)
+        group = self.engine_settings.stats_layers_per_pass or len(layers)
+        matrices: dict[int, torch.Tensor] = {}
+        for start in range(0, len(layers), group):  # the plan's layers per pass (each cached per layer)
+            measured = second_moments(self.model, self.tokenizer, self.layout, layers[start:start + group],
+                                      self.stats_spec, self.config.batch_size, progress=progress)
+            matrices.update({layer: m.cpu() if self.config.lean else m for layer, m in measured.items()})
         for layer, matrix in matrices.items():
             name = self.layout.projection_name(layer)
             digest = matrix_sha256(matrix)
@@ -443,7 +484,8 @@ class EditSession:
                                "editing continues, but results will not match an uninterrupted session exactly.",
                                name, expected[:12], digest[:12])
             self._stats_sha256[name] = digest
-        return {layer: m.to(self.device) for layer, m in matrices.items()}
+        # Lean: C stays on the host in float32; each solve promotes its layer's to float64 on the device.
+        return {layer: m.to("cpu" if self.config.lean else self.device) for layer, m in matrices.items()}
 
     # --- persistence ----------------------------------------------------------------------------------
 
@@ -694,6 +736,22 @@ class EditSession:
     def __repr__(self) -> str:
         return (f"EditSession({self.base.name_or_path!r}, method={self.config.method!r}, "
                 f"layers={list(self.config.layers)}, rounds={len(self.rounds)})")
+
+
+def _setting_words(suggestion: Suggestion) -> str:
+    """A suggested change as ``from_pretrained`` arguments (and the command line's spelling)."""
+    changes = suggestion.changes
+    words = [f"{key}={value!r}" for key, value in changes.get("hparams", {}).items()]
+    if "dtype" in changes:
+        words.append(f"dtype={changes['dtype']!r}")
+    if "batch_size" in changes:
+        words.append(f"rounds of {changes['batch_size']} edits")
+    return f"{', '.join(words)} ({suggestion.setting}: {_size(suggestion.peak_bytes)})"
+
+
+def _size(count: int | None) -> str:
+    return "unknown memory" if count is None else (f"{gib(count)} GiB" if count >= 2**30 else
+                                                   f"{count / 2**20:.0f} MiB")
 
 
 def _values_dict(values: ValueResult | None) -> dict[str, torch.Tensor] | None:

@@ -14,8 +14,9 @@ from conftest import FIXTURES, tiny_tokenizer
 from transformers import LlamaConfig
 
 from nse_hub import plan as planning
-from nse_hub.algorithm.update import neuron_update, null_space
+from nse_hub.algorithm.update import NullSpace, alphaedit_update, neuron_update, null_space, null_space_lean
 from nse_hub.cli import main
+from nse_hub.deltas import LayerMemory
 from nse_hub.errors import ConfigError, MissingFileError, StatisticsError
 from nse_hub.plan import memory_plan
 
@@ -54,7 +55,7 @@ needs_peak_reset = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists()
 
 @needs_peak_reset
 def test_solve_formula_matches_measured_memory():
-    shape = _wide_shape(3072, "nse")
+    shape = _wide_shape(3072, "nse", lean=False)
     predicted = planning.phase_solves(shape)[0] - planning._steady(shape)
     n = shape.d_ff
     second_moment = torch.eye(n) + 0.01
@@ -67,12 +68,52 @@ def test_solve_formula_matches_measured_memory():
 @needs_peak_reset
 @pytest.mark.slow
 def test_null_space_formula_matches_measured_memory():
-    shape = _wide_shape(3072, "alphaedit")
+    shape = _wide_shape(3072, "alphaedit", lean=False)
     predicted = planning.phase_null_space(shape)[0] - planning._base(shape) - planning._second_moments(shape)
     keys = torch.randn(shape.d_ff, shape.d_ff)
     second_moment = keys @ keys.T / shape.d_ff  # a realistic spectrum (a diagonal C takes a shortcut)
     del keys
     measured = _peak_above_now(lambda: null_space(second_moment, shape.config.nullspace_threshold))
+    assert measured == pytest.approx(predicted, rel=0.2)
+
+
+@needs_peak_reset
+def test_lean_solve_formula_matches_measured_memory():
+    shape = _wide_shape(3072, "nse")
+    predicted = planning.phase_solves(shape)[0] - planning._steady(shape)
+    n = shape.d_ff
+    second_moment = torch.eye(n) + 0.01
+    memory = LayerMemory(torch.randn(n, 500), None, torch.device("cpu"))  # 500 earlier keys
+    keys, residual = torch.randn(n, 10), torch.randn(32, 10)
+    measured = _peak_above_now(lambda: neuron_update(keys, residual, second_moment, memory, 1e4, torch.arange(n)))
+    assert measured == pytest.approx(predicted, rel=0.2)
+    assert predicted < 0.75 * (planning.phase_solves(_wide_shape(3072, "nse", lean=False))[0]
+                               - planning._steady(_wide_shape(3072, "nse", lean=False)))
+
+
+@needs_peak_reset
+def test_lean_alphaedit_solve_formula_matches_measured_memory():
+    shape = _wide_shape(3072, "alphaedit")
+    predicted = planning.phase_solves(shape)[0] - planning._steady(shape)
+    n = shape.d_ff
+    basis = torch.linalg.qr(torch.randn(n, shape.null_space_dims, dtype=torch.float64)).Q
+    space = NullSpace(basis, 1.0)
+    memory = LayerMemory(torch.randn(n, 500), None, torch.device("cpu"))
+    keys, residual = torch.randn(n, 10), torch.randn(32, 10)
+    measured = _peak_above_now(lambda: alphaedit_update(keys, residual, space, memory, 10.0))
+    assert measured == pytest.approx(predicted, rel=0.2)
+
+
+@needs_peak_reset
+@pytest.mark.slow
+def test_lean_null_space_formula_matches_measured_memory():
+    shape = _wide_shape(3072, "alphaedit")
+    predicted = (planning.phase_null_space(shape)[0] - planning._base(shape) - planning._second_moments(shape)
+                 - planning._null_spaces(shape, shape.layers - 1))
+    keys = torch.randn(shape.d_ff, shape.d_ff)
+    second_moment = keys @ keys.T / shape.d_ff
+    del keys
+    measured = _peak_above_now(lambda: null_space_lean(second_moment, shape.config.nullspace_threshold, "cpu"))
     assert measured == pytest.approx(predicted, rel=0.2)
 
 
@@ -117,24 +158,43 @@ def test_public_configs_give_a_plan(name):
     assert "null space" in [p.name for p in alphaedit.phases]
 
 
-def test_llama3_8b_bf16_on_24gb_names_a_setting():
-    plan = memory_plan(CONFIGS / "llama-3-8b", method="nse", dtype="bfloat16", device="cuda", device_memory="24GB",
+@pytest.mark.parametrize("method", ["nse", "alphaedit"])
+def test_llama3_8b_bf16_fits_24gb_with_the_lean_engine(method):
+    plan = memory_plan(CONFIGS / "llama-3-8b", method=method, dtype="bfloat16", device="cuda", device_memory="24GB",
                        batch_size=100)
+    assert plan.fits is True and plan.lean and not plan.suggestions
+    assert plan.peak_bytes + plan.reserve_bytes <= 24 * 2**30
+    # Sized to the device: two layers per statistics pass, value chunks of what the steady state leaves.
+    assert plan.settings.stats_layers_per_pass == 2
+    assert 5 * 2**30 < plan.settings.value_chunk_bytes < 8 * 2**30
+    phases = {p.name: p.bytes for p in plan.phases}
+    assert phases["key memory"] == phases["weights"]  # nothing of the key memory on the device
+    old = memory_plan(CONFIGS / "llama-3-8b", method=method, dtype="bfloat16", device="cuda", device_memory="24GB",
+                      batch_size=100, lean=False)
+    assert old.fits is False and old.peak_bytes > 24 * 2**30 and not old.lean
+    assert old.settings.stats_layers_per_pass is None and old.settings.value_chunk_bytes is None
+    best = old.suggestions[0]
+    assert best.setting == "--set lean=true" and best.fits and best.peak_bytes == plan.peak_bytes
+
+
+def test_llama3_8b_bf16_float64_path_names_a_setting():
+    plan = memory_plan(CONFIGS / "llama-3-8b", method="nse", dtype="bfloat16", device="cuda", device_memory="24GB",
+                       batch_size=100, lean=False)
     assert plan.fits is False
     assert plan.peak_bytes > 24 * 2**30
     assert plan.suggestions
     best = plan.suggestions[0]
-    assert best.setting.startswith("--set layers=") and best.peak_bytes < plan.peak_bytes
+    assert best.setting.startswith("--set l") and best.peak_bytes < plan.peak_bytes
     roomy = memory_plan(CONFIGS / "llama-3-8b", method="nse", dtype="bfloat16", device="cuda", device_memory="80GB")
     assert roomy.fits is True and not roomy.suggestions
 
 
 def test_suggested_setting_is_what_it_says():
-    plan = memory_plan(CONFIGS / "mistral-7b", dtype="bf16", device="cuda", device_memory="24GB")
+    plan = memory_plan(CONFIGS / "mistral-7b", dtype="bf16", device="cuda", device_memory="24GB", lean=False)
     fitting = [s for s in plan.suggestions if s.fits]
     assert fitting
     again = memory_plan(CONFIGS / "mistral-7b", dtype="bf16", device="cuda", device_memory="24GB",
-                        **fitting[0].changes.get("hparams", {}))
+                        **{"lean": False, **fitting[0].changes.get("hparams", {})})
     assert again.fits and again.peak_bytes == fitting[0].peak_bytes
 
 
@@ -168,10 +228,15 @@ def test_cli_plan_json(capsys):
                  "24GB", "--batch-size", "100", "--method", "alphaedit", "--set", "mom2_sample_length=128", "--json"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["fits"] is False and data["peak_bytes"] > 24 * 2**30
+    assert data["fits"] is True and data["peak_bytes"] + data["reserve_bytes"] <= 24 * 2**30
+    assert data["lean"] is True and data["settings"]["stats_layers_per_pass"] == 2
     assert data["method"] == "alphaedit" and data["batch_size"] == 100
-    assert data["suggestions"] and data["suggestions"][0]["setting"]
     assert {p["name"] for p in data["phases"]} >= {"weights", "null space", "solves"}
+    code = main(["plan", str(CONFIGS / "llama-3-8b"), "--dtype", "bf16", "--device", "cuda", "--device-memory",
+                 "24GB", "--batch-size", "100", "--method", "alphaedit", "--set", "lean=false", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is False and data["peak_bytes"] > 24 * 2**30
+    assert data["suggestions"] and data["suggestions"][0]["setting"] == "--set lean=true"
 
 
 def test_cli_plan_table_and_errors(capsys):

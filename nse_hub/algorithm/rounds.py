@@ -42,13 +42,14 @@ from nse_hub.algorithm.update import (
     alphaedit_update,
     neuron_update,
     null_space,
+    null_space_lean,
     select_neurons,
     through_post_norm,
 )
-from nse_hub.algorithm.values import ValueResult, optimize_values
+from nse_hub.algorithm.values import ValueResult, optimize_values, sequence_bytes
 from nse_hub.architectures import ModelLayout
 from nse_hub.config import EditConfig
-from nse_hub.deltas import KeyMemory, WeightDeltas
+from nse_hub.deltas import KeyMemory, LayerMemory, WeightDeltas
 from nse_hub.errors import NonFiniteError
 from nse_hub.requests import EditRequest
 from nse_hub.tokens import pad_id
@@ -156,6 +157,7 @@ class RoundInputs:
     second_moments: dict[int, torch.Tensor]
     context_templates: list[list[str]]
     state: EngineState = field(default_factory=EngineState)
+    value_chunk_bytes: int | None = None  # the memory one chunk of the value step may use (None: the default)
 
 
 def _keep_mask(config: EditConfig, residual: torch.Tensor, hidden_norm: torch.Tensor) -> torch.Tensor:
@@ -211,12 +213,19 @@ def _null_space(inputs: RoundInputs, layer: int) -> NullSpace:
     key = (layer, inputs.config.nullspace_threshold)
     cache = inputs.state.null_spaces
     if key not in cache:
-        cache[key] = null_space(inputs.second_moments[layer].to(inputs.memory.device),
-                                inputs.config.nullspace_threshold)
+        if inputs.config.lean:
+            cache[key] = null_space_lean(inputs.second_moments[layer], key[1], inputs.memory.device)
+        else:
+            cache[key] = null_space(inputs.second_moments[layer].to(inputs.memory.device), key[1])
         if cache[key].dims == 0:
             logger.warning("The null space of C at layer %d is empty with nullspace_threshold=%g: AlphaEdit "
                            "cannot change this layer. Raise nullspace_threshold.", layer, key[1])
     return cache[key]
+
+
+def _memory(inputs: RoundInputs, layer: int) -> torch.Tensor | LayerMemory:
+    """The key memory of ``layer`` as the configured engine reads it (lean: keys or a float32 host matrix)."""
+    return inputs.memory.layer(layer) if inputs.config.lean else inputs.memory.P(layer)
 
 
 def _check_values(values: ValueResult, what: str) -> None:
@@ -274,8 +283,12 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
         if values is None:
             value_batch = build_value_batch(inputs.tokenizer, requests,
                                             [t for g in inputs.context_templates for t in g])
+            sizing = {}
+            if inputs.value_chunk_bytes:  # the lean engine's chunk, sized to the device by the memory plan
+                one = sequence_bytes(model, layout, value_batch, config.z_layer)
+                sizing["max_sequences"] = max(1, inputs.value_chunk_bytes // max(1, one))
             with value_weights():
-                values = optimize(model, layout, value_batch, config, pad, progress=progress)
+                values = optimize(model, layout, value_batch, config, pad, progress=progress, **sizing)
             _check_values(values, "optimised")
         elif values.targets.shape[0] != len(requests):
             raise ValueError(f"{values.targets.shape[0]} precomputed value targets for {len(requests)} requests")
@@ -340,12 +353,13 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
                 if config.method == "alphaedit":
                     space = _null_space(inputs, layer)
                     nullspace_dims[layer] = space.dims
-                    factors = alphaedit_update(layer_keys, residual_kept, space, inputs.memory.P(layer),
+                    factors = alphaedit_update(layer_keys, residual_kept, space, _memory(inputs, layer),
                                                config.L2, layer)
                 else:
-                    memory = inputs.memory.P(layer) if config.uses_key_memory else None
+                    memory = _memory(inputs, layer) if config.uses_key_memory else None
                     factors = neuron_update(layer_keys, residual_kept, inputs.second_moments[layer], memory,
-                                            config.mom2_update_weight, neurons, layer)
+                                            config.mom2_update_weight, neurons, layer,
+                                            device=inputs.memory.device if config.lean else None)
                 _check_finite({"B": factors.B, "A": factors.A}, layer, "update")
                 inputs.deltas.add(layer, factors)
     with clock.phase("keys"):

@@ -1,4 +1,12 @@
-"""Neuron selection and the least-squares updates of NSE, MEMIT and AlphaEdit, solved in float64."""
+"""Neuron selection and the least-squares updates of NSE, MEMIT and AlphaEdit, solved in float64.
+
+Each solve has two engines with the same mathematics. The float64 path takes the key memory as a float64
+``d_ff × d_ff`` tensor on the solve's device. The lean path (``EditConfig.lean``; the memory given as a
+:class:`~nse_hub.deltas.LayerMemory`) keeps the d_ff² matrices on the host in float32 and promotes one layer's to
+float64 on the device for its solve, builds each system in place, frees it once factorised, and solves by two
+triangular solves (``cholesky_solve`` would copy the factor): two float64 d_ff² matrices on the device at most.
+The two agree within float64 rounding (tests/test_lean.py).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from nse_hub.deltas import Factors
+from nse_hub.deltas import PROMOTE_ROWS, Factors, LayerMemory, promote_into
 from nse_hub.errors import SingularSystemError
 
-__all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "neuron_update", "null_space", "select_neurons",
+__all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "neuron_update", "null_space", "null_space_lean",
+           "select_neurons",
            "solve_general", "solve_spd", "through_post_norm"]
+
+MemoryLike = torch.Tensor | LayerMemory
 
 
 def _where(layer: int | None) -> str:
@@ -40,15 +51,34 @@ def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor, layer: int | None = None)
         SingularSystemError: ``matrix`` is not finite or not positive definite (no fallback: a
             singular system has no meaningful solution). The message names ``layer`` and the fix.
     """
+    return torch.cholesky_solve(rhs, _cholesky(matrix, layer))
+
+
+def _cholesky(matrix: torch.Tensor, layer: int | None, lean: bool = False) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0 or not bool(torch.isfinite(factor).all()):
+    finite = _all_finite(factor) if lean else bool(torch.isfinite(factor).all())
+    if int(info) != 0 or not finite:
         detail = (f"leading minor {int(info)} of {matrix.shape[0]} is not positive" if int(info) > 0
                   else "it has non-finite entries")
         raise SingularSystemError(
             f"{_where(layer)} is not positive definite ({detail}): the second moments C are too poorly "
             "estimated for this solve. Raise mom2_update_weight, or measure C on more tokens "
             "(mom2_n_samples × mom2_sample_length well above d_ff).")
-    return torch.cholesky_solve(rhs, factor)
+    return factor
+
+
+def _all_finite(matrix: torch.Tensor) -> bool:
+    """``torch.isfinite(matrix).all()`` a block of rows at a time (isfinite allocates a copy of what it reads)."""
+    rows = max(1, PROMOTE_ROWS // 16)
+    return all(bool(torch.isfinite(matrix[start:start + rows]).all()) for start in range(0, matrix.shape[0], rows))
+
+
+def _solve_spd_owned(system: list[torch.Tensor], rhs: torch.Tensor, layer: int | None) -> torch.Tensor:
+    """:func:`solve_spd` that frees the system (the list's only element) once it is factorised, and solves by
+    two triangular solves, which copy nothing (``cholesky_solve`` copies the factor)."""
+    factor = _cholesky(system.pop(), layer, lean=True)
+    half = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, half, upper=True)
 
 
 def solve_general(matrix: torch.Tensor, rhs: torch.Tensor, layer: int | None = None,
@@ -68,8 +98,8 @@ def solve_general(matrix: torch.Tensor, rhs: torch.Tensor, layer: int | None = N
 
 
 def neuron_update(keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor,
-                  memory: torch.Tensor | None, mom2_update_weight: float, selected: torch.Tensor,
-                  layer: int | None = None) -> Factors:
+                  memory: MemoryLike | None, mom2_update_weight: float, selected: torch.Tensor,
+                  layer: int | None = None, device: torch.device | str | None = None) -> Factors:
     """``ΔW[:, S] = R Kₛᵀ (λ Cₛₛ + Pₛₛ + Kₛ Kₛᵀ)⁻¹`` as factors ``B @ A`` (NSE, MEMIT, sequential MEMIT).
 
     Args:
@@ -77,15 +107,20 @@ def neuron_update(keys: torch.Tensor, residual: torch.Tensor, second_moment: tor
         residual: ``d_model × n`` the change this layer's projection output should make (its share
             of what the z-layer output still lacks).
         second_moment: ``C``, ``d_ff × d_ff``.
-        memory: ``P``, ``d_ff × d_ff`` float64 sum of earlier rounds' ``k kᵀ``, or ``None`` to leave it
-            out (classic MEMIT).
+        memory: ``P``, ``d_ff × d_ff`` float64 sum of earlier rounds' ``k kᵀ`` (the float64 path), or
+            its :class:`~nse_hub.deltas.LayerMemory` (the lean path), or ``None`` to leave it out (classic MEMIT).
         mom2_update_weight: λ.
         selected: neuron indices ``S``.
         layer: named in the error when the system is not positive definite.
+        device: where the lean path solves (default: the memory's device, else ``C``'s).
 
     Raises:
         SingularSystemError: the system is not positive definite.
     """
+    if isinstance(memory, LayerMemory) or device is not None:
+        return _neuron_update_lean(keys, residual, second_moment, memory, mom2_update_weight, selected, layer,
+                                   torch.device(device or (memory.device if memory is not None else
+                                                           second_moment.device)))
     device = second_moment.device if memory is None else memory.device
     index = selected.to(device)
     keys_s = keys.to(device, torch.float64)[index]
@@ -97,6 +132,25 @@ def neuron_update(keys: torch.Tensor, residual: torch.Tensor, second_moment: tor
     a[:, index] = solved.T
     b = residual.to(device, torch.float64)
     return Factors(b.float(), a.float())
+
+
+def _neuron_update_lean(keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor,
+                        memory: LayerMemory | None, mom2_update_weight: float, selected: torch.Tensor,
+                        layer: int | None, device: torch.device) -> Factors:
+    index = selected.to(device)
+    everything = len(selected) == second_moment.shape[0]
+    keys_s = keys.to(device, torch.float64)[index]
+    lhs = torch.zeros(len(selected), len(selected), dtype=torch.float64, device=device)
+    promote_into(lhs, second_moment, None if everything else selected)
+    lhs.mul_(mom2_update_weight).addmm_(keys_s, keys_s.T)
+    if memory is not None:
+        memory.add_to(lhs, None if everything else selected)
+    system = [lhs]
+    del lhs
+    solved = _solve_spd_owned(system, keys_s, layer)  # |S| × n
+    a = torch.zeros(keys.shape[1], keys.shape[0], dtype=torch.float64, device=device)
+    a[:, index] = solved.T
+    return Factors(residual.to(device, torch.float64).float(), a.float())
 
 
 @dataclass(frozen=True)
@@ -141,7 +195,39 @@ def null_space(second_moment: torch.Tensor, threshold: float) -> NullSpace:
     return NullSpace(vectors[:, eigenvalues < cutoff].contiguous(), cutoff)
 
 
-def alphaedit_update(keys: torch.Tensor, residual: torch.Tensor, space: NullSpace, memory: torch.Tensor,
+def null_space_lean(second_moment: torch.Tensor, threshold: float, device: torch.device | str) -> NullSpace:
+    """:func:`null_space` with one float64 d_ff² matrix besides what ``eigh`` allocates, on ``device``.
+
+    ``C`` (float32, e.g. on the host) is promoted on ``device`` a block at a time and symmetrised in place, block
+    pair by block pair: the same ``(c + cᵀ) / 2`` entries as :func:`null_space`, so the same eigenvectors. The
+    basis (``d_ff × k``, float64) is returned on the host: only the solve of its layer brings it to the device.
+    """
+    size = second_moment.shape[0]
+    c = promote_into(torch.zeros(size, size, dtype=torch.float64, device=device), second_moment)
+    step = PROMOTE_BLOCK
+    for row in range(0, size, step):
+        for col in range(0, row + 1, step):
+            below, above = c[row:row + step, col:col + step], c[col:col + step, row:row + step]
+            mean = (below + above.T) / 2
+            below.copy_(mean)
+            above.copy_(mean.T)
+    system = [c]
+    del c
+    eigenvalues, vectors = _eigh_owned(system)
+    cutoff = threshold * float(eigenvalues.median())
+    basis = vectors[:, eigenvalues < cutoff].cpu().contiguous()
+    return NullSpace(basis, cutoff)
+
+
+def _eigh_owned(system: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.linalg.eigh(system.pop())
+
+
+# Block edge of the in-place symmetrisation (small transients: three blocks of 512² float64).
+PROMOTE_BLOCK = 512
+
+
+def alphaedit_update(keys: torch.Tensor, residual: torch.Tensor, space: NullSpace, memory: MemoryLike,
                      l2: float, layer: int | None = None) -> Factors:
     """AlphaEdit's update ``Δᵀ = (P (K Kᵀ + M) + L2·I)⁻¹ P K Rᵀ`` as factors ``B @ A``.
 
@@ -153,19 +239,45 @@ def alphaedit_update(keys: torch.Tensor, residual: torch.Tensor, space: NullSpac
         keys: ``d_ff × n`` keys of the requests being written.
         residual: ``d_model × n`` this layer's share of the residual.
         space: the null space of ``C`` at this layer.
-        memory: ``M``, ``d_ff × d_ff`` float64 sum of earlier rounds' ``k kᵀ``.
+        memory: ``M``, ``d_ff × d_ff`` float64 sum of earlier rounds' ``k kᵀ`` (the float64 path), or its
+            :class:`~nse_hub.deltas.LayerMemory` (the lean path: solved on its device, the basis brought there
+            for this solve only).
         l2: the weight of ``‖ΔW‖²``.
         layer: named in the error when the system is singular.
 
     Raises:
         SingularSystemError: the system is singular to working precision.
     """
+    if isinstance(memory, LayerMemory):
+        return _alphaedit_update_lean(keys, residual, space, memory, l2, layer)
     device = memory.device
     k = keys.to(device, torch.float64)
     space = NullSpace(space.basis.to(device), space.threshold)
     lhs = space.project(k @ k.T + memory)
     lhs.diagonal().add_(l2)
     solved = solve_general(lhs, space.project(k), layer, fix="raise L2")  # d_ff × n
+    return Factors(residual.to(device, torch.float64).float(), solved.T.float())
+
+
+def _alphaedit_update_lean(keys: torch.Tensor, residual: torch.Tensor, space: NullSpace, memory: LayerMemory,
+                           l2: float, layer: int | None) -> Factors:
+    device = memory.device
+    k = keys.to(device, torch.float64)
+    basis = space.basis.to(device, torch.float64)
+    if memory.matrix is None:  # Π (K Kᵀ + M) = U Σ (Uᵀ B) Bᵀ over blocks B of [K, M's keys]: no d_ff² but the result
+        reduced = (basis.T @ k) @ k.T
+        for block in memory.key_blocks(device):
+            reduced.addmm_(basis.T @ block, block.T)
+    else:
+        gram = memory.add_to(k @ k.T)
+        reduced = basis.T @ gram
+        del gram
+    lhs = basis @ reduced
+    del reduced
+    lhs.diagonal().add_(l2)
+    rhs = basis @ (basis.T @ k)
+    del basis
+    solved = solve_general(lhs, rhs, layer, fix="raise L2")  # d_ff × n
     return Factors(residual.to(device, torch.float64).float(), solved.T.float())
 
 
