@@ -339,8 +339,8 @@ def table(results: dict[str, dict]) -> str:
 def readme_table() -> str:
     from nse_hub.plan import memory_plan
 
-    lines = ["| model | method | peak GiB (phase) | 24 GB | 48 GB | 80 GB | to fit 24 GB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | peak GiB on 24 GB (phase) | 24 GB | 48 GB | 80 GB | to fit 24 GB | float64 path "
+             "(lean=false): peak GiB, fits 24/48/80 |", "|---|---|---|---|---|---|---|---|"]
     for name in ("llama-3-8b", "llama-3-70b", "qwen2.5-7b", "mistral-7b"):
         for method in ("nse", "alphaedit"):
             verdicts, plan24 = [], None
@@ -352,8 +352,11 @@ def readme_table() -> str:
             best = plan24.suggestions[0] if plan24.suggestions else None
             hint = (f"{best.setting} → {best.peak_bytes / 2**30:.1f} GiB" + ("" if best.fits else " (still over)")
                     if best else "—")
+            old = [memory_plan(CONFIGS / name, method=method, dtype="bfloat16", device="cuda", device_memory=memory,
+                               batch_size=100, lean=False, suggest=False) for memory in ("24GB", "48GB", "80GB")]
+            float64 = f"{old[0].peak_bytes / 2**30:.1f}: " + "/".join("fits" if p.fits else "no" for p in old)
             lines.append(f"| {name} | {method} | {plan24.peak_bytes / 2**30:.1f} ({plan24.peak_phase}) | "
-                         + " | ".join(verdicts) + f" | {hint} |")
+                         + " | ".join(verdicts) + f" | {hint} | {float64} |")
     return "\n".join(lines)
 
 

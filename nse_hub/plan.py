@@ -96,10 +96,13 @@ class EngineSettings:
             layers per pass hold fewer float64 sums, at the cost of more passes over the corpus.
         value_chunk_bytes: the memory one chunk of the value optimisation may use (``None``: the device's
             :data:`~nse_hub.algorithm.values.CHUNK_BYTES`).
+        null_space_on_host: AlphaEdit: compute the null space's eigendecomposition on the host, when it does not
+            fit the accelerator (slower: a float64 ``eigh`` of ``d_ff × d_ff`` on the CPU, once per layer and session).
     """
 
     stats_layers_per_pass: int | None = None
     value_chunk_bytes: int | None = None
+    null_space_on_host: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -311,7 +314,8 @@ class MemoryPlan:
         chunk = self.settings.value_chunk_bytes
         return (f"lean: d_ff² matrices in float32 {where}, one layer's in float64 per solve; statistics "
                 f"{f'{group} layer(s) per pass' if group else 'all layers in one pass'}; value chunks of "
-                f"{f'{gib(chunk)} GiB' if chunk else 'the default size'}")
+                f"{f'{gib(chunk)} GiB' if chunk else 'the default size'}"
+                + ("; null space computed on the host (slower)" if self.settings.null_space_on_host else ""))
 
 
 def gib(value: int | None) -> str:
@@ -422,6 +426,8 @@ def phase_keys(s: PlanShape) -> tuple[int, str]:
 
 
 def phase_null_space(s: PlanShape) -> tuple[int, str]:
+    if s.settings and s.settings.null_space_on_host and s.device != "cpu":
+        return _steady(s), f"on the host: {gib(int(LEAN_NULL_SPACE_MATRICES * s.square64))} GiB there, nothing here"
     transient = int((LEAN_NULL_SPACE_MATRICES if s.lean else NULL_SPACE_MATRICES) * s.square64)
     return (_base(s) + _second_moments(s) + _null_spaces(s, s.layers - 1) + transient,
             f"eigendecomposition of C in float64: {gib(transient)} GiB for one layer")
@@ -454,8 +460,9 @@ def _lean_solve(s: PlanShape) -> tuple[int, str]:
 
 def phase_key_memory(s: PlanShape) -> tuple[int, str]:
     if s.lean:  # on the host: P is re-summed in float64 in place (one float64 d_ff²), then stored in float32
-        added = s.square64 if s.on_device else 0
-        return _steady(s) + added, f"P {gib(_key_memory(s))} GiB + its float64 sum {gib(added)} GiB"
+        if not s.on_device:
+            return _steady(s), "on the host: nothing here"
+        return _steady(s) + s.square64, f"P {gib(_key_memory(s))} GiB + its float64 sum {gib(s.square64)} GiB"
     return _steady(s) + s.square64, f"P {gib(s.layers * s.square64)} GiB + one K Kᵀ {gib(s.square64)} GiB"
 
 
@@ -627,8 +634,11 @@ def choose_settings(shape: PlanShape, memory: int | None) -> EngineSettings:
     default = CHUNK_BYTES.get(shape.device, CHUNK_BYTES["cuda"])
     chunk = int(CHUNK_SHARE * (available - _steady(shape)))
     _, _, one = _value_rows(replace(shape, settings=EngineSettings()))
+    on_host = (shape.config.method == "alphaedit" and shape.device != "cpu"
+               and phase_null_space(replace(shape, settings=EngineSettings()))[0] > available)
     return EngineSettings(stats_layers_per_pass=group if group < shape.layers else None,
-                          value_chunk_bytes=max(chunk, one) if chunk < default else None)
+                          value_chunk_bytes=max(chunk, one) if chunk < default else None,
+                          null_space_on_host=on_host)
 
 
 def _plan(shape: PlanShape, name: str, memory: int | None) -> MemoryPlan:

@@ -367,7 +367,8 @@ class EditSession:
         seconds["scoring"] = time.perf_counter() - tic
         inputs = RoundInputs(self.model, self.tokenizer, self.layout, self.config, self.deltas, self.memory,
                              self._second_moments or {}, self.context_templates, self.engine,
-                             value_chunk_bytes=self.engine_settings.value_chunk_bytes)
+                             value_chunk_bytes=self.engine_settings.value_chunk_bytes,
+                             null_space_on_host=self.engine_settings.null_space_on_host)
         try:
             outcome = run_round(inputs, parsed, optimize=self.value_optimizer, values=values, progress=progress)
         except BaseException:

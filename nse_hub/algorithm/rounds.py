@@ -158,6 +158,7 @@ class RoundInputs:
     context_templates: list[list[str]]
     state: EngineState = field(default_factory=EngineState)
     value_chunk_bytes: int | None = None  # the memory one chunk of the value step may use (None: the default)
+    null_space_on_host: bool = False  # lean AlphaEdit: the eigendecomposition on the host (it does not fit the device)
 
 
 def _keep_mask(config: EditConfig, residual: torch.Tensor, hidden_norm: torch.Tensor) -> torch.Tensor:
@@ -214,7 +215,8 @@ def _null_space(inputs: RoundInputs, layer: int) -> NullSpace:
     cache = inputs.state.null_spaces
     if key not in cache:
         if inputs.config.lean:
-            cache[key] = null_space_lean(inputs.second_moments[layer], key[1], inputs.memory.device)
+            device = "cpu" if inputs.null_space_on_host else inputs.memory.device
+            cache[key] = null_space_lean(inputs.second_moments[layer], key[1], device)
         else:
             cache[key] = null_space(inputs.second_moments[layer].to(inputs.memory.device), key[1])
         if cache[key].dims == 0:
