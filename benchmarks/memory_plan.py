@@ -17,7 +17,9 @@ the session, context templates, the fingerprint). Checks:
   statistics pass on 2,048 tokens of text (its memory does not depend on the token count; with fewer tokens than
   d_ff it stops at the check that follows its peak), then a round on a synthetic C written to the cache with
   the solves replaced by zero updates of the same shape (they are measured alone, next).
-* llama-width-solve: NSE's solve at d_ff 14,336 on its own (C, P and neuron_update; no model).
+* llama-width-solve: NSE's solve at d_ff 14,336 on its own (C, P and neuron_update; no model), float64 path.
+* llama-width-solve-lean: the same solve on the lean engine (EditConfig.lean): C in float32, a key memory of
+  1,000 earlier keys (kept as keys), the system promoted and factorised in float64.
 * gemma3-nse: Gemma 3 270M (real weights, float32), as the SmolLM2 checks.
 * llama-width-4-nse: the whole NSE round of a random Llama-3-8B-width model of 4 layers (vocabulary 1,024),
   bfloat16 weights so that it fits 12 GB, edit layer 1: one request, one Adam step (v_num_grad_steps 2), no
@@ -45,7 +47,7 @@ COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact_easyedit" / "counte
 TINY_TOKENIZER = ROOT / "tests" / "fixtures" / "tiny-tokenizer"
 CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 CHECKS = ("smollm2-nse", "smollm2-alphaedit", "llama-width-nse", "llama-width-solve", "gemma3-nse",
-          "llama-width-4-nse")
+          "llama-width-4-nse", "llama-width-solve-lean")
 MIB = 2**20
 
 
@@ -259,15 +261,19 @@ def measure_llama_width(out: Path) -> dict:
     return {"peaks": peaks.peaks, "overall": peaks.overall}
 
 
-def measure_llama_width_solve() -> dict:
+def measure_llama_width_solve(lean: bool = False) -> dict:
     import torch
 
     from nse_hub.algorithm.update import neuron_update
+    from nse_hub.deltas import LayerMemory
 
     n, edits = 14336, 10
     peaks = PhasePeaks()
     c = torch.diag(torch.randn(n).exp())  # C, float32
-    p = torch.zeros(n, n, dtype=torch.float64)  # the key memory
+    if lean:  # 1,000 earlier keys, kept as keys
+        p = LayerMemory(torch.randn(n, 1000) / 30, None, torch.device("cpu"))
+    else:
+        p = torch.zeros(n, n, dtype=torch.float64)  # the key memory
     keys, residual = torch.randn(n, edits), torch.randn(4096, edits)
     peaks.close(None)
     peaks.reset()
@@ -280,7 +286,9 @@ def measure_llama_width_solve() -> dict:
 
 
 def plan_for(check: str) -> dict[str, int]:
-    from nse_hub.plan import NSE_SOLVE_MATRICES, PROCESS_BYTES, memory_plan
+    import torch
+
+    from nse_hub.plan import NSE_SOLVE_MATRICES, PROCESS_BYTES, _lean_solve, build_shape, memory_plan
 
     if check.startswith(("smollm2", "gemma3")):
         name = "smollm2-135m" if check.startswith("smollm2") else "gemma3-270m"
@@ -296,6 +304,10 @@ def plan_for(check: str) -> dict[str, int]:
     if check == "llama-width-solve":  # the process, C, P and the solve; no model
         square = 14336**2
         return {"solves": PROCESS_BYTES + 4 * square + 8 * square + int(NSE_SOLVE_MATRICES * 8 * square)}
+    if check == "llama-width-solve-lean":  # the process, C, the keys and the lean solve's transient
+        shape = build_shape(llama_width_config(), "nse", torch.float32, "cpu", 10, None, LLAMA_WIDTH_SETTINGS)
+        transient, _ = _lean_solve(shape)
+        return {"solves": PROCESS_BYTES + 4 * 14336**2 + 4 * 14336 * 1000 + transient}
     return phases
 
 
@@ -375,7 +387,8 @@ def main() -> None:
                   "llama-width-nse": lambda: measure_llama_width(out),
                   "llama-width-solve": measure_llama_width_solve,
                   "gemma3-nse": lambda: measure_smollm2("nse", out, "gemma3-270m"),
-                  "llama-width-4-nse": lambda: measure_llama_width_4(out)}[args.measure]()
+                  "llama-width-4-nse": lambda: measure_llama_width_4(out),
+                  "llama-width-solve-lean": lambda: measure_llama_width_solve(lean=True)}[args.measure]()
         print(json.dumps(result))
         return
     if args.readme:

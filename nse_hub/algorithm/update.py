@@ -18,10 +18,12 @@ from nse_hub.deltas import PROMOTE_ROWS, Factors, LayerMemory, promote_into
 from nse_hub.errors import SingularSystemError
 
 __all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "neuron_update", "null_space", "null_space_lean",
-           "select_neurons",
-           "solve_general", "solve_spd", "through_post_norm"]
+           "select_neurons", "solve_general", "solve_spd", "through_post_norm"]
 
+#: The key memory as a solve takes it: a float64 matrix (the float64 path) or a layer's lean view.
 MemoryLike = torch.Tensor | LayerMemory
+# Block edge of the lean null space's in-place symmetrisation (transients: three blocks of 512² float64).
+SYMMETRISE_BLOCK = 512
 
 
 def _where(layer: int | None) -> str:
@@ -204,27 +206,18 @@ def null_space_lean(second_moment: torch.Tensor, threshold: float, device: torch
     """
     size = second_moment.shape[0]
     c = promote_into(torch.zeros(size, size, dtype=torch.float64, device=device), second_moment)
-    step = PROMOTE_BLOCK
+    step = SYMMETRISE_BLOCK
     for row in range(0, size, step):
         for col in range(0, row + 1, step):
             below, above = c[row:row + step, col:col + step], c[col:col + step, row:row + step]
             mean = (below + above.T) / 2
             below.copy_(mean)
             above.copy_(mean.T)
-    system = [c]
+    eigenvalues, vectors = torch.linalg.eigh(c)
     del c
-    eigenvalues, vectors = _eigh_owned(system)
     cutoff = threshold * float(eigenvalues.median())
     basis = vectors[:, eigenvalues < cutoff].cpu().contiguous()
     return NullSpace(basis, cutoff)
-
-
-def _eigh_owned(system: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.linalg.eigh(system.pop())
-
-
-# Block edge of the in-place symmetrisation (small transients: three blocks of 512² float64).
-PROMOTE_BLOCK = 512
 
 
 def alphaedit_update(keys: torch.Tensor, residual: torch.Tensor, space: NullSpace, memory: MemoryLike,
