@@ -9,8 +9,8 @@ import torch
 from nse_hub.deltas import Factors
 from nse_hub.errors import SingularSystemError
 
-__all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "neuron_update", "null_space", "select_neurons",
-           "solve_general", "solve_spd", "through_post_norm"]
+__all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "neuron_update", "null_space",
+           "projected_neuron_update", "select_neurons", "solve_general", "solve_spd", "through_post_norm"]
 
 
 def _where(layer: int | None) -> str:
@@ -167,6 +167,34 @@ def alphaedit_update(keys: torch.Tensor, residual: torch.Tensor, space: NullSpac
     lhs.diagonal().add_(l2)
     solved = solve_general(lhs, space.project(k), layer, fix="raise L2")  # d_ff × n
     return Factors(residual.to(device, torch.float64).float(), solved.T.float())
+
+
+def projected_neuron_update(keys: torch.Tensor, residual: torch.Tensor, space: NullSpace, memory: torch.Tensor,
+                            l2: float, selected: torch.Tensor, layer: int | None = None) -> Factors:
+    """AlphaEdit's projected solve on NSE's selected neurons ``S`` (method ``"nse_null"``).
+
+    ``ΔW[:, S]ᵀ = (Π (Kₛ Kₛᵀ + Mₛₛ) + L2·I)⁻¹ Π Kₛ Rᵀ`` and ``ΔW[:, S̄] = 0``, with ``Π`` the projector onto
+    ``space``, the null space of ``C`` restricted to ``S`` (``C_SS``'s small eigenvectors, ``|S| × k``). Every
+    row of ``ΔW`` lies in that null space and only the selected neurons change.
+
+    Args:
+        keys: ``d_ff × n`` keys of the requests being written.
+        residual: ``d_model × n`` this layer's share of the residual.
+        space: the null space of ``C_SS`` (basis in the coordinates of ``S``).
+        memory: ``M``, ``d_ff × d_ff`` float64 sum of earlier rounds' ``k kᵀ``.
+        l2: the weight of ``‖ΔW‖²``.
+        selected: neuron indices ``S``.
+        layer: named in the error when the system is singular.
+
+    Raises:
+        SingularSystemError: the system is singular to working precision.
+    """
+    device = memory.device
+    index = selected.to(device)
+    sub = alphaedit_update(keys.to(device)[index], residual, space, memory[index][:, index], l2, layer)
+    a = torch.zeros(keys.shape[1], keys.shape[0], dtype=sub.A.dtype, device=device)
+    a[:, index] = sub.A
+    return Factors(sub.B, a)
 
 
 def through_post_norm(norm: torch.nn.Module, outputs: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
