@@ -1,4 +1,4 @@
-"""One edit round of NSE, MEMIT, sequential MEMIT, AlphaEdit or UltraEdit (NSE.md, "One round").
+"""One edit round of NSE, MEMIT, sequential MEMIT, AlphaEdit, UltraEdit or NSE-null (NSE.md, "One round").
 
 NSE: values on the original weights; up to ``max_iterations - 1`` passes over the edit layers, each
 keeping only requests whose residual lies between ``alpha`` and ``upper_bound`` and updating only the
@@ -8,7 +8,15 @@ every request, every neuron. All spread the residual over the remaining layers. 
 * NSE, ``memit_seq``: ``ΔW = R Kᵀ (λC + P + K Kᵀ)⁻¹`` with the key memory ``P`` of earlier rounds;
 * ``memit`` (kmeng01/memit): the same without ``P``;
 * ``alphaedit``: ``Δᵀ = (Π (K Kᵀ + P) + L2·I)⁻¹ Π K Rᵀ`` with ``Π`` the projector onto the null space
-  of ``C`` (see :func:`~nse_hub.algorithm.update.alphaedit_update`).
+  of ``C`` (see :func:`~nse_hub.algorithm.update.alphaedit_update`);
+* ``nse_null`` (nse-hub's lifelong method, NSE-null): NSE's round (values on the original weights, neuron
+  selection, residual-filtered passes) with AlphaEdit's solve on the selected neurons ``S`` only:
+  ``ΔW[:, S]ᵀ = (Π (Kₛ Kₛᵀ + Pₛₛ) + L2·I)⁻¹ Π Kₛ Rᵀ``, ``Π`` the projector onto the null space of ``C_SS``
+  (eigenvectors below ``nullspace_threshold`` × its median eigenvalue), ``ΔW[:, S̄] = 0``
+  (:func:`~nse_hub.algorithm.update.projected_neuron_update`). NSE's fixed targets stop the drift of
+  values computed on edited weights and its filter leaves written edits alone; the projection keeps
+  each update off the directions the corpus' keys use, which NSE's ``λC`` only penalises. With
+  ``neuron_threshold`` 1 every active neuron is selected and the null space of ``C`` is cached.
 
 UltraEdit (:mod:`nse_hub.algorithm.ultraedit`) has no value targets and no residual: one forward and
 backward pass reads every edit layer's keys and output gradients at the target-predicting positions, and
