@@ -1,8 +1,10 @@
 """NSE-null (method "nse_null"): NSE's values, selection and passes with AlphaEdit's projected solve."""
 
 import torch
+from conftest import TINY_HPARAMS
 from test_methods import REQUESTS, engine, engine_round, random_psd
 
+from nse_hub import EditSession
 from nse_hub.algorithm.update import null_space, projected_neuron_update, select_neurons
 from nse_hub.card import METHODS as CARD_METHODS
 
@@ -49,3 +51,12 @@ def test_an_nse_null_round_keeps_nses_values_and_filter_and_writes_in_the_null_s
     alone = engine_round(fresh, REQUESTS[2:3])
     torch.testing.assert_close(later.optimized.targets, alone.optimized.targets)
     assert CARD_METHODS["nse_null"][0] == "NSE-null"
+
+
+def test_an_nse_null_session_names_the_method_and_its_settings_in_its_card(tiny_dir, tmp_path) -> None:
+    session = EditSession.from_pretrained(str(tiny_dir), method="nse_null", device="cpu", **TINY_HPARAMS)
+    session.edit(REQUESTS[:2], progress=False)
+    session.save_pretrained(tmp_path / "saved")
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "NSE-null" in card and "the selected neurons' null space" in card and "L2 = 10.0" in card
+    assert EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu").config.method == "nse_null"
