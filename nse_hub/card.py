@@ -82,6 +82,12 @@ METHODS = {
                                "running statistics of every earlier round's (lifelong normalization), and solves "
                                "for the weight change in closed form (ridge regression): no value optimisation, no "
                                "corpus statistics."),
+    "nse_null": ("NSE-null", "**NSE-null**, nse-hub's lifelong method: NSE's target hidden states computed on the "
+                             "*original* weights, its neuron selection and residual-filtered passes (Jiang et al., "
+                             "[arXiv:2410.04045](https://arxiv.org/abs/2410.04045)), with AlphaEdit's solve (Fang et "
+                             "al., [arXiv:2410.02355](https://arxiv.org/abs/2410.02355)): each update confined to the "
+                             "null space of the keys the selected neurons must preserve, and to the keys of earlier "
+                             "rounds."),
     "memit": ("MEMIT", f"**{_MEMIT}**, which spreads each fact's change over the MLP output projections of a few "
                        "layers with a least-squares update that preserves what those layers already encode."),
     "memit_seq": ("sequential MEMIT", f"**sequential MEMIT**: {_MEMIT} whose least-squares update also preserves "

@@ -21,13 +21,15 @@ from nse_hub.io import atomic_write_json
 from nse_hub.stats import default_stat_samples, warn_sample_size
 
 CONFIG_FILE = "edit_config.json"
-Method = Literal["nse", "memit", "memit_seq", "alphaedit", "ultraedit"]
+Method = Literal["nse", "memit", "memit_seq", "alphaedit", "ultraedit", "nse_null"]
 #: The editing methods, in the order the CLI offers them. All share one engine (``nse_hub.algorithm.rounds``).
-METHODS: tuple[str, ...] = ("nse", "memit", "memit_seq", "alphaedit", "ultraedit")
+METHODS: tuple[str, ...] = ("nse", "memit", "memit_seq", "alphaedit", "ultraedit", "nse_null")
+#: Methods with NSE's values on the original weights, neuron selection and residual-filtered passes.
+NSE_FAMILY: tuple[str, ...] = ("nse", "nse_null")
 #: Methods whose solve adds the key memory ``P`` of earlier rounds (classic MEMIT does not).
-USES_KEY_MEMORY: tuple[str, ...] = ("nse", "memit_seq", "alphaedit")
+USES_KEY_MEMORY: tuple[str, ...] = ("nse", "memit_seq", "alphaedit", "nse_null")
 #: Methods whose solve uses the corpus second moments ``C`` (UltraEdit needs no corpus).
-USES_SECOND_MOMENTS: tuple[str, ...] = ("nse", "memit", "memit_seq", "alphaedit")
+USES_SECOND_MOMENTS: tuple[str, ...] = ("nse", "memit", "memit_seq", "alphaedit", "nse_null")
 
 
 def _setting(default: Any, help: str, **kwargs: Any) -> Any:
@@ -54,7 +56,9 @@ class EditConfig:
         "update projected onto the null space of C and solved with the key memory and an L2 term); \"ultraedit\" "
         "(UltraEdit, arXiv 2505.14679: no value optimisation, no corpus statistics; one closed-form ridge update "
         "from the projections' inputs and loss gradients at the target-predicting positions, normalised by "
-        "running statistics kept across rounds).")
+        "running statistics kept across rounds); \"nse_null\" (nse-hub's: NSE's values on the original weights, "
+        "neuron selection and residual-filtered passes, with AlphaEdit's null-space-projected solve on the "
+        "selected neurons: nullspace_threshold and L2 apply).")
     layers: tuple[int, ...] = _setting(
         (), "The consecutive decoder layers whose MLP output projection is rewritten; the last one is the "
         "z-layer where value targets live.")
@@ -117,6 +121,14 @@ class EditConfig:
         "AlphaEdit's null-space bases stay on the host. Same updates as false within float64 rounding (float32 "
         "rounding of the key memory after the switch). false: every layer's C and float64 key memory stay on the "
         "device (needs 1.5·d_ff² bytes more per edit layer there).", compare=False)
+    ultraedit_whitening: Literal["diagonal", "full"] = _setting(
+        "diagonal", 'UltraEdit: how the output gradients are normalised. "diagonal" (UltraEdit): per coordinate by the '
+        'running standard deviation; "full" (StableEdit, arXiv 2605.11836): whitened by the running covariance '
+        "Σ^{-1/2} once more than d_model + 1 features were seen (per coordinate before). The keys are normalised "
+        "per coordinate either way. Full whitening keeps a d_model × d_model co-moment per layer and round.")
+    ultraedit_norm_cap: float = _setting(
+        0.0, "UltraEdit: StableEdit's bounded norms: each round's ΔW of a layer is scaled down to at most this "
+        "multiple of the original weight's Frobenius norm (0: no bound).")
     preset: str | None = _setting(None, "The measured preset these settings started from (informational).",
                                   compare=False)
 
@@ -204,6 +216,10 @@ class EditConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 out.append(f"{name} must be a positive finite number, got {value!r}")
+        if self.ultraedit_whitening not in ("diagonal", "full"):
+            out.append(f"ultraedit_whitening must be 'diagonal' or 'full', got {self.ultraedit_whitening!r}")
+        if self.ultraedit_norm_cap < 0:
+            out.append(f"ultraedit_norm_cap must be zero (no bound) or positive, got {self.ultraedit_norm_cap}")
         if self.norm_anchor_max_ratio <= 1:
             out.append(f"norm_anchor_max_ratio must be above 1, got {self.norm_anchor_max_ratio}")
         return out
@@ -225,7 +241,7 @@ class EditConfig:
         if not _is_sequence(self.context_prefixes) or not all(isinstance(x, str) for x in self.context_prefixes):
             out.append(f"context_prefixes must be a list of strings, got {self.context_prefixes!r}"
                        f"{_default_hint('context_prefixes')}")
-        for name in ("method", "thresholds", "mom2_dataset"):
+        for name in ("method", "thresholds", "mom2_dataset", "ultraedit_whitening"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 out.append(f"{name} must be a non-empty string, got {getattr(self, name)!r}{_default_hint(name)}")
         if self.preset is not None and not isinstance(self.preset, str):
@@ -243,7 +259,12 @@ class EditConfig:
     @property
     def update_passes(self) -> int:
         """How many update passes a round may run (only NSE runs more than one)."""
-        return max(1, self.max_iterations - 1) if self.method == "nse" else 1
+        return max(1, self.max_iterations - 1) if self.nse_family else 1
+
+    @property
+    def nse_family(self) -> bool:
+        """Whether values come from the original weights, with neuron selection and the residual filter."""
+        return self.method in NSE_FAMILY
 
     @property
     def uses_key_memory(self) -> bool:
@@ -331,6 +352,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 METHOD_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("smollm2-135m", "ultraedit"): {"layers": (18, 19, 20, 21, 22, 23, 24), "ultraedit_lr": 3e-4},
     ("gemma3-270m", "ultraedit"): {"layers": (11, 12, 13, 14), "ultraedit_lr": 3e-4},
+    # NSE-null: NSE's SmolLM2 layers and values (the model's preset) with AlphaEdit's SmolLM2 null space (threshold 2,
+    # README "Methods") and L2; not tuned or measured on SmolLM2 yet (benchmarks/README.md "Lifelong methods").
+    ("smollm2-135m", "nse_null"): {"nullspace_threshold": 2.0, "L2": 10.0, "neuron_threshold": 1.0},
 }
 
 # Adam's step for δ as a share of the hidden states' per-coordinate RMS at the z-layer (0.5 ≈ 0.1 × 4.6 on

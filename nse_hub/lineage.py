@@ -413,7 +413,7 @@ def plan_merge(ours: Version, theirs: Version, prefer: Side | None = None,
     if unresolved:
         raise HistoryConflictError(unresolved, ours.label, theirs.label)
     dropped_keys = {c.key for c in conflicts if c.resolution == "ours"}
-    reuse = ours.config.method == "nse"  # values on the original weights: valid on top of any history
+    reuse = ours.config.nse_family  # values on the original weights: valid on top of any history
     rounds = []
     for i in pending:
         report = theirs.reports[i]

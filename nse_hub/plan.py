@@ -355,7 +355,7 @@ def _second_moments(s: PlanShape) -> int:
 
 def _null_spaces(s: PlanShape, layers: int | None = None) -> int:
     """AlphaEdit's null-space bases (float64 d_ff × k per layer), kept between rounds (lean: on the host)."""
-    if s.config.method != "alphaedit" or not s.on_device:
+    if s.config.method not in ("alphaedit", "nse_null") or not s.on_device:
         return 0
     return (s.layers if layers is None else layers) * 8 * s.d_ff * s.null_space_dims
 
@@ -436,7 +436,7 @@ def phase_null_space(s: PlanShape) -> tuple[int, str]:
 def phase_solves(s: PlanShape) -> tuple[int, str]:
     if s.lean:
         transient, what = _lean_solve(s)
-    elif s.config.method == "alphaedit":
+    elif s.config.method in ("alphaedit", "nse_null"):
         transient = int(ALPHAEDIT_SOLVE_MATRICES * s.square64 + 8 * s.d_ff * s.null_space_dims)
         what = "projected system and its LU copy"
     else:
@@ -489,7 +489,7 @@ PHASES: tuple[tuple[str, Callable[[PlanShape], tuple[int, str]]], ...] = (
 def plan_phases(shape: PlanShape) -> list[PhaseMemory]:
     """Every phase of a round for ``shape`` (the null space only for AlphaEdit)."""
     return [PhaseMemory(name, *formula(shape)) for name, formula in PHASES
-            if name != "null space" or shape.config.method == "alphaedit"]
+            if name != "null space" or shape.config.method in ("alphaedit", "nse_null")]
 
 
 # --- reading the model's config ----------------------------------------------------------------------------

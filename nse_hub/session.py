@@ -40,6 +40,7 @@ from nse_hub._version import __version__
 from nse_hub.adapters import CompressionReport, no_update, pack, save_adapter
 from nse_hub.algorithm import RoundInputs, generate_context_templates, optimize_values, run_round
 from nse_hub.algorithm.rounds import EngineState, ValueOptimizer
+from nse_hub.algorithm.ultraedit import editing_features, feature_statistics
 from nse_hub.algorithm.values import ValueResult
 from nse_hub.architectures import ModelLayout, max_positions
 from nse_hub.base import BaseModelInfo, check_base, describe_base
@@ -80,7 +81,7 @@ from nse_hub.report import RoundReport, request_report
 from nse_hub.requests import EditRequest, RequestLike, one_round, parse_requests
 from nse_hub.stats import StatsSpec, matrix_sha256, second_moments
 from nse_hub.stats_hub import pull_statistics, push_statistics
-from nse_hub.tokens import request_lengths
+from nse_hub.tokens import pad_id, request_lengths
 from nse_hub.tracing import model_device
 
 logger = logging.getLogger(__name__)
@@ -355,6 +356,31 @@ class EditSession:
         if probes not in ("all", "rewrite"):
             raise ConfigError(f"probes must be 'all' or 'rewrite', got {probes!r}")
         return self._apply(one_round(parse_requests(requests)), progress, rewrite_only=probes == "rewrite")
+
+    def warm_up(self, requests: RequestLike | Iterable[RequestLike]) -> int:
+        """StableEdit's warm-up: add the editing features of ``requests`` to UltraEdit's running statistics.
+
+        The requests are read on the current weights and not written. Their statistics are used from the
+        next round on and saved with it (a session saved before that round does not keep them; rolling back
+        to the unedited model drops them). Use held-out records, not the ones to be edited.
+
+        Returns:
+            How many features (target-predicting positions) were added per layer.
+
+        Raises:
+            ConfigError: the session's method is not ``"ultraedit"``.
+            RequestError: a request is invalid.
+        """
+        if self.config.method != "ultraedit":
+            raise ConfigError(f"warm_up feeds UltraEdit's running statistics; this session's method is "
+                              f"{self.config.method!r}: open it with method='ultraedit'")
+        parsed = parse_requests([requests] if isinstance(requests, (EditRequest, dict)) else requests)
+        self._check_lengths(parsed)
+        dims = self.layout.hidden_size if self.config.ultraedit_whitening == "full" else 0
+        features = editing_features(self.model, self.layout, self.tokenizer, parsed, self.config.layers,
+                                    pad_id(self.tokenizer), self.config.batch_size)
+        self.engine.warm_up(feature_statistics(features, self.config.layers, dims))
+        return len(features.owner)
 
     def _apply(self, parsed: list[EditRequest], progress: bool, values: ValueResult | None = None,
                rewrite_only: bool = False) -> RoundReport:

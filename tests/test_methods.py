@@ -64,10 +64,10 @@ def engine_round(inputs: RoundInputs, requests=REQUESTS[:2], commit: bool = True
 
 
 def test_methods_and_their_settings_are_validated() -> None:
-    assert METHODS == ("nse", "memit", "memit_seq", "alphaedit", "ultraedit")
-    assert [EditConfig(method=m).uses_key_memory for m in METHODS] == [True, False, True, True, False]
-    assert [EditConfig(method=m).uses_second_moments for m in METHODS] == [True, True, True, True, False]
-    assert [EditConfig(method=m).update_passes for m in METHODS] == [2, 1, 1, 1, 1]
+    assert METHODS == ("nse", "memit", "memit_seq", "alphaedit", "ultraedit", "nse_null")
+    assert [EditConfig(method=m).uses_key_memory for m in METHODS] == [True, False, True, True, False, True]
+    assert [EditConfig(method=m).uses_second_moments for m in METHODS] == [True, True, True, True, False, True]
+    assert [EditConfig(method=m).update_passes for m in METHODS] == [2, 1, 1, 1, 1, 2]
     for bad, message in [({"method": "rome"}, "method must be one of"),
                          ({"nullspace_threshold": 0.0}, "nullspace_threshold must be positive"),
                          ({"L2": 0.0}, "L2 must be positive"),

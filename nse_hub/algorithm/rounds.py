@@ -1,4 +1,4 @@
-"""One edit round of NSE, MEMIT, sequential MEMIT, AlphaEdit or UltraEdit (NSE.md, "One round").
+"""One edit round of NSE, MEMIT, sequential MEMIT, AlphaEdit, UltraEdit or NSE-null (NSE.md, "One round").
 
 NSE: values on the original weights; up to ``max_iterations - 1`` passes over the edit layers, each
 keeping only requests whose residual lies between ``alpha`` and ``upper_bound`` and updating only the
@@ -8,7 +8,15 @@ every request, every neuron. All spread the residual over the remaining layers. 
 * NSE, ``memit_seq``: ``ΔW = R Kᵀ (λC + P + K Kᵀ)⁻¹`` with the key memory ``P`` of earlier rounds;
 * ``memit`` (kmeng01/memit): the same without ``P``;
 * ``alphaedit``: ``Δᵀ = (Π (K Kᵀ + P) + L2·I)⁻¹ Π K Rᵀ`` with ``Π`` the projector onto the null space
-  of ``C`` (see :func:`~nse_hub.algorithm.update.alphaedit_update`).
+  of ``C`` (see :func:`~nse_hub.algorithm.update.alphaedit_update`);
+* ``nse_null`` (nse-hub's lifelong method, NSE-null): NSE's round (values on the original weights, neuron
+  selection, residual-filtered passes) with AlphaEdit's solve on the selected neurons ``S`` only:
+  ``ΔW[:, S]ᵀ = (Π (Kₛ Kₛᵀ + Pₛₛ) + L2·I)⁻¹ Π Kₛ Rᵀ``, ``Π`` the projector onto the null space of ``C_SS``
+  (eigenvectors below ``nullspace_threshold`` × its median eigenvalue), ``ΔW[:, S̄] = 0``
+  (:func:`~nse_hub.algorithm.update.projected_neuron_update`). NSE's fixed targets stop the drift of
+  values computed on edited weights and its filter leaves written edits alone; the projection keeps
+  each update off the directions the corpus' keys use, which NSE's ``λC`` only penalises. With
+  ``neuron_threshold`` 1 every active neuron is selected and the null space of ``C`` is cached.
 
 UltraEdit (:mod:`nse_hub.algorithm.ultraedit`) has no value targets and no residual: one forward and
 backward pass reads every edit layer's keys and output gradients at the target-predicting positions, and
@@ -36,13 +44,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from nse_hub.algorithm.batches import build_key_batch, build_value_batch
 from nse_hub.algorithm.keys import KeyProbe
 from nse_hub.algorithm.lifelong import FeatureStats, combine_all
-from nse_hub.algorithm.ultraedit import editing_features, pseudo_values, ultraedit_update
+from nse_hub.algorithm.ultraedit import bound_norm, editing_features, pseudo_values, ultraedit_update
 from nse_hub.algorithm.update import (
     NullSpace,
     alphaedit_update,
     neuron_update,
     null_space,
     null_space_lean,
+    projected_neuron_update,
     select_neurons,
     through_post_norm,
 )
@@ -125,18 +134,36 @@ class EngineState:
         lifelong_rounds: UltraEdit's lifelong normalization: per committed round, the statistics of
             its editing features per layer (``{}`` for rounds of other methods). The session saves each
             round's in its round folder; the running statistics are their combination in round order.
+        lifelong_warmup: StableEdit's warm-up: statistics of features read but not written, used from
+            the next round on and committed with it (part of that round's saved statistics).
     """
 
     null_spaces: dict[tuple[int, float], NullSpace] = field(default_factory=dict)
     norm_anchor: float | None = None
     lifelong_rounds: list[dict[int, FeatureStats]] = field(default_factory=list)
+    lifelong_warmup: dict[int, FeatureStats] = field(default_factory=dict)
 
     def lifelong(self, layer: int) -> FeatureStats | None:
-        """The running statistics of ``layer``'s editing features over the committed rounds."""
-        return combine_all(r[layer] for r in self.lifelong_rounds if layer in r)
+        """The running statistics of ``layer``'s editing features over the committed rounds and any warm-up."""
+        return combine_all([*(r[layer] for r in self.lifelong_rounds if layer in r),
+                            *([self.lifelong_warmup[layer]] if layer in self.lifelong_warmup else [])])
+
+    def warm_up(self, stats: dict[int, FeatureStats]) -> None:
+        """Add statistics of features that are not written (StableEdit's warm-up) before the next round."""
+        for layer, part in stats.items():
+            earlier = self.lifelong_warmup.get(layer)
+            self.lifelong_warmup[layer] = part if earlier is None else earlier.combine(part)
 
     def commit_lifelong(self, stats: dict[int, FeatureStats]) -> None:
-        """Record a committed round's feature statistics (``{}`` for a round without any)."""
+        """Record a committed round's feature statistics (``{}`` for a round without any).
+
+        Pending warm-up statistics go into the round's own (warm-up first), so that they are saved
+        and restored with it.
+        """
+        if stats and self.lifelong_warmup:
+            stats = {layer: self.lifelong_warmup[layer].combine(s) if layer in self.lifelong_warmup else s
+                     for layer, s in stats.items()}
+            self.lifelong_warmup = {}
         self.lifelong_rounds.append(stats)
 
     def truncate_lifelong(self, rounds: int) -> None:
@@ -162,7 +189,7 @@ class RoundInputs:
 
 
 def _keep_mask(config: EditConfig, residual: torch.Tensor, hidden_norm: torch.Tensor) -> torch.Tensor:
-    if config.method != "nse":
+    if not config.nse_family:
         return torch.ones_like(residual, dtype=torch.bool)
     scale = hidden_norm if config.thresholds == "relative" else torch.ones_like(hidden_norm)
     return (residual > config.alpha * scale) & (residual < config.upper_bound * scale)
@@ -210,7 +237,12 @@ def _mlp_outputs(model: PreTrainedModel, layout: ModelLayout, probe: KeyProbe, l
     return out
 
 
-def _null_space(inputs: RoundInputs, layer: int) -> NullSpace:
+def _null_space(inputs: RoundInputs, layer: int, neurons: torch.Tensor | None = None) -> NullSpace:
+    """The null space of ``C`` at ``layer`` (cached), or of ``C_SS`` for a subset ``neurons`` of them (not cached)."""
+    second_moment = inputs.second_moments[layer]
+    if neurons is not None and len(neurons) < second_moment.shape[0]:
+        index = neurons.to(second_moment.device)
+        return null_space(second_moment[index][:, index].to(inputs.memory.device), inputs.config.nullspace_threshold)
     key = (layer, inputs.config.nullspace_threshold)
     cache = inputs.state.null_spaces
     if key not in cache:
@@ -279,7 +311,7 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
         return _ultraedit_round(inputs, requests, clock)
 
     def value_weights() -> AbstractContextManager[None]:  # NSE: values on the original weights
-        return inputs.deltas.original() if config.method == "nse" else nullcontext()
+        return inputs.deltas.original() if config.nse_family else nullcontext()
 
     with clock.phase("values"):
         if values is None:
@@ -308,7 +340,7 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
     if config.norm_anchor:
         with clock.phase("values"), value_weights():
             mlp_out = _mlp_outputs(model, layout, probe, config.z_layer)
-        if state.norm_anchor is None and config.method != "nse" and inputs.deltas.rounds:
+        if state.norm_anchor is None and not config.nse_family and inputs.deltas.rounds:
             logger.warning("The NAS anchor is measured on edited weights: this session does not know the one "
                            "measured on its first round. Pass RoundInputs(state=EngineState(norm_anchor=…)).")
         anchored, state.norm_anchor, norms, skipped = anchor_values(values, mlp_out, state.norm_anchor,
@@ -344,7 +376,7 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
                     layer_keys, current_kept = reading.keys[layer], reading.z_out
                     output_kept = reading.outputs.get(layer)
             with clock.phase("solve"):
-                neurons = (select_neurons(layer_keys, config.neuron_threshold) if config.method == "nse"
+                neurons = (select_neurons(layer_keys, config.neuron_threshold) if config.nse_family
                            else torch.arange(layer_keys.shape[0]))
                 selected[layer].append(len(neurons))
                 # This layer's share of what the z-layer output still lacks (the rest is left to later layers).
@@ -357,6 +389,11 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
                     nullspace_dims[layer] = space.dims
                     factors = alphaedit_update(layer_keys, residual_kept, space, _memory(inputs, layer),
                                                config.L2, layer)
+                elif config.method == "nse_null":
+                    space = _null_space(inputs, layer, neurons)
+                    nullspace_dims[layer] = space.dims
+                    factors = projected_neuron_update(layer_keys, residual_kept, space, _memory(inputs, layer),
+                                                      config.L2, neurons, layer)
                 else:
                     memory = _memory(inputs, layer) if config.uses_key_memory else None
                     factors = neuron_update(layer_keys, residual_kept, inputs.second_moments[layer], memory,
@@ -393,16 +430,19 @@ def _ultraedit_round(inputs: RoundInputs, requests: Sequence[EditRequest], clock
         features = editing_features(model, layout, inputs.tokenizer, requests, layers, pad, config.batch_size)
     round_stats: dict[int, FeatureStats] = {}
     updates = {}
+    comoment_dims = layout.hidden_size if config.ultraedit_whitening == "full" else 0
     with clock.phase("solve"):
         device = inputs.memory.device
         for layer in layers:
             stacked = features.stacked(layer).to(device)
-            round_stats[layer] = FeatureStats.of(stacked)
+            round_stats[layer] = FeatureStats.of(stacked, comoment_dims)
             earlier = inputs.state.lifelong(layer)
             running = round_stats[layer] if earlier is None else earlier.to(device).combine(round_stats[layer])
-            values = pseudo_values(stacked, running, layout.intermediate_size, config.ultraedit_lr)
-            updates[layer] = ultraedit_update(stacked[:, :layout.intermediate_size], values, config.ultraedit_ridge,
-                                              layer)
+            values = pseudo_values(stacked, running, layout.intermediate_size, config.ultraedit_lr,
+                                   config.ultraedit_whitening)
+            factors = ultraedit_update(stacked[:, :layout.intermediate_size], values, config.ultraedit_ridge, layer)
+            weight_norm = float(inputs.deltas.originals[layer].double().norm())
+            updates[layer] = bound_norm(factors, weight_norm, config.ultraedit_norm_cap)
     for layer, factors in updates.items():  # all from the gradients on the weights before the round
         inputs.deltas.add(layer, factors)
     with clock.phase("keys"):

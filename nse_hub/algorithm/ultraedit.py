@@ -137,11 +137,38 @@ def _chunk_features(model: PreTrainedModel, layout: ModelLayout, batch: ValueBat
                            at_row.tolist(), per_request.tolist())
 
 
-def pseudo_values(features: torch.Tensor, statistics: FeatureStats, d_ff: int, lr: float) -> torch.Tensor:
-    """``v_i = −η ‖k̂_i‖² ĝ_i`` for each row ``z_i = [k_i ; g_i]`` of ``features``, normalised by ``statistics``."""
+def feature_statistics(features: EditingFeatures, layers: Sequence[int], comoment_dims: int = 0
+                       ) -> dict[int, FeatureStats]:
+    """Per layer, the statistics of ``z = [k ; g]`` (with the co-moment of the last ``comoment_dims``)."""
+    return {layer: FeatureStats.of(features.stacked(layer), comoment_dims) for layer in layers}
+
+
+def pseudo_values(features: torch.Tensor, statistics: FeatureStats, d_ff: int, lr: float,
+                  whitening: str = "diagonal") -> torch.Tensor:
+    """``v_i = −η ‖k̂_i‖² ĝ_i`` for each row ``z_i = [k_i ; g_i]`` of ``features``, normalised by ``statistics``.
+
+    With ``whitening="full"`` (StableEdit) the gradient part is whitened by the running covariance,
+    ``ĝ_i = Σ_g^{-1/2} (g_i − μ_g)``, once ``statistics`` hold more than ``d_model + 1`` features
+    (before that, and always for the keys, per coordinate as UltraEdit does).
+    """
     normalized = statistics.normalize(features)
     k_hat, g_hat = normalized[:, :d_ff], normalized[:, d_ff:]
+    inverse_sqrt = statistics.whitening() if whitening == "full" else None
+    if inverse_sqrt is not None:
+        g_hat = (features.double()[:, d_ff:] - statistics.mean[d_ff:]) @ inverse_sqrt
     return -lr * k_hat.square().sum(dim=1, keepdim=True) * g_hat
+
+
+def bound_norm(factors: Factors, weight_norm: float, cap: float) -> Factors:
+    """``ΔW`` scaled down, if needed, so that ``‖ΔW‖_F ≤ cap · ‖W‖_F`` (StableEdit's bounded norms; 0: off).
+
+    Scaling ``B`` keeps the factors' rank, so a bounded round is still an exact LoRA increment.
+    """
+    if cap <= 0:
+        return factors
+    norm = float(factors.dense().double().norm())
+    limit = cap * weight_norm
+    return factors if norm <= limit else Factors(factors.B * (limit / norm), factors.A)
 
 
 def ultraedit_update(keys: torch.Tensor, values: torch.Tensor, ridge: float, layer: int | None = None) -> Factors:

@@ -18,7 +18,7 @@ from nse_hub.deltas import PROMOTE_ROWS, Factors, LayerMemory, promote_into
 from nse_hub.errors import SingularSystemError
 
 __all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "neuron_update", "null_space", "null_space_lean",
-           "select_neurons", "solve_general", "solve_spd", "through_post_norm"]
+           "projected_neuron_update", "select_neurons", "solve_general", "solve_spd", "through_post_norm"]
 
 #: The key memory as a solve takes it: a float64 matrix (the float64 path) or a layer's lean view.
 MemoryLike = torch.Tensor | LayerMemory
@@ -272,6 +272,37 @@ def _alphaedit_update_lean(keys: torch.Tensor, residual: torch.Tensor, space: Nu
     del basis
     solved = solve_general(lhs, rhs, layer, fix="raise L2")  # d_ff × n
     return Factors(residual.to(device, torch.float64).float(), solved.T.float())
+def projected_neuron_update(keys: torch.Tensor, residual: torch.Tensor, space: NullSpace, memory: MemoryLike,
+                            l2: float, selected: torch.Tensor, layer: int | None = None) -> Factors:
+    """AlphaEdit's projected solve on NSE's selected neurons ``S`` (method ``"nse_null"``).
+
+    ``ΔW[:, S]ᵀ = (Π (Kₛ Kₛᵀ + Mₛₛ) + L2·I)⁻¹ Π Kₛ Rᵀ`` and ``ΔW[:, S̄] = 0``, with ``Π`` the projector onto
+    ``space``, the null space of ``C`` restricted to ``S`` (``C_SS``'s small eigenvectors, ``|S| × k``). Every
+    row of ``ΔW`` lies in that null space and only the selected neurons change.
+
+    Args:
+        keys: ``d_ff × n`` keys of the requests being written.
+        residual: ``d_model × n`` this layer's share of the residual.
+        space: the null space of ``C_SS`` (basis in the coordinates of ``S``).
+        memory: ``M``, the sum of earlier rounds' ``k kᵀ``: a ``d_ff × d_ff`` float64 matrix, or a layer's lean
+            view (only ``M_SS`` is formed).
+        l2: the weight of ``‖ΔW‖²``.
+        selected: neuron indices ``S``.
+        layer: named in the error when the system is singular.
+
+    Raises:
+        SingularSystemError: the system is singular to working precision.
+    """
+    device = memory.device
+    index = selected.to(device)
+    if isinstance(memory, LayerMemory):
+        restricted = memory.add_to(torch.zeros(len(index), len(index), dtype=torch.float64, device=device), index)
+    else:
+        restricted = memory[index][:, index]
+    sub = alphaedit_update(keys.to(device)[index], residual, space, restricted, l2, layer)
+    a = torch.zeros(keys.shape[1], keys.shape[0], dtype=sub.A.dtype, device=device)
+    a[:, index] = sub.A
+    return Factors(sub.B, a)
 
 
 def through_post_norm(norm: torch.nn.Module, outputs: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

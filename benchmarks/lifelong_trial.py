@@ -1,0 +1,98 @@
+"""One tuning trial of a lifelong method: N CounterFact edits in rounds of B on SmolLM2, then the running protocol.
+
+The trials of benchmarks/README.md, "Lifelong methods: tuning trials". Every edit so far is evaluated once at the
+end (teacher-forced ES/PS/NS and generation-based ES/PS, as ``evaluate_session(protocol="running")``) and the
+perplexity of the suite's held-out texts is measured; one JSON file per trial goes to ``--out``.
+
+To keep trials short on a CPU, the per-round report inside ``session.edit`` scores only the rewrite prompts
+(the session's own before/after scoring of paraphrases and neighbours is skipped; the final evaluation is the
+full one). NSE's value targets are computed on the original weights, so they can be saved by one trial
+(``--save-values``) and given to another NSE-family trial (``--load-values``, e.g. ``nse_null``) instead of
+being optimised again: that trial's rounds then time only the keys and the solves.
+
+    OMP_NUM_THREADS=1 python benchmarks/lifelong_trial.py ue-preset-200 --edits 200
+    OMP_NUM_THREADS=1 python benchmarks/lifelong_trial.py ue-stable-200 --edits 200 --warmup 300 \\
+        --hp '{"ultraedit_ridge": 10, "ultraedit_whitening": "full"}'
+    OMP_NUM_THREADS=1 python benchmarks/lifelong_trial.py nse-200 --edits 200 --method nse --no-eval \\
+        --save-values nse-values-200.pt
+    OMP_NUM_THREADS=1 python benchmarks/lifelong_trial.py nn-200 --edits 200 --method nse_null \\
+        --load-values nse-values-200.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nse_hub import EditSession, load_requests
+from nse_hub.ability import perplexity, perplexity_texts
+from nse_hub.evaluation import evaluate_session
+from nse_hub.requests import parse_requests
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="the trial's name (its JSON file)")
+    parser.add_argument("--method", default="ultraedit")
+    parser.add_argument("--hp", default="{}", help="hyperparameters as JSON, over the method's preset")
+    parser.add_argument("--edits", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--base", action="store_true", help="evaluate the unedited model")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="UltraEdit: warm up the running statistics on this many counterfact-train records")
+    parser.add_argument("--save-values", type=Path)
+    parser.add_argument("--load-values", type=Path)
+    parser.add_argument("--no-eval", action="store_true", help="only the perplexity after the edits")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "lifelong-tuning")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    hparams = json.loads(args.hp)
+    requests = load_requests(SHARED / "counterfact_easyedit" / "counterfact-edit.json", limit=args.edits)
+    started = time.perf_counter()
+    session = EditSession.from_pretrained("smollm2-135m", method=args.method, **hparams)
+    if args.warmup:
+        held_out = load_requests(SHARED / "counterfact_easyedit" / "counterfact-train.json", limit=args.warmup)
+        print("warm-up features", session.warm_up(held_out), flush=True)
+    saved, loaded = [], (torch.load(args.load_values, weights_only=False) if args.load_values else None)
+    if args.save_values:
+        optimize = session.value_optimizer
+
+        def capture(*a, **kw):
+            saved.append(optimize(*a, **kw))
+            return saved[-1]
+        session.value_optimizer = capture
+    seconds = []
+    for start in range(0, 0 if args.base else args.edits, args.batch):
+        tic = time.perf_counter()
+        batch = parse_requests(requests[start:start + args.batch])
+        if loaded is not None:
+            session._apply(batch, False, values=loaded[start // args.batch], rewrite_only=True)
+        else:
+            session.edit(batch, progress=False, probes="rewrite")
+        seconds.append(round(time.perf_counter() - tic, 1))
+        print("round", len(seconds), seconds[-1], flush=True)
+    if args.save_values:
+        torch.save(saved, args.save_values)
+    evaluation = None if args.no_eval else evaluate_session(session, requests, protocol="running", record=False)
+    ppl = perplexity(session.model, session.tokenizer, session.layout,
+                     perplexity_texts(SHARED / "glue_eval" / "dataset"))
+    result = {"name": args.name, "method": args.method, "hparams": hparams, "config": session.config.to_dict(),
+              "edits": args.edits, "batch": args.batch, "round_seconds": seconds,
+              "metrics": evaluation.metrics if evaluation else {}, "perplexity": ppl,
+              "eval_seconds": evaluation.seconds if evaluation else None,
+              "total_seconds": round(time.perf_counter() - started, 1), "command": " ".join(sys.argv)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("name", "metrics", "perplexity", "round_seconds")}))
+
+
+if __name__ == "__main__":
+    main()
