@@ -353,7 +353,7 @@ METHOD_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("smollm2-135m", "ultraedit"): {"layers": (18, 19, 20, 21, 22, 23, 24), "ultraedit_lr": 3e-4},
     ("gemma3-270m", "ultraedit"): {"layers": (11, 12, 13, 14), "ultraedit_lr": 3e-4},
     # NSE-null: NSE's SmolLM2 layers and values (the model's preset) with AlphaEdit's SmolLM2 null space (threshold 2,
-    # README "Methods") and L2; not tuned or measured on SmolLM2 yet (benchmarks/README.md "Lifelong methods").
+    # README "Methods") and L2; not tuned; one trial (200 edits) in benchmarks/README.md "Lifelong methods".
     ("smollm2-135m", "nse_null"): {"nullspace_threshold": 2.0, "L2": 10.0, "neuron_threshold": 1.0},
 }
 
