@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -102,10 +102,11 @@ def schedule_rounds(requests: Sequence[EditRequest], batch: int) -> list[list[Ed
         for source in (waiting, upcoming):
             while source and len(current) < batch:
                 request = source.popleft()
-                if fact_key(request) in facts:
+                fact = fact_key(request)
+                if fact in facts:
                     deferred.append(request)
                 else:
-                    facts.add(fact_key(request))
+                    facts.add(fact)
                     current.append(request)
         waiting = deferred + waiting  # what was deferred now, then what is still waiting from before
         rounds.append(current)
@@ -128,7 +129,7 @@ def running_sample(edits: int, size: int | None, total: int, seed: int = 0) -> l
 def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch: int, *, running: bool = True,
                    running_every: int = 1, running_sample_size: int | None = None,
                    options: EvalOptions | None = None, suite: str | Path | None = None,
-                   suite_examples: int = 100, progress: bool = False, probes: str = "all",
+                   suite_examples: int = 100, progress: bool = False, probes: Literal["all", "rewrite"] = "all",
                    state_dir: str | Path | None = None) -> SequentialRun:
     """Edit ``requests`` in rounds of ``batch``; evaluate every ``running_every`` rounds (running protocol, the
     edits so far) and at the end (final protocol, every edit).
