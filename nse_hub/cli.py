@@ -85,7 +85,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     dtype = plan_dtype(args.dtype)  # a bad name fails here, before the model is loaded
     requests = load_requests(args.requests, limit=args.limit, offset=args.offset)
     session = EditSession.from_pretrained(args.model, method=args.method, device=args.device, dtype=dtype,
-                                          stats_repo=args.stats_repo, **_hparams(args.set))
+                                          stats_repo=args.stats_repo, device_memory=args.device_memory,
+                                          **_hparams(args.set))
     console.print(f"{session} — {len(requests)} edits in rounds of {args.batch_size}")
     _edit_rounds(session, requests, args.batch_size, Path(args.out))
     console.print(f"Saved to {args.out} (load with EditSession.from_pretrained or stock PEFT).")
@@ -451,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a hyperparameter, e.g. --set mom2_update_weight=15000")
     edit.add_argument("--stats-repo", help="Hub dataset repo of shared second moments (nse-hub stats push)")
+    edit.add_argument("--device-memory", help="memory to plan the engine's sizes for, e.g. 24GB (default: "
+                                              "NSE_HUB_DEVICE_MEMORY, else the device's; see `nse-hub plan`)")
     edit.set_defaults(func=cmd_edit)
 
     export = sub.add_parser("export", help="write one version of a saved edit as a standalone adapter")

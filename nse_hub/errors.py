@@ -119,6 +119,13 @@ class HistoryConflictError(NSEHubError, ValueError):
                          "or per conflict (resolutions={(subject, prompt template): 'ours'|'theirs'}).")
 
 
+class MemoryPlanWarning(UserWarning):
+    """A session whose memory plan says a round will not fit the device; names the setting to change.
+
+    A ``UserWarning`` (shown by default), not a ``ResourceWarning``, which Python hides unless asked.
+    """
+
+
 __all__ = [
     "AdapterError",
     "BaseModelMismatchError",
@@ -128,6 +135,7 @@ __all__ = [
     "HistoryConflictError",
     "HubError",
     "LicenseRequiredError",
+    "MemoryPlanWarning",
     "MissingExtraError",
     "MissingFileError",
     "ModelFetchError",

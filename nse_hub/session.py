@@ -65,6 +65,7 @@ from nse_hub.errors import (
     ConcurrentWriteError,
     ConfigError,
     LicenseRequiredError,
+    MemoryPlanWarning,
     RequestError,
     VersionNotFoundError,
 )
@@ -252,7 +253,7 @@ class EditSession:
                 f"{_size(plan.peak_bytes)} ({plan.peak_phase}) + {_size(plan.reserve_bytes)} reserve on "
                 f"{plan.device}, which has {_size(plan.device_memory)}. To fit, {fix} (`nse-hub plan` shows every "
                 "phase; device_memory= or NSE_HUB_DEVICE_MEMORY sets the memory planned for).",
-                ResourceWarning, stacklevel=3)
+                MemoryPlanWarning, stacklevel=3)
 
     @classmethod
     def _resume(cls, folder: Path, *, method: str | None, tokenizer: PreTrainedTokenizerBase | None,

@@ -8,6 +8,7 @@ from conftest import FIXTURES
 
 from nse_hub.checkpoint import read_meta
 from nse_hub.cli import main
+from nse_hub.errors import MemoryPlanWarning
 
 
 def test_edit_in_rounds_saves_and_continues(tiny_dir: Path, tmp_path: Path, capsys) -> None:
@@ -21,9 +22,10 @@ def test_edit_in_rounds_saves_and_continues(tiny_dir: Path, tmp_path: Path, caps
     assert read_meta(out).rounds == 2
     lines = (out / "edits.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 1, 2, 2]
-    # Continuing a saved edit adds rounds (its hyperparameters are fixed).
-    assert main(["edit", str(out), "--requests", str(FIXTURES / "requests.jsonl"), "--batch-size", "2",
-                 "--out", str(out), "--device", "cpu"]) == 0
+    # Continuing a saved edit adds rounds (its hyperparameters are fixed); the memory it plans for is not.
+    with pytest.warns(MemoryPlanWarning, match=r"will not fit.*1 MiB"):
+        assert main(["edit", str(out), "--requests", str(FIXTURES / "requests.jsonl"), "--batch-size", "2",
+                     "--out", str(out), "--device", "cpu", "--device-memory", "1MB"]) == 0
     assert read_meta(out).rounds == 3
 
 

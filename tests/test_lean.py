@@ -20,6 +20,7 @@ from nse_hub.algorithm.update import alphaedit_update, neuron_update, null_space
 from nse_hub.architectures import ModelLayout
 from nse_hub.config import EditConfig
 from nse_hub.deltas import KeyMemory, WeightDeltas
+from nse_hub.errors import MemoryPlanWarning
 from nse_hub.plan import EngineSettings
 
 # Relative difference in norm of float32 factors computed from the same float64 system in another order.
@@ -161,15 +162,15 @@ def _session(folder, **kwargs):
 
 
 def test_a_session_warns_before_a_run_that_will_not_fit(tiny_dir, monkeypatch) -> None:
-    with pytest.warns(ResourceWarning, match=r"will not fit.*1 MiB\. To fit, .*(layers=|dtype=|rounds of)"):
+    with pytest.warns(MemoryPlanWarning, match=r"will not fit.*1 MiB\. To fit, .*(layers=|dtype=|rounds of)"):
         session = _session(tiny_dir, device_memory="1MB")
     assert session.memory_plan.fits is False and session.memory_plan.device_memory == 2**20
     monkeypatch.setenv("NSE_HUB_DEVICE_MEMORY", "2MB")  # the same from the environment
-    with pytest.warns(ResourceWarning, match="will not fit"):
+    with pytest.warns(MemoryPlanWarning, match="will not fit"):
         assert _session(tiny_dir).memory_plan.device_memory == 2 * 2**20
     monkeypatch.delenv("NSE_HUB_DEVICE_MEMORY")
     with warnings.catch_warnings():
-        warnings.simplefilter("error", ResourceWarning)
+        warnings.simplefilter("error", MemoryPlanWarning)
         roomy = _session(tiny_dir, device_memory="64GB")
     assert roomy.memory_plan.fits is True and roomy.engine_settings == EngineSettings()
     float64 = _session(tiny_dir, device_memory="64GB", lean=False)
