@@ -16,6 +16,7 @@ from nse_hub.algorithm.ultraedit import editing_features, pseudo_values, ultraed
 from nse_hub.checkpoint import LIFELONG_FILE, round_dir
 from nse_hub.config import EditConfig
 from nse_hub.errors import CheckpointError
+from nse_hub.tokens import SubjectText, subject_last_token
 
 REQUESTS = load_requests(FIXTURES / "requests.json")
 IDS = torch.tensor([[5, 6, 7, 8, 9]])
@@ -102,6 +103,17 @@ def test_an_ultraedit_round_is_an_exact_low_rank_update_and_the_statistics_grow(
     tokens = first[1].count
     for layer in (1, 2):
         assert session.deltas.rounds[0][layer].rank == tokens  # one rank per target token
+    # The key memory holds each request's key on the edited weights, read from its plain prompt alone.
+    inputs = []
+    handle = session.layout.projection(session.model, 2).register_forward_pre_hook(
+        lambda _, args: inputs.append(args[0][0]))
+    for index, request in enumerate(REQUESTS[:2]):
+        ids, last = subject_last_token(session.tokenizer, SubjectText.fill(request.prompt, request.subject, "{}"))
+        with torch.no_grad():
+            session.model(input_ids=torch.tensor([ids]))
+        torch.testing.assert_close(session.memory.rounds[0][2][:, index].float(), inputs[-1][last].float(),
+                                   rtol=1e-4, atol=1e-5)
+    handle.remove()
     session.edit(REQUESTS[2:], progress=False)
     second = session.engine.lifelong_rounds[1]
     running = session.engine.lifelong(1)

@@ -23,7 +23,10 @@ backward pass reads every edit layer's keys and output gradients at the target-p
 each layer gets ``ΔW = Vᵀ (KKᵀ + λI)⁻¹ K`` with pseudo-values normalised by the lifelong statistics.
 
 The session adds each round's keys to ``P`` afterwards (classic MEMIT keeps them too, unused, so
-that a saved session has the same state whatever its method). With ``norm_anchor`` (NAS), each value's
+that a saved session has the same state whatever its method). UltraEdit reads them, and the z-layer
+output its report compares, on the plain prompts only: no UltraEdit round uses ``P`` (a session keeps
+its method, and merges need the same one), and the context templates made these reads two thirds of its
+round. With ``norm_anchor`` (NAS), each value's
 MLP-output part is rescaled to the anchor norm before any update (:func:`anchor_values`).
 """
 
@@ -413,6 +416,10 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
                         dict(clock.seconds), nullspace_dims, **nas, optimized=optimized)
 
 
+#: The template groups of UltraEdit's key reads: the prompt as it is (see the module docstring).
+PLAIN_PROMPTS: tuple[tuple[str, ...], ...] = (("{}",),)
+
+
 def _ultraedit_round(inputs: RoundInputs, requests: Sequence[EditRequest], clock: _Clock) -> RoundOutcome:
     """UltraEdit's round: features on the current weights, lifelong normalization, one ridge solve per layer.
 
@@ -423,8 +430,8 @@ def _ultraedit_round(inputs: RoundInputs, requests: Sequence[EditRequest], clock
     layers, n = config.layers, len(requests)
     pad = pad_id(inputs.tokenizer)
     with clock.phase("keys"):
-        probe = KeyProbe(model, layout, build_key_batch(inputs.tokenizer, requests, inputs.context_templates),
-                         layers[0], config.z_layer, pad, config.batch_size)
+        probe = KeyProbe(model, layout, build_key_batch(inputs.tokenizer, requests, PLAIN_PROMPTS), layers[0],
+                         config.z_layer, pad, config.batch_size)
         hidden_before = probe.read([]).z_out
     with clock.phase("features"):
         features = editing_features(model, layout, inputs.tokenizer, requests, layers, pad, config.batch_size)
