@@ -1,6 +1,8 @@
 """Exact edits in low precision: NSE edits on SmolLM2 in float32 and in bfloat16, merged or not.
 
 One session per process (run them one after the other): N CounterFact edits in rounds of B made in ``--dtype``,
+saved after every round under ``--state`` (default ``~/.cache/nse-hub/runs/bf16-<dtype>-<N>x<B>``: the same command
+continues an interrupted run),
 then the final-protocol edit metrics (teacher-forced ES/PS/NS) of the session as it runs (in bfloat16: deltas
 applied unmerged, in float32). ``--apply-in bfloat16`` also loads the base in bfloat16, applies the session's
 deltas to it unmerged (as the session and peft do) and naively merged (``round(W0 + ΔW)``), and measures both:
@@ -26,10 +28,12 @@ import torch
 
 from nse_hub import EditSession, load_requests
 from nse_hub.base import dtype_name
+from nse_hub.checkpoint import is_checkpoint
 from nse_hub.deltas import WeightDeltas
 from nse_hub.evaluation import EvalOptions, measure_requests
 from nse_hub.io import atomic_write_json
 from nse_hub.loading import load_base_model
+from nse_hub.models import cache_dir
 from nse_hub.plan import plan_dtype
 from nse_hub.requests import EditRequest
 
@@ -116,22 +120,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bf16")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--state", type=Path, help="where the session is saved after every round (resumable)")
     args = parser.parse_args()
     dtype = plan_dtype(args.dtype) or torch.float32
     name = dtype_name(dtype)
     requests = load_requests(args.data, limit=args.edits)
     options = EvalOptions(generation=False)
 
-    session = EditSession.from_pretrained(args.model, "nse", device=args.device, dtype=dtype)
-    started = time.perf_counter()
-    rounds = []
-    for start in range(0, len(requests), args.batch):
+    state = args.state or cache_dir() / "runs" / f"bf16-{name}-{len(requests)}x{args.batch}"
+    if is_checkpoint(state):
+        session = EditSession.from_pretrained(str(state), device=args.device)
+        print(f"{name}: continuing after round {len(session.rounds)} from {state}", flush=True)
+    else:
+        session = EditSession.from_pretrained(args.model, "nse", device=args.device, dtype=dtype)
+    for start in range(len(session.rounds) * args.batch, len(requests), args.batch):
         report = session.edit(requests[start:start + args.batch], progress=False)
-        rounds.append(report.seconds)
+        session.save_pretrained(state)
         print(f"{name}: round {report.round} {report.seconds['total']:.0f} s", flush=True)
+    rounds = [report.seconds for report in session.rounds]
     result: dict[str, Any] = {
         "dtype": name, "model": args.model, "edits": len(requests), "batch": args.batch,
-        "unmerged": session.deltas.unmerged, "seconds_edit": round(time.perf_counter() - started, 1),
+        "unmerged": session.deltas.unmerged, "seconds_edit": round(sum(r["total"] for r in rounds), 1),
         "round_seconds": rounds, "torch": torch.__version__,
         "machine": (torch.cuda.get_device_name() if session.device.type == "cuda" else
                     f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), measured beside other work"),
