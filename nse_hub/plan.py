@@ -416,7 +416,9 @@ def phase_values(s: PlanShape) -> tuple[int, str]:
 
 
 def phase_keys(s: PlanShape) -> tuple[int, str]:
-    rows = (len(s.config.context_prefixes) + 1) * s.edits
+    # UltraEdit reads its keys on the plain prompts (algorithm.rounds.PLAIN_PROMPTS), the others in every template.
+    templates = 1 if s.config.method == "ultraedit" else len(s.config.context_prefixes) + 1
+    rows = templates * s.edits
     first_inputs = rows * KEY_TOKENS * s.d_model * s.element_size  # the first edit layer's inputs, kept
     forward = s.config.batch_size * KEY_TOKENS * (5 * s.d_ff + 8 * s.d_model) * s.element_size
     keys = s.layers * s.d_ff * rows * 4
