@@ -47,10 +47,11 @@ def rounding_loss(deltas: WeightDeltas, dtype: torch.dtype = torch.bfloat16) -> 
     Per edit layer ``l`` (and over all of them, norms summed in squares): ``lost = ‖round(W0 + ΔW) − W0 − ΔW‖_F /
     ‖ΔW‖_F``, everything but the rounding in float64, with ``W0`` the weights as loaded (in ``dtype`` they are
     exact), and ``vanished``: the fraction of ΔW's entries that rounding drops entirely
-    (``round(W0 + ΔW) == W0``).
+    (``round(W0 + ΔW) == W0``). ``lost_each_round``: the same loss when every round is merged as it is made,
+    ``W_r = round(W_{r-1} + ΔW_r)`` (what a session that merges into bf16 weights does), against ``Σ_r ΔW_r``.
     """
     out: dict[str, float] = {}
-    lost_sq = delta_sq = vanished = entries = 0.0
+    lost_sq = delta_sq = vanished = entries = each_sq = 0.0
     for layer in deltas.layers:
         total = deltas.cumulative(layer)
         if total is None:  # a layer no round changed
@@ -60,13 +61,27 @@ def rounding_loss(deltas: WeightDeltas, dtype: torch.dtype = torch.bfloat16) -> 
         merged = (w0 + delta).to(dtype).double()
         lost, norm = float((merged - w0 - delta).square().sum()), float(delta.square().sum())
         gone = float(((merged == w0) & (delta != 0)).sum())
+        weight = w0
+        for factors in (r[layer] for r in deltas.rounds if layer in r):
+            weight = (weight + deltas.layout.to_stored_layout(factors.dense()).double()).to(dtype).double()
+        each = float((weight - w0 - delta).square().sum())
         out[f"lost_layer_{layer}"] = (lost / norm) ** 0.5 if norm else 0.0
+        out[f"lost_each_round_layer_{layer}"] = (each / norm) ** 0.5 if norm else 0.0
         out[f"vanished_layer_{layer}"] = gone / max(1.0, float((delta != 0).sum()))
-        lost_sq, delta_sq = lost_sq + lost, delta_sq + norm
+        lost_sq, delta_sq, each_sq = lost_sq + lost, delta_sq + norm, each_sq + each
         vanished, entries = vanished + gone, entries + float((delta != 0).sum())
     out["lost"] = (lost_sq / delta_sq) ** 0.5 if delta_sq else 0.0
+    out["lost_each_round"] = (each_sq / delta_sq) ** 0.5 if delta_sq else 0.0
     out["vanished"] = vanished / max(1.0, entries)
     return out
+
+
+def saved_rounding_loss(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """:func:`rounding_loss` of a saved edit (any method, any number of rounds), loading nothing but its deltas."""
+    session = EditSession.from_pretrained(str(folder), device="cpu")
+    return {"saved": str(folder), "method": session.config.method, "rounds": len(session.rounds),
+            "edits": sum(len(r.requests) for r in session.rounds), "dtype": dtype_name(dtype),
+            "rounding_loss": rounding_loss(session.deltas, dtype)}
 
 
 def apply_in(session: EditSession, dtype: torch.dtype, requests: list[EditRequest], options: EvalOptions
@@ -121,7 +136,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bf16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--state", type=Path, help="where the session is saved after every round (resumable)")
+    parser.add_argument("--saved", type=Path, nargs="+", metavar="FOLDER",
+                        help="only report what rounding into --dtype weights would lose of these saved edits' deltas")
     args = parser.parse_args()
+    if args.saved:
+        dtype = plan_dtype(args.dtype if args.dtype != "float32" else "bfloat16")
+        for folder in args.saved:
+            print(json.dumps(saved_rounding_loss(folder, dtype)), flush=True)
+        return
     dtype = plan_dtype(args.dtype) or torch.float32
     name = dtype_name(dtype)
     requests = load_requests(args.data, limit=args.edits)
