@@ -272,6 +272,8 @@ def _alphaedit_update_lean(keys: torch.Tensor, residual: torch.Tensor, space: Nu
     del basis
     solved = solve_general(lhs, rhs, layer, fix="raise L2")  # d_ff × n
     return Factors(residual.to(device, torch.float64).float(), solved.T.float())
+
+
 def projected_neuron_update(keys: torch.Tensor, residual: torch.Tensor, space: NullSpace, memory: MemoryLike,
                             l2: float, selected: torch.Tensor, layer: int | None = None) -> Factors:
     """AlphaEdit's projected solve on NSE's selected neurons ``S`` (method ``"nse_null"``).
