@@ -62,21 +62,15 @@ def main() -> None:
         held_out = load_requests(SHARED / "counterfact_easyedit" / "counterfact-train.json", limit=args.warmup)
         print("warm-up features", session.warm_up(held_out), flush=True)
     saved, loaded = [], (torch.load(args.load_values, weights_only=False) if args.load_values else None)
-    if args.save_values:
-        optimize = session.value_optimizer
-
-        def capture(*a, **kw):
-            saved.append(optimize(*a, **kw))
-            return saved[-1]
-        session.value_optimizer = capture
     seconds = []
     for start in range(0, 0 if args.base else args.edits, args.batch):
         tic = time.perf_counter()
         batch = parse_requests(requests[start:start + args.batch])
-        if loaded is not None:
-            session._apply(batch, False, values=loaded[start // args.batch], rewrite_only=True)
-        else:
-            session.edit(batch, progress=False, probes="rewrite")
+        values = loaded[start // args.batch] if loaded is not None else None
+        if args.save_values:
+            values = session.compute_values(batch, progress=False)
+            saved.append(values)
+        session.edit(batch, progress=False, probes="rewrite", values=values)
         seconds.append(round(time.perf_counter() - tic, 1))
         print("round", len(seconds), seconds[-1], flush=True)
     if args.save_values:

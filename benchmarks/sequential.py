@@ -13,6 +13,14 @@ against the number of edits, running protocol) and prints the Markdown tables th
     python benchmarks/sequential.py --edits 10000 --batch 100 --methods ultraedit --running-every 10 \
         --running-sample 1000 --probes rewrite --name counterfact-10000x100
 
+NSE and NSE-null take each round's value targets from ``<state>/values`` (computing and storing the missing ones),
+so the two methods' runs share them, and a helper process can compute them ahead while a run solves (the value step
+is most of an NSE round's time on a CPU): it works from the last round back, the run from the first on::
+
+    python benchmarks/sequential.py --edits 10000 --batch 100 --methods nse_null --name counterfact-10000x100 &
+    python benchmarks/sequential.py --edits 10000 --batch 100 --methods nse_null --name counterfact-10000x100 \
+        --values-ahead
+
 The unedited model is evaluated (once, on every edit) after the methods' runs, so that a long run starts editing
 at once; ``--report-only`` prints the tables of whatever is saved.
 """
@@ -32,7 +40,9 @@ from nse_hub.sequential import (
     RUN_FILE,
     SESSION_DIR,
     SequentialRun,
+    ValueStore,
     plot_curves,
+    precompute_values,
     resume_session,
     run_sequential,
     write_results,
@@ -117,6 +127,9 @@ def main() -> None:
     parser.add_argument("--name", help="results folder name (default sequential-<edits>x<batch>)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<name>)")
     parser.add_argument("--state", type=Path, help="where sessions are saved after every round (resumable)")
+    parser.add_argument("--values-ahead", action="store_true",
+                        help="only compute and store the NSE-family value targets of the run's rounds, last first "
+                             "(a helper beside the run), editing nothing")
     parser.add_argument("--report-only", action="store_true",
                         help="write results.json, curves.png and the tables from the saved state, editing nothing")
     args = parser.parse_args()
@@ -133,13 +146,19 @@ def main() -> None:
                 "hparams": dict(args.set)}
 
     base_file = state / "base.json"
+    values = ValueStore(state / "values")
+    if args.values_ahead:
+        session = resume_session(args.model, None, method=args.methods[0], device=args.device, **dict(args.set))
+        print(f"computed the value targets of {precompute_values(session, requests, args.batch, values)} rounds")
+        return
     if not args.report_only:
         for method in args.methods:
             folder = state / method
             session = resume_session(args.model, folder, method=method, device=args.device, **dict(args.set))
             run = run_sequential(session, requests, args.batch, running_every=args.running_every,
                                  running_sample_size=args.running_sample, options=options, suite=suite,
-                                 suite_examples=args.suite_examples, probes=args.probes, state_dir=folder)
+                                 suite_examples=args.suite_examples, probes=args.probes, state_dir=folder,
+                                 values=values)
             print(f"{method}: final {run.final.metrics if run.final else None}", flush=True)
             del session
         if not base_file.is_file():

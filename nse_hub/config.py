@@ -30,6 +30,11 @@ NSE_FAMILY: tuple[str, ...] = ("nse", "nse_null")
 USES_KEY_MEMORY: tuple[str, ...] = ("nse", "memit_seq", "alphaedit", "nse_null")
 #: Methods whose solve uses the corpus second moments ``C`` (UltraEdit needs no corpus).
 USES_SECOND_MOMENTS: tuple[str, ...] = ("nse", "memit", "memit_seq", "alphaedit", "nse_null")
+#: The settings of the value step and of its context templates (EditConfig.value_settings).
+VALUE_SETTINGS: tuple[str, ...] = ("v_lr", "v_num_grad_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor",
+                                   "v_early_stop_loss", "context_prefixes", "context_length", "seed")
+#: Methods whose solve is projected on the null space of ``C`` (AlphaEdit's whole one, NSE-null's on the neurons).
+USES_NULL_SPACE: tuple[str, ...] = ("alphaedit", "nse_null")
 
 
 def _setting(default: Any, help: str, **kwargs: Any) -> Any:
@@ -255,6 +260,12 @@ class EditConfig:
     @property
     def z_layer(self) -> int:
         return self.layers[-1]
+
+    def value_settings(self) -> dict[str, Any]:
+        """What determines a round's value targets besides the model and the requests (and, outside the NSE
+        family, the earlier rounds)."""
+        return {**{name: getattr(self, name) for name in VALUE_SETTINGS}, "z_layer": self.z_layer,
+                "original_weights": self.nse_family}
 
     @property
     def update_passes(self) -> int:

@@ -42,7 +42,7 @@ import torch
 
 from nse_hub.algorithm.values import CHUNK_BYTES, sequence_bytes_for
 from nse_hub.architectures import ModelLayout, attention_kv_width
-from nse_hub.config import EditConfig, make_config
+from nse_hub.config import USES_NULL_SPACE, EditConfig, make_config
 from nse_hub.corpus import SAMPLING_BATCH
 from nse_hub.deltas import PROMOTE_ROWS
 from nse_hub.errors import ConfigError, MissingFileError
@@ -96,8 +96,9 @@ class EngineSettings:
             layers per pass hold fewer float64 sums, at the cost of more passes over the corpus.
         value_chunk_bytes: the memory one chunk of the value optimisation may use (``None``: the device's
             :data:`~nse_hub.algorithm.values.CHUNK_BYTES`).
-        null_space_on_host: AlphaEdit: compute the null space's eigendecomposition on the host, when it does not
-            fit the accelerator (slower: a float64 ``eigh`` of ``d_ff × d_ff`` on the CPU, once per layer and session).
+        null_space_on_host: AlphaEdit and NSE-null: compute the null space's eigendecomposition on the host, when
+            it does not fit the accelerator (slower: a float64 ``eigh`` on the CPU, of ``d_ff × d_ff`` once per
+            layer and session for AlphaEdit, of the selected neurons' block every round for NSE-null).
     """
 
     stats_layers_per_pass: int | None = None
@@ -355,7 +356,7 @@ def _second_moments(s: PlanShape) -> int:
 
 def _null_spaces(s: PlanShape, layers: int | None = None) -> int:
     """AlphaEdit's null-space bases (float64 d_ff × k per layer), kept between rounds (lean: on the host)."""
-    if s.config.method not in ("alphaedit", "nse_null") or not s.on_device:
+    if s.config.method not in USES_NULL_SPACE or not s.on_device:
         return 0
     return (s.layers if layers is None else layers) * 8 * s.d_ff * s.null_space_dims
 
@@ -438,7 +439,7 @@ def phase_null_space(s: PlanShape) -> tuple[int, str]:
 def phase_solves(s: PlanShape) -> tuple[int, str]:
     if s.lean:
         transient, what = _lean_solve(s)
-    elif s.config.method in ("alphaedit", "nse_null"):
+    elif s.config.method in USES_NULL_SPACE:
         transient = int(ALPHAEDIT_SOLVE_MATRICES * s.square64 + 8 * s.d_ff * s.null_space_dims)
         what = "projected system and its LU copy"
     else:
@@ -491,7 +492,7 @@ PHASES: tuple[tuple[str, Callable[[PlanShape], tuple[int, str]]], ...] = (
 def plan_phases(shape: PlanShape) -> list[PhaseMemory]:
     """Every phase of a round for ``shape`` (the null space only for AlphaEdit)."""
     return [PhaseMemory(name, *formula(shape)) for name, formula in PHASES
-            if name != "null space" or shape.config.method in ("alphaedit", "nse_null")]
+            if name != "null space" or shape.config.method in USES_NULL_SPACE]
 
 
 # --- reading the model's config ----------------------------------------------------------------------------
@@ -636,7 +637,7 @@ def choose_settings(shape: PlanShape, memory: int | None) -> EngineSettings:
     default = CHUNK_BYTES.get(shape.device, CHUNK_BYTES["cuda"])
     chunk = int(CHUNK_SHARE * (available - _steady(shape)))
     _, _, one = _value_rows(replace(shape, settings=EngineSettings()))
-    on_host = (shape.config.method == "alphaedit" and shape.device != "cpu"
+    on_host = (shape.config.method in USES_NULL_SPACE and shape.device != "cpu"
                and phase_null_space(replace(shape, settings=EngineSettings()))[0] > available)
     return EngineSettings(stats_layers_per_pass=group if group < shape.layers else None,
                           value_chunk_bytes=max(chunk, one) if chunk < default else None,

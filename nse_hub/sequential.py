@@ -8,6 +8,11 @@ last saved round instead of starting over::
     session = resume_session("smollm2-135m", "runs/nse-2000", method="nse")   # fresh, or the saved rounds
     run = run_sequential(session, requests, 100, running_every=5, state_dir="runs/nse-2000")
 
+NSE and NSE-null optimise their value targets on the original weights, so a round's targets depend only on the
+model, the value step's settings and the round's requests: a :class:`ValueStore` keeps them on disk, so that
+runs of both methods share them and a second process can compute them ahead (:func:`precompute_values`) while
+the run solves — the value step is most of an NSE round's time.
+
 A stream of edits can write one fact twice (CounterFact's first 10,000 records hold two facts with two
 targets each). A round writes each fact once, so :func:`schedule_rounds` moves a second write of a fact to
 the next round — the later record still wins, as in the stream — and runs edit in that order.
@@ -16,10 +21,12 @@ the next round — the later record still wins, as in the stream — and runs ed
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import random
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,11 +34,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from nse_hub.algorithm import ValueResult
 from nse_hub.checkpoint import is_checkpoint
 from nse_hub.errors import CheckpointError, ConfigError
 from nse_hub.evaluation import FLUENCY_METRICS, METRIC_NAMES, EvalOptions, Evaluation, evaluate_session
-from nse_hub.io import atomic_write_json
+from nse_hub.io import atomic_path, atomic_write_json
 from nse_hub.requests import EditRequest, fact_key
 from nse_hub.session import EditSession
 
@@ -126,11 +135,73 @@ def running_sample(edits: int, size: int | None, total: int, seed: int = 0) -> l
     return sorted([i for i in order if i < edits][:size])
 
 
+class ValueStore:
+    """Value targets of NSE-family rounds in a folder, one file per round, named by a hash of what determines
+    them: the base model's fingerprint and dtype, :meth:`EditConfig.value_settings` and the round's requests.
+
+    Sessions of other methods neither read nor write it (their targets depend on the earlier rounds).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, session: EditSession, requests: Sequence[EditRequest]) -> Path | None:
+        """Where the targets of ``requests`` in ``session`` are kept; ``None`` outside the NSE family."""
+        if not session.config.nse_family:
+            return None
+        identity = {"model": session.stats_spec.model_fingerprint, "dtype": str(session.model.dtype),
+                    "settings": session.config.value_settings(), "requests": [r.to_dict() for r in requests]}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()
+        return self.folder / f"{digest[:32]}.safetensors"
+
+    def load(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
+        """The stored targets of ``requests``, or ``None`` when there are none (or the method is not NSE's)."""
+        path = self.path(session, requests)
+        if path is None or not path.is_file():
+            return None
+        return ValueResult.from_tensors(load_file(path))
+
+    def compute(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
+        """The stored targets of ``requests``, computed and stored first when missing; ``None`` outside the NSE
+        family."""
+        path = self.path(session, requests)
+        if path is None:
+            return None
+        values = self.load(session, requests)
+        if values is None:
+            values = session.compute_values(requests, progress=False)
+            with atomic_path(path) as tmp:  # concurrent writers of one round write the same targets
+                save_file(values.to_tensors(), tmp)
+        return values
+
+
+def precompute_values(session: EditSession, requests: Sequence[EditRequest], batch: int, store: ValueStore,
+                      rounds: Sequence[int] | None = None) -> int:
+    """Compute and store the value targets of a run's rounds (``rounds``: their indices, in the order to do them;
+    default: all, last first, so that a helper process meets the run in the middle). Returns how many it computed.
+
+    Raises:
+        ConfigError: the session's method does not compute its targets on the original weights.
+    """
+    if not session.config.nse_family:
+        raise ConfigError(f"only NSE-family methods (nse, nse_null) can compute value targets ahead; "
+                          f"{session.config.method!r} computes them on the weights its earlier rounds leave")
+    schedule = schedule_rounds(requests, batch)
+    computed = 0
+    for index in (reversed(range(len(schedule))) if rounds is None else rounds):
+        path = store.path(session, schedule[index])
+        if path is not None and not path.is_file():
+            store.compute(session, schedule[index])
+            computed += 1
+            logger.info("values of round %d/%d stored", index + 1, len(schedule))
+    return computed
+
+
 def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch: int, *, running: bool = True,
                    running_every: int = 1, running_sample_size: int | None = None,
                    options: EvalOptions | None = None, suite: str | Path | None = None,
                    suite_examples: int = 100, progress: bool = False, probes: Literal["all", "rewrite"] = "all",
-                   state_dir: str | Path | None = None) -> SequentialRun:
+                   state_dir: str | Path | None = None, values: ValueStore | None = None) -> SequentialRun:
     """Edit ``requests`` in rounds of ``batch``; evaluate every ``running_every`` rounds (running protocol, the
     edits so far) and at the end (final protocol, every edit).
 
@@ -150,6 +221,8 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
         progress: progress bars inside each round.
         probes: what each round's own report scores (``session.edit``'s ``probes``: ``"all"`` or ``"rewrite"``).
         state_dir: save the session and the run's progress here after every round, and resume from them.
+        values: NSE and NSE-null: take each round's value targets from this store (computing and storing
+            them when missing).
 
     Raises:
         CheckpointError: ``state_dir`` holds a run of other requests or another batch size.
@@ -164,7 +237,13 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
     running_options = dataclasses.replace(options or EvalOptions(), fluency_records=0)
     done = sum(len(r) for r in schedule[: len(session.rounds)])
     for index in range(len(session.rounds), len(schedule)):
-        report = session.edit(schedule[index], progress=progress, probes=probes)
+        tic = time.perf_counter()
+        given = values.compute(session, schedule[index]) if values is not None else None
+        stored = time.perf_counter() - tic
+        report = session.edit(schedule[index], progress=progress, probes=probes, values=given)
+        if given is not None:  # the value step ran here (or its targets were read, computed ahead elsewhere)
+            report.seconds["values"] = round(stored, 3)
+            report.seconds["total"] = round(report.seconds["total"] + stored, 3)
         done += len(schedule[index])
         run.round_seconds.append(report.seconds)
         # The last round's point is read off the final evaluation below, which measures the same edits.

@@ -38,7 +38,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nse_hub._version import __version__
 from nse_hub.adapters import CompressionReport, no_update, pack, save_adapter
-from nse_hub.algorithm import RoundInputs, generate_context_templates, optimize_values, run_round
+from nse_hub.algorithm import RoundInputs, generate_context_templates, optimize_values, round_values, run_round
 from nse_hub.algorithm.rounds import EngineState, ValueOptimizer
 from nse_hub.algorithm.ultraedit import editing_features, feature_statistics
 from nse_hub.algorithm.values import ValueResult
@@ -338,7 +338,7 @@ class EditSession:
     # --- editing ------------------------------------------------------------------------------------
 
     def edit(self, requests: RequestLike | Iterable[RequestLike], progress: bool = True,
-             probes: Literal["all", "rewrite"] = "all") -> RoundReport:
+             probes: Literal["all", "rewrite"] = "all", values: ValueResult | None = None) -> RoundReport:
         """Write a batch of facts as one round; returns what changed.
 
         ``requests`` are :class:`EditRequest` objects or dicts in any supported schema. All are
@@ -349,14 +349,49 @@ class EditSession:
         rewrite prompt only: efficacy), for long runs that evaluate apart — scoring every probe of a
         CounterFact record costs more than editing it with the training-free methods.
 
+        ``values``: the requests' value targets from :meth:`compute_values`, in the same order, to skip the
+        value step.
+
         Raises:
             RequestError: a request is invalid (its number and the reason are in the message).
+            ConfigError: ``values`` do not fit the requests or the method.
         """
         if isinstance(requests, (EditRequest, dict)):
             requests = [requests]
         if probes not in ("all", "rewrite"):
             raise ConfigError(f"probes must be 'all' or 'rewrite', got {probes!r}")
-        return self._apply(one_round(parse_requests(requests)), progress, rewrite_only=probes == "rewrite")
+        parsed = one_round(parse_requests(requests))
+        if values is not None:
+            self._check_values_fit(parsed, values)
+        return self._apply(parsed, progress, values=values, rewrite_only=probes == "rewrite")
+
+    def compute_values(self, requests: RequestLike | Iterable[RequestLike], progress: bool = True) -> ValueResult:
+        """The value targets that :meth:`edit` would optimise for ``requests``, without editing.
+
+        NSE and NSE-null optimise them on the original weights, so they do not depend on the rounds made
+        before or after: compute them ahead (in another process, or on another machine with the same base model
+        and settings) and pass them to ``edit(requests, values=...)``. MEMIT, sequential MEMIT and AlphaEdit
+        optimise them on the current weights, so theirs are valid for the next round only.
+
+        Raises:
+            ConfigError: the method computes no value targets (UltraEdit).
+            RequestError: a request is invalid.
+        """
+        if self.config.method == "ultraedit":
+            raise ConfigError("UltraEdit computes no value targets (its update is one gradient step); "
+                              "call edit() directly")
+        parsed = one_round(parse_requests([requests] if isinstance(requests, (EditRequest, dict)) else requests))
+        self._check_lengths(parsed)
+        self._prepare(progress)
+        return round_values(self._round_inputs(), parsed, self.value_optimizer, progress)
+
+    def _check_values_fit(self, parsed: list[EditRequest], values: ValueResult) -> None:
+        if self.config.method == "ultraedit":
+            raise ConfigError("UltraEdit computes no value targets: call edit() without values=")
+        if values.targets.shape != (len(parsed), self.layout.hidden_size):
+            raise ConfigError(f"values hold targets of shape {tuple(values.targets.shape)}; {len(parsed)} requests "
+                              f"of this model need ({len(parsed)}, {self.layout.hidden_size}): pass the result of "
+                              "compute_values() for these same requests")
 
     def warm_up(self, requests: RequestLike | Iterable[RequestLike]) -> int:
         """StableEdit's warm-up: add the editing features of ``requests`` to UltraEdit's running statistics.
@@ -392,12 +427,9 @@ class EditSession:
         tic = time.perf_counter()
         before = self._measure(parsed, rewrite_only)
         seconds["scoring"] = time.perf_counter() - tic
-        inputs = RoundInputs(self.model, self.tokenizer, self.layout, self.config, self.deltas, self.memory,
-                             self._second_moments or {}, self.context_templates, self.engine,
-                             value_chunk_bytes=self.engine_settings.value_chunk_bytes,
-                             null_space_on_host=self.engine_settings.null_space_on_host)
         try:
-            outcome = run_round(inputs, parsed, optimize=self.value_optimizer, values=values, progress=progress)
+            outcome = run_round(self._round_inputs(), parsed, optimize=self.value_optimizer, values=values,
+                                progress=progress)
         except BaseException:
             self.deltas.discard_round()
             raise
@@ -417,8 +449,14 @@ class EditSession:
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         self.rounds.append(report)
-        self._values.append(_values_dict(outcome.optimized))
+        self._values.append(outcome.optimized.to_tensors() if outcome.optimized else None)
         return report
+
+    def _round_inputs(self) -> RoundInputs:
+        return RoundInputs(self.model, self.tokenizer, self.layout, self.config, self.deltas, self.memory,
+                           self._second_moments or {}, self.context_templates, self.engine,
+                           value_chunk_bytes=self.engine_settings.value_chunk_bytes,
+                           null_space_on_host=self.engine_settings.null_space_on_host)
 
     def rollback(self, round: int) -> None:
         """Return to the version after ``round`` (0: the unedited model); later rounds are dropped."""
@@ -729,7 +767,7 @@ class EditSession:
         for planned in plan.rounds:
             if not planned.requests:
                 continue
-            values = _value_result(planned.values) if planned.values is not None else None
+            values = ValueResult.from_tensors(planned.values) if planned.values is not None else None
             report = self._apply(planned.requests, progress, values)
             record["rounds"].append({"round": report.round, "source_round": planned.source_round,
                                      "digest": planned.digest, "merged_digest": report_digest(report),
@@ -780,21 +818,6 @@ def _setting_words(suggestion: Suggestion) -> str:
 def _size(count: int | None) -> str:
     return "unknown memory" if count is None else (f"{gib(count)} GiB" if count >= 2**30 else
                                                    f"{count / 2**20:.0f} MiB")
-
-
-def _values_dict(values: ValueResult | None) -> dict[str, torch.Tensor] | None:
-    """A round's value targets as saved tensors (rounds/NNN/values.safetensors)."""
-    if values is None:
-        return None
-    return {"targets": values.targets.detach().float().cpu(), "hidden": values.hidden.detach().float().cpu(),
-            "loss": torch.tensor(values.loss, dtype=torch.float64),
-            "nll": torch.tensor(values.nll, dtype=torch.float64),
-            "steps": torch.tensor(values.steps, dtype=torch.int64)}
-
-
-def _value_result(saved: dict[str, torch.Tensor]) -> ValueResult:
-    return ValueResult(saved["targets"], saved["hidden"], saved["loss"].tolist(), saved["nll"].tolist(),
-                       [int(x) for x in saved["steps"].tolist()])
 
 
 def _lineage_upto(lineage: dict[str, Any], version: int) -> dict[str, Any]:

@@ -148,7 +148,8 @@ class StatsSpec:
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's share of a data-parallel statistics pass: samples ``[start, stop)`` of the corpus."""
+    """This process's share of a data-parallel statistics pass: process ``rank`` of ``world_size`` reads the
+    contiguous slice of the corpus that :meth:`bounds` gives."""
 
     rank: int = 0
     world_size: int = 1

@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from nse_hub import EditSession, load_requests
+from nse_hub.algorithm import ValueResult
 from nse_hub.checkpoint import SESSION_FILE, VALUES_FILE, round_dir
 from nse_hub.cli import main
 from nse_hub.errors import BaseModelMismatchError, HistoryConflictError, StatisticsError
@@ -24,7 +25,6 @@ from nse_hub.lineage import (
 )
 from nse_hub.report import RequestReport, RoundReport
 from nse_hub.requests import EditRequest
-from nse_hub.session import _value_result
 from nse_hub.stats_hub import MANIFEST, repo_folder
 
 REQUESTS = load_requests(FIXTURES / "requests.json")
@@ -185,7 +185,7 @@ def test_a_reused_nse_round_writes_what_a_recomputed_one_does(main_line) -> None
     recomputed = EditSession.from_pretrained(str(folder), round=1, device="cpu")
     assert (folder / round_dir(2) / VALUES_FILE).is_file()
     saved = read_version(str(folder), values=True).values[1]
-    reused._apply([REQUESTS[1]], False, _value_result(saved))
+    reused.edit(REQUESTS[1], progress=False, values=ValueResult.from_tensors(saved))
     recomputed.edit(REQUESTS[1], progress=False)
     assert reused.rounds[1].requests[0].value_steps == recomputed.rounds[1].requests[0].value_steps
     for layer in session.config.layers:

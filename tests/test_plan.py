@@ -207,13 +207,14 @@ def test_llama3_8b_bf16_fits_24gb_with_the_lean_engine(method):
     assert best.setting == "--set lean=true" and best.fits and best.peak_bytes == plan.peak_bytes
 
 
-def test_null_space_moves_to_the_host_when_it_does_not_fit():
-    plan = memory_plan(CONFIGS / "qwen2.5-7b", method="alphaedit", dtype="bf16", device="cuda", device_memory="24GB",
+@pytest.mark.parametrize("method", ["alphaedit", "nse_null"])
+def test_null_space_moves_to_the_host_when_it_does_not_fit(method):
+    plan = memory_plan(CONFIGS / "qwen2.5-7b", method=method, dtype="bf16", device="cuda", device_memory="24GB",
                        batch_size=100)
     assert plan.settings.null_space_on_host and plan.fits
     phases = {p.name: p.bytes for p in plan.phases}
     assert phases["null space"] == phases["key memory"]  # nothing beyond the steady state on the device
-    roomy = memory_plan(CONFIGS / "qwen2.5-7b", method="alphaedit", dtype="bf16", device="cuda", device_memory="48GB")
+    roomy = memory_plan(CONFIGS / "qwen2.5-7b", method=method, dtype="bf16", device="cuda", device_memory="48GB")
     assert not roomy.settings.null_space_on_host
 
 

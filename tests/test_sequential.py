@@ -6,13 +6,21 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FIXTURES, TINY_HPARAMS
 
 from nse_hub import EditSession, load_requests
 from nse_hub.errors import ConfigError
 from nse_hub.evaluation import EvalOptions
 from nse_hub.requests import EditRequest, fact_key
-from nse_hub.sequential import resume_session, run_sequential, running_sample, schedule_rounds
+from nse_hub.sequential import (
+    ValueStore,
+    precompute_values,
+    resume_session,
+    run_sequential,
+    running_sample,
+    schedule_rounds,
+)
 
 REQUESTS = load_requests(FIXTURES / "requests.json")
 SHARED_COUNTERFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact_easyedit" / \
@@ -88,3 +96,32 @@ def test_a_sampled_point_says_so(tiny_dir: Path) -> None:
     assert "sample of 1 of the 2 edits" in run.curve[0].card_metrics()[0].protocol
     with pytest.raises(ConfigError, match="probes must be 'all' or 'rewrite'"):
         session.edit(REQUESTS[:1], probes="some")
+
+
+def test_value_targets_computed_ahead_are_shared_by_the_nse_family_and_change_nothing(tiny_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    options = EvalOptions(generation=False)
+    store = ValueStore(tmp_path / "values")
+    helper = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    assert precompute_values(helper, REQUESTS, 2, store) == 2  # every round, in a "helper process"
+    assert precompute_values(helper, REQUESTS, 2, store) == 0  # already stored
+    assert len(list(store.folder.iterdir())) == 2
+
+    def run(method: str, values: ValueStore | None) -> EditSession:
+        session = EditSession.from_pretrained(str(tiny_dir), device="cpu", method=method,
+                                              **TINY_HPARAMS, layers=(1, 2))
+        run_sequential(session, REQUESTS, 2, running=False, options=options, probes="rewrite", values=values)
+        return session
+
+    for method in ("nse", "nse_null"):  # NSE-null's value settings are NSE's: it reads the same files
+        ahead, inline = run(method, store), run(method, None)
+        assert len(list(store.folder.iterdir())) == 2
+        for layer in (1, 2):
+            assert torch.equal(ahead.deltas.cumulative(layer).dense(), inline.deltas.cumulative(layer).dense())
+    memit = EditSession.from_pretrained(str(tiny_dir), device="cpu", method="memit", **TINY_HPARAMS, layers=(1, 2))
+    assert store.path(memit, REQUESTS[:2]) is None  # its targets depend on the weights earlier rounds left
+    with pytest.raises(ConfigError, match="only NSE-family methods"):
+        precompute_values(memit, REQUESTS, 2, store)
+    other = EditSession.from_pretrained(str(tiny_dir), device="cpu", **{**TINY_HPARAMS, "v_lr": 0.25},
+                                        layers=(1, 2))
+    assert store.load(other, REQUESTS[:2]) is None  # other value settings: other targets

@@ -105,6 +105,23 @@ def test_rollback_then_redo_gives_the_same_round(tiny_dir: Path) -> None:
         session.rollback(3)
 
 
+def test_values_computed_ahead_give_the_same_round(tiny_dir: Path) -> None:
+    session = session_for(tiny_dir)
+    ahead = session.compute_values(REQUESTS[2:], progress=False)  # before round 1: NSE's values need no history
+    session.edit(REQUESTS[:2], progress=False)
+    report = session.edit(REQUESTS[2:], progress=False, values=ahead)
+    assert all(r.value_steps == int(ahead.steps[i]) for i, r in enumerate(report.requests))
+    uninterrupted = session_for(tiny_dir)
+    uninterrupted.edit(REQUESTS[:2], progress=False)
+    uninterrupted.edit(REQUESTS[2:], progress=False)
+    assert all(torch.equal(w, weights(uninterrupted)[layer]) for layer, w in weights(session).items())
+    with pytest.raises(ConfigError, match="compute_values"):
+        session.edit(REQUESTS[:1], progress=False, values=ahead)
+    assert len(session.rounds) == 2  # the refused round wrote nothing
+    with pytest.raises(ConfigError, match="UltraEdit computes no value targets"):
+        session_for(tiny_dir, method="ultraedit").compute_values(REQUESTS[:1], progress=False)
+
+
 def test_merge_is_exactly_w0_plus_delta(tiny_dir: Path) -> None:
     session = session_for(tiny_dir)
     session.edit(REQUESTS[:2], progress=False)

@@ -1,7 +1,7 @@
 """The NSE/MEMIT/AlphaEdit engine: context templates, value targets, keys, neuron selection, solves, rounds."""
 
 from nse_hub.algorithm.context import generate_context_templates
-from nse_hub.algorithm.rounds import EngineState, RoundInputs, RoundOutcome, run_round
+from nse_hub.algorithm.rounds import EngineState, RoundInputs, RoundOutcome, round_values, run_round
 from nse_hub.algorithm.update import (
     SingularSystemError,
     alphaedit_update,
@@ -24,6 +24,7 @@ __all__ = [
     "null_space",
     "optimize_values",
     "optimize_values_reference",
+    "round_values",
     "run_round",
     "select_neurons",
     "solve_spd",

@@ -188,7 +188,7 @@ class RoundInputs:
     context_templates: list[list[str]]
     state: EngineState = field(default_factory=EngineState)
     value_chunk_bytes: int | None = None  # the memory one chunk of the value step may use (None: the default)
-    null_space_on_host: bool = False  # lean AlphaEdit: the eigendecomposition on the host (it does not fit the device)
+    null_space_on_host: bool = False  # AlphaEdit, NSE-null: the eigendecomposition on the host (it does not fit)
 
 
 def _keep_mask(config: EditConfig, residual: torch.Tensor, hidden_norm: torch.Tensor) -> torch.Tensor:
@@ -245,7 +245,8 @@ def _null_space(inputs: RoundInputs, layer: int, neurons: torch.Tensor | None = 
     second_moment = inputs.second_moments[layer]
     if neurons is not None and len(neurons) < second_moment.shape[0]:
         index = neurons.to(second_moment.device)
-        return null_space(second_moment[index][:, index].to(inputs.memory.device), inputs.config.nullspace_threshold)
+        device = "cpu" if inputs.null_space_on_host else inputs.memory.device
+        return null_space(second_moment[index][:, index].to(device), inputs.config.nullspace_threshold)
     key = (layer, inputs.config.nullspace_threshold)
     cache = inputs.state.null_spaces
     if key not in cache:
@@ -287,6 +288,29 @@ def _check_finite(tensors: dict[str, torch.Tensor], layer: int, what: str) -> No
                                  "nothing was written")
 
 
+def round_values(inputs: RoundInputs, requests: Sequence[EditRequest],
+                 optimize: ValueOptimizer = optimize_values, progress: bool = False) -> ValueResult:
+    """The value targets of ``requests``: optimised on the original weights for the NSE family (so valid after
+    any rounds), on the current weights for the other methods (valid for the next round only).
+
+    Raises:
+        ValueError: the method computes no value targets (UltraEdit).
+        NonFiniteError: the optimisation produced NaN or infinite targets.
+    """
+    model, layout, config = inputs.model, inputs.layout, inputs.config
+    if config.method == "ultraedit":
+        raise ValueError("UltraEdit computes no value targets (its update comes from one gradient step)")
+    value_batch = build_value_batch(inputs.tokenizer, requests, [t for g in inputs.context_templates for t in g])
+    sizing = {}
+    if inputs.value_chunk_bytes:  # the lean engine's chunk, sized to the device by the memory plan
+        one = sequence_bytes(model, layout, value_batch, config.z_layer)
+        sizing["max_sequences"] = max(1, inputs.value_chunk_bytes // max(1, one))
+    with inputs.deltas.original() if config.nse_family else nullcontext():
+        values = optimize(model, layout, value_batch, config, pad_id(inputs.tokenizer), progress=progress, **sizing)
+    _check_values(values, "optimised")
+    return values
+
+
 def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
               optimize: ValueOptimizer = optimize_values, values: ValueResult | None = None,
               progress: bool = False) -> RoundOutcome:
@@ -318,15 +342,7 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
 
     with clock.phase("values"):
         if values is None:
-            value_batch = build_value_batch(inputs.tokenizer, requests,
-                                            [t for g in inputs.context_templates for t in g])
-            sizing = {}
-            if inputs.value_chunk_bytes:  # the lean engine's chunk, sized to the device by the memory plan
-                one = sequence_bytes(model, layout, value_batch, config.z_layer)
-                sizing["max_sequences"] = max(1, inputs.value_chunk_bytes // max(1, one))
-            with value_weights():
-                values = optimize(model, layout, value_batch, config, pad, progress=progress, **sizing)
-            _check_values(values, "optimised")
+            values = round_values(inputs, requests, optimize, progress)
         elif values.targets.shape[0] != len(requests):
             raise ValueError(f"{values.targets.shape[0]} precomputed value targets for {len(requests)} requests")
         else:

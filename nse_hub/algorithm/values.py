@@ -58,6 +58,19 @@ class ValueResult:
     nll: list[float]
     steps: list[int]
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """As tensors to save (``safetensors``): float32 targets and hidden states on the host."""
+        return {"targets": self.targets.detach().float().cpu(), "hidden": self.hidden.detach().float().cpu(),
+                "loss": torch.tensor(self.loss, dtype=torch.float64),
+                "nll": torch.tensor(self.nll, dtype=torch.float64),
+                "steps": torch.tensor(self.steps, dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, saved: dict[str, torch.Tensor]) -> ValueResult:
+        """The inverse of :meth:`to_tensors`."""
+        return cls(saved["targets"], saved["hidden"], saved["loss"].tolist(), saved["nll"].tolist(),
+                   [int(x) for x in saved["steps"].tolist()])
+
 
 @dataclass
 class _LossIndex:
