@@ -12,6 +12,10 @@ against the number of edits, running protocol) and prints the Markdown tables th
     python benchmarks/sequential.py --edits 2000 --batch 100 --methods nse --running-every 5 --name counterfact-2000x100
     python benchmarks/sequential.py --edits 10000 --batch 100 --methods ultraedit --running-every 10 \
         --running-sample 1000 --probes rewrite --name counterfact-10000x100
+    # the same with StableEdit's settings, as its own run beside it
+    python benchmarks/sequential.py --edits 10000 --batch 100 --methods ultraedit --label stableedit \
+        --set ultraedit_whitening=full --set ultraedit_ridge=10 --set ultraedit_lr=5e-4 --warmup 600 \
+        --running-every 10 --running-sample 1000 --probes rewrite --name counterfact-10000x100
 
 NSE and NSE-null take each round's value targets from ``<state>/values`` (computing and storing the missing ones),
 so the two methods' runs share them, and a helper process can compute them ahead while a run solves (the value step
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from nse_hub import load_requests
@@ -53,8 +58,12 @@ COLUMNS = (("efficacy", "ES"), ("generalization", "PS"), ("specificity", "NS"), 
            ("efficacy_generation", "ES gen"), ("generalization_generation", "PS gen"), ("fluency", "fluency"))
 
 
+def _name(run: dict) -> str:
+    return run.get("label") or run["method"]
+
+
 def final_table(results: dict) -> str:
-    rows = [("unedited", results["base"])] + [(run["method"], run["final"]) for run in results["runs"]
+    rows = [("unedited", results["base"])] + [(_name(run), run["final"]) for run in results["runs"]
                                                if run.get("final")]
     header = "| model | " + " | ".join(label for _, label in COLUMNS) + " | perplexity | " + \
         " | ".join(rows[0][1]["general"].get("tasks", {})) + " |"
@@ -76,25 +85,26 @@ def curve_table(results: dict, metrics: tuple[str, ...] = ("efficacy", "generali
         for point in run["curve"]:
             cells = [f"{point['metrics'][m]:.1f}" if m in point["metrics"] else "–" for m in metrics]
             edits = f"{point['edits']} (sample of {point['sample']})" if point.get("sample") else point["edits"]
-            lines.append(f"| {run['method']} | {edits} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_name(run)} | {edits} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def speed_table(results: dict) -> str:
+    """Seconds per round by phase: medians, which a round paused beside other work does not move."""
     # "values": the value optimisation (NSE, MEMIT, AlphaEdit) or UltraEdit's feature pass ("features").
-    lines = ["| method | rounds | mean s/round | values / features | keys | solve | scoring |",
+    lines = ["| method | rounds | median s/round | values / features | keys | solve | scoring |",
              "|---|---|---|---|---|---|---|"]
     for run in results["runs"]:
         seconds = run["round_seconds"]
         if not seconds:
             continue
 
-        def mean(key: str, seconds: list = seconds) -> float:
-            return sum(s.get(key, 0.0) for s in seconds) / len(seconds)
+        def median(key: str, seconds: list = seconds) -> float:
+            return statistics.median(s.get(key, 0.0) for s in seconds)
 
-        work = mean("values") + mean("features")
-        lines.append(f"| {run['method']} | {len(seconds)} | {mean('total'):.1f} | {work:.1f} | "
-                     f"{mean('keys'):.1f} | {mean('solve'):.2f} | {mean('scoring'):.1f} |")
+        work = median("values") + median("features")
+        lines.append(f"| {_name(run)} | {len(seconds)} | {median('total'):.1f} | {work:.1f} | "
+                     f"{median('keys'):.1f} | {median('solve'):.2f} | {median('scoring'):.1f} |")
     return "\n".join(lines)
 
 
@@ -127,12 +137,19 @@ def main() -> None:
     parser.add_argument("--name", help="results folder name (default sequential-<edits>x<batch>)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<name>)")
     parser.add_argument("--state", type=Path, help="where sessions are saved after every round (resumable)")
+    parser.add_argument("--label", help="one method with other settings (--set): the run's folder and name "
+                                        "(default: the method)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="UltraEdit (StableEdit's warm-up): feed the running statistics with this many "
+                             "counterfact-train records before the first round")
     parser.add_argument("--values-ahead", action="store_true",
                         help="only compute and store the NSE-family value targets of the run's rounds, last first "
                              "(a helper beside the run), editing nothing")
     parser.add_argument("--report-only", action="store_true",
                         help="write results.json, curves.png and the tables from the saved state, editing nothing")
     args = parser.parse_args()
+    if args.label and len(args.methods) != 1:
+        parser.error("--label names the run of one method: give one --methods")
     name = args.name or f"sequential-{args.edits}x{args.batch}"
     out = args.out or Path(__file__).parent / "results" / name
     state = args.state or cache_dir() / "runs" / name
@@ -153,13 +170,16 @@ def main() -> None:
         return
     if not args.report_only:
         for method in args.methods:
-            folder = state / method
+            folder = state / (args.label or method)
             session = resume_session(args.model, folder, method=method, device=args.device, **dict(args.set))
+            if args.warmup and not session.rounds:
+                held_out = load_requests(args.data.with_name("counterfact-train.json"), limit=args.warmup)
+                print(f"warm-up: {session.warm_up(held_out)} features", flush=True)
             run = run_sequential(session, requests, args.batch, running_every=args.running_every,
                                  running_sample_size=args.running_sample, options=options, suite=suite,
                                  suite_examples=args.suite_examples, probes=args.probes, state_dir=folder,
-                                 values=values)
-            print(f"{method}: final {run.final.metrics if run.final else None}", flush=True)
+                                 values=values, label=args.label)
+            print(f"{run.name}: final {run.final.metrics if run.final else None}", flush=True)
             del session
         if not base_file.is_file():
             session = resume_session(args.model, None, device=args.device)

@@ -60,9 +60,15 @@ class SequentialRun:
     final: Evaluation | None
     round_seconds: list[dict[str, float]]
     devices: list[str] = dataclasses.field(default_factory=list)  # where its rounds ran, in order of use
+    label: str | None = None  # the run's name where one method runs with several settings (default: the method)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "batch": self.batch, "curve": [e.to_dict() for e in self.curve],
+        return {"method": self.method, "label": self.label, "batch": self.batch,
+                "curve": [e.to_dict() for e in self.curve],
                 "final": self.final.to_dict() if self.final else None, "round_seconds": self.round_seconds,
                 "devices": self.devices}
 
@@ -71,7 +77,8 @@ class SequentialRun:
         return cls(method=data["method"], batch=int(data["batch"]),
                    curve=[Evaluation(**e) for e in data["curve"]],
                    final=Evaluation(**data["final"]) if data.get("final") else None,
-                   round_seconds=list(data["round_seconds"]), devices=list(data.get("devices", [])))
+                   round_seconds=list(data["round_seconds"]), devices=list(data.get("devices", [])),
+                   label=data.get("label"))
 
 
 def describe_device(device: torch.device) -> str:
@@ -201,7 +208,8 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
                    running_every: int = 1, running_sample_size: int | None = None,
                    options: EvalOptions | None = None, suite: str | Path | None = None,
                    suite_examples: int = 100, progress: bool = False, probes: Literal["all", "rewrite"] = "all",
-                   state_dir: str | Path | None = None, values: ValueStore | None = None) -> SequentialRun:
+                   state_dir: str | Path | None = None, values: ValueStore | None = None,
+                   label: str | None = None) -> SequentialRun:
     """Edit ``requests`` in rounds of ``batch``; evaluate every ``running_every`` rounds (running protocol, the
     edits so far) and at the end (final protocol, every edit).
 
@@ -223,6 +231,7 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
         state_dir: save the session and the run's progress here after every round, and resume from them.
         values: NSE and NSE-null: take each round's value targets from this store (computing and storing
             them when missing).
+        label: the run's name in results and plots (default: the method), for one method with other settings.
 
     Raises:
         CheckpointError: ``state_dir`` holds a run of other requests or another batch size.
@@ -231,6 +240,7 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
     requests = [request for round_requests in schedule for request in round_requests]  # in edit order
     state = Path(state_dir) if state_dir else None
     run = _load_run(state, session, requests, batch)
+    run.label = label
     device = describe_device(session.device)
     if run.devices[-1:] != [device]:
         run.devices.append(device)
@@ -305,7 +315,7 @@ def plot_curves(runs: Sequence[SequentialRun], path: str | Path, base: Evaluatio
                 labels: Sequence[str] | None = None) -> Path:
     """A PNG with one panel per metric against the number of edits (running protocol), one line per run.
 
-    ``labels`` name the runs in the legend (default: each run's method in capitals).
+    ``labels`` name the runs in the legend (default: each run's name in capitals).
     """
     import matplotlib
 
@@ -331,7 +341,7 @@ def curve_figure(runs: Sequence[SequentialRun], base: Evaluation | None = None,
     shown = [m for m in metrics if any(m in e.metrics for run in runs for e in run.curve)]
     figure, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.2 * max(1, len(shown)), 4.0), squeeze=False)
     for axis, metric in zip(axes[0], shown):
-        for run, label in zip(runs, labels or [run.method.upper() for run in runs]):
+        for run, label in zip(runs, labels or [run.name.upper() for run in runs]):
             points = [(e.edits, e.metrics[metric]) for e in run.curve if metric in e.metrics]
             axis.plot(*zip(*points), marker="o", markersize=3, label=label)
         if base is not None and metric in base.metrics:

@@ -14,6 +14,7 @@ from nse_hub.errors import ConfigError
 from nse_hub.evaluation import EvalOptions
 from nse_hub.requests import EditRequest, fact_key
 from nse_hub.sequential import (
+    SequentialRun,
     ValueStore,
     precompute_values,
     resume_session,
@@ -91,8 +92,9 @@ def test_a_run_with_repeats_a_sample_and_lean_rounds_resumes(tiny_dir: Path, tmp
 def test_a_sampled_point_says_so(tiny_dir: Path) -> None:
     session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
     run = run_sequential(session, REQUESTS, 2, running_sample_size=1, options=EvalOptions(generation=False),
-                         probes="rewrite")
+                         probes="rewrite", label="nse-tiny")
     assert [(e.edits, e.sample) for e in run.curve] == [(2, 1), (4, None)]
+    assert (run.method, run.name) == ("nse", "nse-tiny") and SequentialRun.from_dict(run.to_dict()).name == "nse-tiny"
     assert "sample of 1 of the 2 edits" in run.curve[0].card_metrics()[0].protocol
     with pytest.raises(ConfigError, match="probes must be 'all' or 'rewrite'"):
         session.edit(REQUESTS[:1], probes="some")
