@@ -18,7 +18,10 @@ whole process (CPU: resident memory including the Python process itself) or of t
 ``torch.cuda.max_memory_allocated`` counts) while it runs, so the plan's peak is the largest of them.
 
 The plan describes a round of a session at its steady state: the key memory and the second moments are in
-memory (and AlphaEdit's null spaces once the first round has made them). Coefficients marked "measured" were
+memory (and AlphaEdit's null spaces once the first round has made them). It leaves out what grows with the
+session rather than the round: the keys of earlier rounds, kept on the host for rollback and resume (4·d_ff bytes
+per edit and layer: 31 MB per 1000 edits on SmolLM2's five edit layers, 287 MB on Llama-3-8B's), which count
+against the CPU's memory, not an accelerator's. Coefficients marked "measured" were
 measured on the CPU with torch 2.13 (benchmarks/memory_plan.py checks the whole plan against measurement).
 
 Two engines are planned, as ``EditConfig.lean`` selects. The lean engine (default) keeps C, the key memory and
