@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from nse_hub.ability import perplexity, perplexity_texts, suite_accuracy
 from nse_hub.architectures import ModelLayout
 from nse_hub.card import Metric
 from nse_hub.errors import MissingFileError
+from nse_hub.io import atomic_write_json, sha256_bytes
 from nse_hub.metrics import compute_edit_metrics
 from nse_hub.metrics.edit_metrics.edit_metrics import idf_from_vocab
 from nse_hub.multihop import MultiHopCase, question_prompt
@@ -58,6 +59,7 @@ PORTABILITY_METRICS = ("portability", "portability_generation", "portability_tru
 UNEDITED = "unedited_"
 METRIC_NAMES.update({UNEDITED + key: f"{METRIC_NAMES[key]}, unedited model" for key in PORTABILITY_METRICS})
 FLUENCY_METRICS = ("fluency", "consistency")  # what ``EvalOptions.fluency_records`` adds to the edit metrics
+PART_RECORDS = 500  # records per saved part of a resumable evaluation (measure_requests(parts=...))
 
 
 @dataclass
@@ -152,13 +154,48 @@ MEASUREMENT_STYLES = {
 
 
 def measure_requests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
-                     requests: Sequence[EditRequest], options: EvalOptions | None = None) -> dict[str, float]:
+                     requests: Sequence[EditRequest], options: EvalOptions | None = None,
+                     parts: str | Path | None = None) -> dict[str, float]:
     """The edit metrics of ``requests`` on the model as it is now.
 
     Records with a ``target_true`` (CounterFact) are judged by comparing the new and the true
     target; records without one (zsRE) by token-level accuracy of the new answer.
+
+    ``parts``: a folder where the per-record measurements are kept :data:`PART_RECORDS` records at a time, so
+    that an interrupted evaluation of many records continues where it stopped (the caller keeps one folder per
+    model version: the parts are named by the requests and options, not by the weights).
     """
     options = options or EvalOptions()
+    inputs: dict[str, list] = {}
+    for start in range(0, len(requests), PART_RECORDS if parts else max(1, len(requests))):
+        chunk = requests[start:start + (PART_RECORDS if parts else len(requests))]
+        chunk_options = replace(options, fluency_records=max(0, min(len(chunk), options.fluency_records - start)))
+        path = Path(parts) / f"{_part_key(chunk, chunk_options)}.json" if parts else None
+        if path is not None and path.is_file():
+            measured = json.loads(path.read_text())
+        else:
+            measured = _record_inputs(model, tokenizer, layout, chunk, chunk_options)
+            if path is not None:
+                atomic_write_json(path, measured)
+        for name, column in measured.items():
+            inputs.setdefault(name, [None] * start).extend(column)
+        for column in inputs.values():  # a kind this part lacks (e.g. fluency after the first records)
+            column.extend([None] * (start + len(chunk) - len(column)))
+    inputs = drop_unmeasured(inputs)
+    extra = {"idf": read_idf(options.idf)} if options.idf and "consistency_generations" in inputs else {}
+    return compute_edit_metrics(**inputs, **extra)
+
+
+def _part_key(requests: Sequence[EditRequest], options: EvalOptions) -> str:
+    described = {k: v for k, v in asdict(options).items() if k not in ("generator", "portability", "batch_size")}
+    identity = json.dumps({"requests": [r.to_dict() for r in requests], "options": described}, sort_keys=True,
+                          default=str)
+    return sha256_bytes(identity.encode())[:32]
+
+
+def _record_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: ModelLayout,
+                   requests: Sequence[EditRequest], options: EvalOptions) -> dict[str, list]:
+    """The metric module's per-record inputs for ``requests`` (one list entry per record)."""
     found = measure_probes(model, tokenizer, layout, requests, options.batch_size)
     counterfact = [r.target_true is not None for r in requests]
     inputs = {**nll_inputs([mean_nlls(f) for f in found], counterfact), **token_inputs(found, counterfact)}
@@ -166,9 +203,7 @@ def measure_requests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         _add_generations(inputs, model, tokenizer, requests, options)
     if options.fluency_records:
         _add_fluency(inputs, model, tokenizer, requests, options)
-    inputs = drop_unmeasured(inputs)
-    extra = {"idf": read_idf(options.idf)} if options.idf and "consistency_generations" in inputs else {}
-    return compute_edit_metrics(**inputs, **extra)
+    return inputs
 
 
 def _add_generations(inputs: dict[str, list], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -272,15 +307,16 @@ def _requests_of(session: EditSession) -> list[EditRequest]:
 
 def evaluate_session(session: EditSession, requests: Sequence[EditRequest] | None = None, *,
                      protocol: str = "final", options: EvalOptions | None = None, suite: str | Path | None = None,
-                     suite_examples: int = 100, record: bool = True) -> Evaluation:
+                     suite_examples: int = 100, record: bool = True, parts: str | Path | None = None) -> Evaluation:
     """Evaluate the session's current model on ``requests`` (default: every edit it made).
 
     With ``record``, the figures are kept in ``session.evaluations`` for the current version, so that
-    its model card (written by ``save_pretrained``/``push_to_hub``) reports them.
+    its model card (written by ``save_pretrained``/``push_to_hub``) reports them. ``parts``: keep the per-record
+    measurements there, so that an interrupted evaluation continues (see :func:`measure_requests`).
     """
     started = time.perf_counter()
     requests = list(requests) if requests is not None else _requests_of(session)
-    metrics = measure_requests(session.model, session.tokenizer, session.layout, requests, options) \
+    metrics = measure_requests(session.model, session.tokenizer, session.layout, requests, options, parts) \
         if requests else {}
     cases = list(options.portability or []) if options else []
     if cases:

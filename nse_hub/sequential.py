@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 SESSION_DIR = "session"
+FINAL_PARTS_DIR = "final-parts"  # the final evaluation's per-record measurements while it runs
 
 
 @dataclass
@@ -264,13 +266,15 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
             atomic_write_json(state / RUN_FILE, run.to_dict())
         logger.info("round %d/%d done (%d edits)", index + 1, len(schedule), done)
     if run.final is None:
+        parts = state / FINAL_PARTS_DIR if state is not None else None  # an interrupted final evaluation continues
         run.final = evaluate_session(session, requests, protocol="final", options=options, suite=suite,
-                                     suite_examples=suite_examples)
+                                     suite_examples=suite_examples, parts=parts)
         if running and (not run.curve or run.curve[-1].edits < len(requests)):
             run.curve.append(running_point(run.final))
         if state is not None:
             session.save_card(state / SESSION_DIR)
             atomic_write_json(state / RUN_FILE, run.to_dict())
+            shutil.rmtree(state / FINAL_PARTS_DIR, ignore_errors=True)
     return run
 
 

@@ -90,6 +90,35 @@ def test_fluency_is_bounded_to_the_chosen_records() -> None:
     assert metrics["fluency"] == pytest.approx(100 * sum(per_record) / 2)
 
 
+def test_an_evaluation_in_parts_continues_and_equals_one_pass(tmp_path: Path, monkeypatch) -> None:
+    import nse_hub.evaluation as evaluation
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    layout = ModelLayout.detect(model)
+    zsre = load_requests(FIXTURES / "zsre.json")  # a zsRE record among CounterFact ones: token-accuracy inputs too
+    requests = [*REQUESTS[:2], zsre[0], *REQUESTS[2:]]
+    options = EvalOptions(generation_tokens=3, fluency_records=3, fluency_tokens=8)
+    whole = measure_requests(model, tokenizer, layout, requests, options)
+    monkeypatch.setattr(evaluation, "PART_RECORDS", 2)  # fluency records straddle the first two parts
+    measure = evaluation._record_inputs
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # stops after the first part
+        calls.append(1)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_record_inputs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        measure_requests(model, tokenizer, layout, requests, options, parts=tmp_path / "parts")
+    assert len(list((tmp_path / "parts").iterdir())) == 1
+    monkeypatch.setattr(evaluation, "_record_inputs", measure)
+    resumed = measure_requests(model, tokenizer, layout, requests, options, parts=tmp_path / "parts")
+    assert len(list((tmp_path / "parts").iterdir())) == 3
+    assert resumed == pytest.approx(whole, abs=1e-6) and set(resumed) == set(whole) and "fluency" in whole  # (float noise: parts batch other sequences together)
+
+
 def test_consistency_compares_generations_with_the_attribute_snippets(tmp_path: Path) -> None:
     import numpy
 
