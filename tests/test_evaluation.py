@@ -116,7 +116,8 @@ def test_an_evaluation_in_parts_continues_and_equals_one_pass(tmp_path: Path, mo
     monkeypatch.setattr(evaluation, "_record_inputs", measure)
     resumed = measure_requests(model, tokenizer, layout, requests, options, parts=tmp_path / "parts")
     assert len(list((tmp_path / "parts").iterdir())) == 3
-    assert resumed == pytest.approx(whole, abs=1e-6) and set(resumed) == set(whole) and "fluency" in whole  # (float noise: parts batch other sequences together)
+    # abs: float noise, since the parts batch other sequences together
+    assert resumed == pytest.approx(whole, abs=1e-6) and set(resumed) == set(whole) and "fluency" in whole
 
 
 def test_consistency_compares_generations_with_the_attribute_snippets(tmp_path: Path) -> None:
