@@ -248,6 +248,19 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
         run.devices.append(device)
     running_options = dataclasses.replace(options or EvalOptions(), fluency_records=0)
     done = sum(len(r) for r in schedule[: len(session.rounds)])
+
+    def measure_point_if_due() -> None:
+        # The last round's point is read off the final evaluation below, which measures the same edits.
+        rounds = len(session.rounds)
+        if not running or rounds % running_every or not 0 < rounds < len(schedule):
+            return
+        if any(point.rounds == rounds for point in run.curve):
+            return
+        run.curve.append(_running_point(session, requests, done, running_sample_size, running_options))
+        if state is not None:
+            atomic_write_json(state / RUN_FILE, run.to_dict())
+
+    measure_point_if_due()  # one an interrupted process saved the round for but did not finish measuring
     for index in range(len(session.rounds), len(schedule)):
         tic = time.perf_counter()
         given = values.compute(session, schedule[index]) if values is not None else None
@@ -258,12 +271,10 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
             report.seconds["total"] = round(report.seconds["total"] + stored, 3)
         done += len(schedule[index])
         run.round_seconds.append(report.seconds)
-        # The last round's point is read off the final evaluation below, which measures the same edits.
-        if running and (index + 1) % running_every == 0 and index + 1 < len(schedule):
-            run.curve.append(_running_point(session, requests, done, running_sample_size, running_options))
-        if state is not None:
+        if state is not None:  # saved before the running point, so that an interruption there loses no round
             session.save_pretrained(state / SESSION_DIR)
             atomic_write_json(state / RUN_FILE, run.to_dict())
+        measure_point_if_due()
         logger.info("round %d/%d done (%d edits)", index + 1, len(schedule), done)
     if run.final is None:
         parts = state / FINAL_PARTS_DIR if state is not None else None  # an interrupted final evaluation continues

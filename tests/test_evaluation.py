@@ -235,6 +235,30 @@ def test_an_interrupted_run_resumes_from_its_state(tiny_dir: Path, tmp_path: Pat
     with pytest.raises(CheckpointError, match="other edits or another batch"):
         run_sequential(resume_session(str(tiny_dir), state, device="cpu"), REQUESTS[::-1], batch=1, state_dir=state)
 
+    # Interrupted while measuring the running point after round 2: the round is kept, the point measured on resume.
+    import nse_hub.sequential as sequential
+
+    state = tmp_path / "state-2"
+    measure = sequential._running_point
+    points = []
+
+    def crash_on_point_2(*args, **kwargs):
+        points.append(1)
+        if len(points) == 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(sequential, "_running_point", crash_on_point_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(resume_session(str(tiny_dir), state, device="cpu", **TINY_HPARAMS, layers=(1, 2)),
+                       REQUESTS, batch=1, options=options, state_dir=state)
+    monkeypatch.undo()
+    resumed = resume_session(str(tiny_dir), state, device="cpu")
+    assert len(resumed.rounds) == 2
+    run = run_sequential(resumed, REQUESTS, batch=1, options=options, state_dir=state)
+    assert [e.edits for e in run.curve] == [1, 2, 3, 4] and len(run.round_seconds) == 4
+    assert run.curve[1].metrics == pytest.approx(whole.curve[1].metrics)
+
 
 def test_suite_accuracy_and_labels(suite: Path) -> None:
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
