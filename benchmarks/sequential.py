@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--values-ahead", action="store_true",
                         help="only compute and store the NSE-family value targets of the run's rounds, last first "
                              "(a helper beside the run), editing nothing")
+    parser.add_argument("--compare", type=Path, nargs="+", default=[], metavar="RESULTS_JSON",
+                        help="also draw the runs of other results.json files in curves.png (e.g. shorter runs)")
     parser.add_argument("--report-only", action="store_true",
                         help="write results.json, curves.png and the tables from the saved state, editing nothing")
     args = parser.parse_args()
@@ -194,8 +196,13 @@ def main() -> None:
             settings[f"config_{folder.name}"] = read_meta(folder / SESSION_DIR).config.to_dict()
     base = Evaluation(**json.loads(base_file.read_text())) if base_file.is_file() else None
     write_results(out / "results.json", base, runs, settings)
+    labels = [run.name.upper() for run in runs]
+    for path in args.compare:
+        for data in json.loads(path.read_text())["runs"]:
+            runs.append(SequentialRun.from_dict(data))
+            labels.append(f"{runs[-1].name.upper()} ({path.parent.name})")
     if any(run.curve for run in runs):
-        plot_curves(runs, out / "curves.png", base)
+        plot_curves(runs, out / "curves.png", base, labels=labels)
     results = json.loads((out / "results.json").read_text())
     if results["base"]:
         print(final_table(results))

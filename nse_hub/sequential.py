@@ -353,19 +353,21 @@ def curve_figure(runs: Sequence[SequentialRun], base: Evaluation | None = None,
 
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs: give one label per run, or none")
+    labels = list(labels or [run.name.upper() for run in runs])
     shown = [m for m in metrics if any(m in e.metrics for run in runs for e in run.curve)]
     figure, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.2 * max(1, len(shown)), 4.0), squeeze=False)
     for axis, metric in zip(axes[0], shown):
-        for run, label in zip(runs, labels or [run.name.upper() for run in runs]):
+        for run, label in zip(runs, labels):
             points = [(e.edits, e.metrics[metric]) for e in run.curve if metric in e.metrics]
             axis.plot(*zip(*points), marker="o", markersize=3, label=label)
         if base is not None and metric in base.metrics:
             axis.axhline(base.metrics[metric], color="grey", linestyle="--", linewidth=1, label="unedited")
         axis.set_title(METRIC_NAMES.get(metric, metric))
-        axis.set_xlabel(f"edits (running protocol{_sampled(runs)})")
+        axis.set_xlabel("edits")
         axis.set_ylim(0, 100)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("%")
+    figure.suptitle(f"Running protocol{_sampled(runs, labels)}", fontsize="medium")
     if shown:  # one legend below the panels, where it hides no line
         handles, names = axes[0][-1].get_legend_handles_labels()
         figure.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
@@ -373,9 +375,11 @@ def curve_figure(runs: Sequence[SequentialRun], base: Evaluation | None = None,
     return figure
 
 
-def _sampled(runs: Sequence[SequentialRun]) -> str:
-    sizes = {e.sample for run in runs for e in run.curve if e.sample}
-    return f"; points on a fixed random sample of {max(sizes)} edits" if sizes else ""
+def _sampled(runs: Sequence[SequentialRun], labels: Sequence[str]) -> str:
+    sampled = [(label, max(e.sample for e in run.curve if e.sample)) for run, label in zip(runs, labels)
+               if any(e.sample for e in run.curve)]
+    return "".join(f"; {label}: beyond {size} edits, on a fixed random sample of {size} of them"
+                   for label, size in sampled)
 
 
 def write_results(path: str | Path, base: Evaluation | None, runs: Sequence[SequentialRun],
