@@ -382,7 +382,7 @@ class EditSession:
                               "call edit() directly")
         parsed = one_round(parse_requests([requests] if isinstance(requests, (EditRequest, dict)) else requests))
         self._check_lengths(parsed)
-        self._prepare(progress)
+        self._prepare(progress, statistics=False)  # the value step needs the context templates only
         return round_values(self._round_inputs(), parsed, self.value_optimizer, progress)
 
     def _check_values_fit(self, parsed: list[EditRequest], values: ValueResult) -> None:
@@ -505,8 +505,8 @@ class EditSession:
 
     # --- preparation --------------------------------------------------------------------------------
 
-    def _prepare(self, progress: bool) -> dict[str, float]:
-        """Context templates and second moments, made once on the original weights (editing needs them)."""
+    def _prepare(self, progress: bool, statistics: bool = True) -> dict[str, float]:
+        """Context templates and (with ``statistics``) second moments, made once on the original weights."""
         seconds: dict[str, float] = {}
         with self.deltas.original():
             if self.context_templates is None:
@@ -515,7 +515,7 @@ class EditSession:
                     self.model, self.tokenizer, self.config.context_prefixes, self.config.context_length,
                     self.config.seed)
                 seconds["templates"] = time.perf_counter() - tic
-            if self._second_moments is None and self.config.uses_second_moments:
+            if statistics and self._second_moments is None and self.config.uses_second_moments:
                 tic = time.perf_counter()
                 self._second_moments = self._load_second_moments(progress)
                 seconds["stats"] = time.perf_counter() - tic
