@@ -185,6 +185,7 @@ def measure_llama_width_4(out: Path) -> dict:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from nse_hub import EditSession
+    from nse_hub.deltas import KeyMemory
     from nse_hub.errors import StatisticsError
 
     peaks.start()
@@ -204,9 +205,8 @@ def measure_llama_width_4(out: Path) -> dict:
     session = EditSession.from_pretrained(model, method="nse", tokenizer=tokenizer, **settings)
     # The plan describes a session in its steady state, whose key memory holds d_ff keys or more and so keeps P as
     # a float32 d_ff² on the host (at this width 784 MiB); a first round would hold only its own keys.
-    for layer in session.config.layers:
-        session.memory._matrices[layer] = torch.zeros(session.layout.intermediate_size,
-                                                      session.layout.intermediate_size)
+    memory = session.memory
+    session.memory = KeyMemory(memory.layers, memory.size, memory.device, lean=memory.lean, matrix_after=0)
     peaks.wrap(session, "value_optimizer", "value step (per chunk)")
     with contextlib.suppress(StatisticsError):
         session._prepare(progress=False)  # the statistics pass on too few tokens: it fails at the check, after its peak

@@ -306,18 +306,27 @@ class KeyMemory:
     them in round order, so rollback and resume reproduce it exactly. Without ``lean``, ``P`` is a float64
     ``d_ff × d_ff`` matrix per layer on ``device``. With ``lean`` (the default), ``P`` is not formed while a
     layer holds fewer than ``d_ff`` keys (the solve adds ``K Kᵀ`` from the keys); from ``d_ff`` keys on, it
-    is summed in float64 and stored as float32 on the host (:class:`LayerMemory`).
+    is summed in float64 and stored as float32 on the host (:class:`LayerMemory`). ``matrix_after`` moves that
+    point (``0``: ``P`` is a matrix from the start, the memory profile of a session that already holds ``d_ff``
+    keys, which ``benchmarks/memory_plan.py`` measures); the solves are the same either way.
     """
 
-    def __init__(self, layers: Sequence[int], size: int, device: torch.device | str, lean: bool = True) -> None:
+    def __init__(self, layers: Sequence[int], size: int, device: torch.device | str, lean: bool = True,
+                 matrix_after: int | None = None) -> None:
         self.layers = tuple(layers)
         self.size = size
         self.device = torch.device(device)
         self.lean = lean
+        self.matrix_after = size if matrix_after is None else matrix_after
         self.rounds: list[dict[int, torch.Tensor]] = []
         self._sums: dict[int, torch.Tensor] = {} if lean else {
             layer: torch.zeros(size, size, dtype=torch.float64, device=device) for layer in self.layers}
-        self._matrices: dict[int, torch.Tensor] = {}  # lean: P in float32 once a layer holds d_ff keys
+        self._matrices: dict[int, torch.Tensor] = self._initial_matrices()  # lean: P in float32
+
+    def _initial_matrices(self) -> dict[int, torch.Tensor]:
+        if not self.lean or self.matrix_after > 0:
+            return {}
+        return {layer: torch.zeros(self.size, self.size) for layer in self.layers}
 
     def add_round(self, keys: dict[int, torch.Tensor]) -> None:
         stored = {layer: k.detach().float().cpu() for layer, k in keys.items()}
@@ -329,7 +338,7 @@ class KeyMemory:
             elif layer in self._matrices:  # in place: one float64 d_ff² besides the stored float32 P
                 k64 = k.double()
                 self._matrices[layer].copy_(self._matrices[layer].double().addmm_(k64, k64.T))
-            elif self.count(layer) >= self.size:
+            elif self.count(layer) >= self.matrix_after:
                 self._matrices[layer] = self._sum(layer).float()
 
     def count(self, layer: int) -> int:
@@ -349,7 +358,7 @@ class KeyMemory:
         kept = self.rounds[:rounds]
         self.rounds = []
         self._sums = {layer: torch.zeros_like(s) for layer, s in self._sums.items()}
-        self._matrices = {}
+        self._matrices = self._initial_matrices()
         for keys in kept:
             self.add_round(keys)
 

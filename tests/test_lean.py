@@ -53,6 +53,24 @@ def key_rounds(size: int, per_round: int, rounds: int, seed: int = 0) -> list[to
     return [torch.randn(size, per_round, generator=g) for _ in range(rounds)]
 
 
+def test_a_memory_kept_as_a_matrix_from_the_start_solves_the_same() -> None:
+    size, n = 24, 4
+    rounds = key_rounds(size, 8, 2)
+    early = KeyMemory((0,), size, "cpu", matrix_after=0)
+    assert early.layer(0).matrix is not None and float(early.layer(0).matrix.abs().max()) == 0.0
+    _, keys_kept = memories(rounds, size)
+    for keys in rounds:
+        early.add_round({0: keys})
+    assert early.layer(0).keys is None and keys_kept.layer(0).matrix is None  # 16 keys < 24: kept as keys by default
+    second_moment = random_psd(size, 3 * size, 1).float()
+    keys, residual = torch.randn(size, n, generator=torch.Generator().manual_seed(2)), torch.randn(6, n)
+    one = neuron_update(keys, residual, second_moment, early.layer(0), 2.0, torch.arange(size), device="cpu")
+    two = neuron_update(keys, residual, second_moment, keys_kept.layer(0), 2.0, torch.arange(size), device="cpu")
+    assert relative(one.A, two.A) < FLOAT32_MEMORY
+    early.truncate(0)
+    assert early.layer(0).matrix is not None and float(early.layer(0).matrix.abs().max()) == 0.0
+
+
 @pytest.mark.parametrize("rounds", [0, 2, 5])  # no memory, keys (16 < 24), a matrix (40 ≥ 24)
 @pytest.mark.parametrize("everything", [True, False])
 def test_neuron_update_lean_matches_float64(rounds: int, everything: bool) -> None:
