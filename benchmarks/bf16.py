@@ -12,6 +12,7 @@ prints the table of benchmarks/README.md from every result in ``<out>``.
 
     OMP_NUM_THREADS=1 python benchmarks/bf16.py --dtype float32 --apply-in bfloat16
     OMP_NUM_THREADS=1 python benchmarks/bf16.py --dtype bfloat16      # where bf16 is fast (a GPU; see README)
+    OMP_NUM_THREADS=1 python benchmarks/bf16.py --dtype bfloat16 --values-ahead   # a helper beside it (NSE's values)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from nse_hub.loading import load_base_model
 from nse_hub.models import cache_dir
 from nse_hub.plan import plan_dtype
 from nse_hub.requests import EditRequest
+from nse_hub.sequential import ValueStore
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 METRICS = (("efficacy", "ES"), ("generalization", "PS"), ("specificity", "NS"), ("score", "S"))
@@ -136,6 +138,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bf16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--state", type=Path, help="where the session is saved after every round (resumable)")
+    parser.add_argument("--values-ahead", action="store_true",
+                        help="only compute and store the rounds' value targets, last round first (a helper process "
+                             "beside the run: NSE's targets do not depend on earlier rounds)")
     parser.add_argument("--saved", type=Path, nargs="+", metavar="FOLDER",
                         help="only report what rounding into --dtype weights would lose of these saved edits' deltas")
     args = parser.parse_args()
@@ -150,13 +155,25 @@ def main() -> None:
     options = EvalOptions(generation=False)
 
     state = args.state or cache_dir() / "runs" / f"bf16-{name}-{len(requests)}x{args.batch}"
-    if is_checkpoint(state):
+    values = ValueStore(state.with_name(state.name + "-values"))
+    batches = [requests[start:start + args.batch] for start in range(0, len(requests), args.batch)]
+    if is_checkpoint(state) and not args.values_ahead:
         session = EditSession.from_pretrained(str(state), device=args.device)
         print(f"{name}: continuing after round {len(session.rounds)} from {state}", flush=True)
     else:
         session = EditSession.from_pretrained(args.model, "nse", device=args.device, dtype=dtype)
-    for start in range(len(session.rounds) * args.batch, len(requests), args.batch):
-        report = session.edit(requests[start:start + args.batch], progress=False)
+    if args.values_ahead:
+        for index in reversed(range(len(batches))):
+            if values.load(session, batches[index]) is None:
+                values.compute(session, batches[index])
+                print(f"{name}: values of round {index + 1} stored", flush=True)
+        return
+    for batch in batches[len(session.rounds):]:
+        tic = time.perf_counter()
+        given = values.compute(session, batch)  # computed here, or read: a helper computed them ahead
+        report = session.edit(batch, progress=False, values=given)
+        report.seconds.update(values=round(time.perf_counter() - tic - report.seconds["total"], 3),
+                              total=round(time.perf_counter() - tic, 3))
         session.save_pretrained(state)
         print(f"{name}: round {report.round} {report.seconds['total']:.0f} s", flush=True)
     rounds = [report.seconds for report in session.rounds]

@@ -86,7 +86,7 @@ def phase_branch_b(args, work: Path, edits_b: list, options: EvalOptions) -> Non
 def phase_merge(args, work: Path, requests: list, edits_a: list, edits_b: list, options: EvalOptions) -> dict:
     print("merge B into A", flush=True)
     merged = EditSession.from_pretrained(str(work / "branch-a"), device=args.device)
-    merged._prepare(progress=False)  # statistics and templates load once per session, as in B's own run
+    merged.prepare(progress=False)  # statistics and templates load once per session, as in B's own run
     tic = time.perf_counter()
     plan = merged.merge_history(read_version(str(work / "branch-b"), values=True))
     merge_seconds = time.perf_counter() - tic

@@ -209,7 +209,7 @@ def measure_llama_width_4(out: Path) -> dict:
     session.memory = KeyMemory(memory.layers, memory.size, memory.device, lean=memory.lean, matrix_after=0)
     peaks.wrap(session, "value_optimizer", "value step (per chunk)")
     with contextlib.suppress(StatisticsError):
-        session._prepare(progress=False)  # the statistics pass on too few tokens: it fails at the check, after its peak
+        session.prepare(progress=False)  # the statistics pass on too few tokens: it fails at the check, after its peak
     _synthetic_second_moment(session, 1)
     session.edit(_requests(LLAMA_WIDTH_4["edits"]), progress=False)
     session.save_pretrained(out / "session")
@@ -244,7 +244,7 @@ def measure_llama_width(out: Path) -> dict:
     session = EditSession.from_pretrained(model, method="nse", tokenizer=tokenizer, **settings)
     peaks.wrap(session, "value_optimizer", "value step (per chunk)")
     with contextlib.suppress(StatisticsError):
-        session._prepare(progress=False)  # templates, then the statistics pass on too few tokens
+        session.prepare(progress=False)  # templates, then the statistics pass on too few tokens
     # A synthetic C (log-normal spectrum) in the cache, as the pass would have written it.
     spec, layout = session.stats_spec, session.layout
     n = layout.intermediate_size

@@ -146,7 +146,8 @@ def running_sample(edits: int, size: int | None, total: int, seed: int = 0) -> l
 
 class ValueStore:
     """Value targets of NSE-family rounds in a folder, one file per round, named by a hash of what determines
-    them: the base model's fingerprint and dtype, :meth:`EditConfig.value_settings` and the round's requests.
+    them: the base model's fingerprint and dtype, :meth:`EditConfig.value_settings`, the session's context
+    templates and the round's requests.
 
     Sessions of other methods neither read nor write it (their targets depend on the earlier rounds).
     """
@@ -158,8 +159,10 @@ class ValueStore:
         """Where the targets of ``requests`` in ``session`` are kept; ``None`` outside the NSE family."""
         if not session.config.nse_family:
             return None
+        session.prepare(progress=False, statistics=False)
         identity = {"model": session.stats_spec.model_fingerprint, "dtype": str(session.model.dtype),
-                    "settings": session.config.value_settings(), "requests": [r.to_dict() for r in requests]}
+                    "settings": session.config.value_settings(), "templates": session.context_templates,
+                    "requests": [r.to_dict() for r in requests]}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()
         return self.folder / f"{digest[:32]}.safetensors"
 

@@ -382,7 +382,7 @@ class EditSession:
                               "call edit() directly")
         parsed = one_round(parse_requests([requests] if isinstance(requests, (EditRequest, dict)) else requests))
         self._check_lengths(parsed)
-        self._prepare(progress, statistics=False)  # the value step needs the context templates only
+        self.prepare(progress, statistics=False)  # the value step needs the context templates only
         return round_values(self._round_inputs(), parsed, self.value_optimizer, progress)
 
     def _check_values_fit(self, parsed: list[EditRequest], values: ValueResult) -> None:
@@ -423,7 +423,7 @@ class EditSession:
         """One round of ``parsed``; ``values``: precomputed value targets to reuse (see :func:`run_round`)."""
         started = time.perf_counter()
         self._check_lengths(parsed)
-        seconds = self._prepare(progress)
+        seconds = self.prepare(progress)
         tic = time.perf_counter()
         before = self._measure(parsed, rewrite_only)
         seconds["scoring"] = time.perf_counter() - tic
@@ -505,8 +505,14 @@ class EditSession:
 
     # --- preparation --------------------------------------------------------------------------------
 
-    def _prepare(self, progress: bool, statistics: bool = True) -> dict[str, float]:
-        """Context templates and (with ``statistics``) second moments, made once on the original weights."""
+    def prepare(self, progress: bool = True, statistics: bool = True) -> dict[str, float]:
+        """Make what editing needs, once, on the original weights: the context templates and (with
+        ``statistics``) the second moments C (loaded from the cache or the Hub, or measured). Rounds call it;
+        call it ahead to pay the statistics pass before the first round. Returns the seconds each part took.
+
+        Raises:
+            StatisticsError: the statistics cannot be loaded or measured.
+        """
         seconds: dict[str, float] = {}
         with self.deltas.original():
             if self.context_templates is None:
