@@ -23,7 +23,7 @@ is most of an NSE round's time on a CPU): it works from the last round back, the
 
     python benchmarks/sequential.py --edits 10000 --batch 100 --methods nse_null --name counterfact-10000x100 &
     python benchmarks/sequential.py --edits 10000 --batch 100 --methods nse_null --name counterfact-10000x100 \
-        --values-ahead
+        --values-ahead                # a second helper: --values-ahead first-last
 
 The unedited model is evaluated (once, on every edit) after the methods' runs, so that a long run starts editing
 at once; ``--report-only`` prints the tables of whatever is saved.
@@ -50,6 +50,7 @@ from nse_hub.sequential import (
     precompute_values,
     resume_session,
     run_sequential,
+    schedule_rounds,
     write_results,
 )
 
@@ -142,9 +143,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=0,
                         help="UltraEdit (StableEdit's warm-up): feed the running statistics with this many "
                              "counterfact-train records before the first round")
-    parser.add_argument("--values-ahead", action="store_true",
-                        help="only compute and store the NSE-family value targets of the run's rounds, last first "
-                             "(a helper beside the run), editing nothing")
+    parser.add_argument("--values-ahead", nargs="?", const="last-first", choices=("last-first", "first-last"),
+                        help="only compute and store the NSE-family value targets of the run's rounds that are "
+                             "missing, from the last round back (default) or from the first on (a second helper), "
+                             "editing nothing")
     parser.add_argument("--compare", type=Path, nargs="+", default=[], metavar="RESULTS_JSON",
                         help="also draw the runs of other results.json files in curves.png (e.g. shorter runs)")
     parser.add_argument("--report-only", action="store_true",
@@ -168,7 +170,12 @@ def main() -> None:
     values = ValueStore(state / "values")
     if args.values_ahead:
         session = resume_session(args.model, None, method=args.methods[0], device=args.device, **dict(args.set))
-        print(f"computed the value targets of {precompute_values(session, requests, args.batch, values)} rounds")
+        run_file = state / (args.label or args.methods[0]) / RUN_FILE  # the run's rounds so far need no values
+        made = len(json.loads(run_file.read_text())["round_seconds"]) if run_file.is_file() else 0
+        order = range(made, len(schedule_rounds(requests, args.batch)))
+        computed = precompute_values(session, requests, args.batch, values,
+                                     rounds=reversed(order) if args.values_ahead == "last-first" else order)
+        print(f"computed the value targets of {computed} rounds")
         return
     if not args.report_only:
         for method in args.methods:
