@@ -164,7 +164,7 @@ def main() -> None:
         session = EditSession.from_pretrained(args.model, "nse", device=args.device, dtype=dtype)
     if args.values_ahead:
         for index in reversed(range(len(batches))):
-            if values.load(session, batches[index]) is None:
+            if not values.path(session, batches[index]).is_file():
                 values.compute(session, batches[index])
                 print(f"{name}: values of round {index + 1} stored", flush=True)
         return

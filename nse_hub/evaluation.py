@@ -167,8 +167,9 @@ def measure_requests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """
     options = options or EvalOptions()
     inputs: dict[str, list] = {}
-    for start in range(0, len(requests), PART_RECORDS if parts else max(1, len(requests))):
-        chunk = requests[start:start + (PART_RECORDS if parts else len(requests))]
+    size = PART_RECORDS if parts else max(1, len(requests))
+    for start in range(0, len(requests), size):
+        chunk = requests[start:start + size]
         chunk_options = replace(options, fluency_records=max(0, min(len(chunk), options.fluency_records - start)))
         path = Path(parts) / f"{_part_key(chunk, chunk_options)}.json" if parts else None
         if path is not None and path.is_file():

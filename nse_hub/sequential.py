@@ -21,7 +21,6 @@ the next round — the later record still wins, as in the stream — and runs ed
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from nse_hub.algorithm import ValueResult
 from nse_hub.checkpoint import is_checkpoint
 from nse_hub.errors import CheckpointError, ConfigError
 from nse_hub.evaluation import FLUENCY_METRICS, METRIC_NAMES, EvalOptions, Evaluation, evaluate_session
-from nse_hub.io import atomic_path, atomic_write_json
+from nse_hub.io import atomic_path, atomic_write_json, sha256_bytes
 from nse_hub.requests import EditRequest, fact_key
 from nse_hub.session import EditSession
 
@@ -163,15 +162,13 @@ class ValueStore:
         identity = {"model": session.stats_spec.model_fingerprint, "dtype": str(session.model.dtype),
                     "settings": session.config.value_settings(), "templates": session.context_templates,
                     "requests": [r.to_dict() for r in requests]}
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()
+        digest = sha256_bytes(json.dumps(identity, sort_keys=True, default=list).encode())
         return self.folder / f"{digest[:32]}.safetensors"
 
     def load(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
         """The stored targets of ``requests``, or ``None`` when there are none (or the method is not NSE's)."""
         path = self.path(session, requests)
-        if path is None or not path.is_file():
-            return None
-        return ValueResult.from_tensors(load_file(path))
+        return ValueResult.from_tensors(load_file(path)) if path is not None and path.is_file() else None
 
     def compute(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
         """The stored targets of ``requests``, computed and stored first when missing; ``None`` outside the NSE
@@ -179,11 +176,11 @@ class ValueStore:
         path = self.path(session, requests)
         if path is None:
             return None
-        values = self.load(session, requests)
-        if values is None:
-            values = session.compute_values(requests, progress=False)
-            with atomic_path(path) as tmp:  # concurrent writers of one round write the same targets
-                save_file(values.to_tensors(), tmp)
+        if path.is_file():
+            return ValueResult.from_tensors(load_file(path))
+        values = session.compute_values(requests, progress=False)
+        with atomic_path(path) as tmp:  # concurrent writers of one round write the same targets
+            save_file(values.to_tensors(), tmp)
         return values
 
 
@@ -201,8 +198,7 @@ def precompute_values(session: EditSession, requests: Sequence[EditRequest], bat
     schedule = schedule_rounds(requests, batch)
     computed = 0
     for index in (reversed(range(len(schedule))) if rounds is None else rounds):
-        path = store.path(session, schedule[index])
-        if path is not None and not path.is_file():
+        if not store.path(session, schedule[index]).is_file():
             store.compute(session, schedule[index])
             computed += 1
             logger.info("values of round %d/%d stored", index + 1, len(schedule))

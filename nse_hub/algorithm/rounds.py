@@ -288,6 +288,11 @@ def _check_finite(tensors: dict[str, torch.Tensor], layer: int, what: str) -> No
                                  "nothing was written")
 
 
+def _value_weights(inputs: RoundInputs) -> AbstractContextManager[None]:
+    """The weights value targets are computed on: NSE's original ones, or the current ones."""
+    return inputs.deltas.original() if inputs.config.nse_family else nullcontext()
+
+
 def round_values(inputs: RoundInputs, requests: Sequence[EditRequest],
                  optimize: ValueOptimizer = optimize_values, progress: bool = False) -> ValueResult:
     """The value targets of ``requests``: optimised on the original weights for the NSE family (so valid after
@@ -305,7 +310,7 @@ def round_values(inputs: RoundInputs, requests: Sequence[EditRequest],
     if inputs.value_chunk_bytes:  # the lean engine's chunk, sized to the device by the memory plan
         one = sequence_bytes(model, layout, value_batch, config.z_layer)
         sizing["max_sequences"] = max(1, inputs.value_chunk_bytes // max(1, one))
-    with inputs.deltas.original() if config.nse_family else nullcontext():
+    with _value_weights(inputs):
         values = optimize(model, layout, value_batch, config, pad_id(inputs.tokenizer), progress=progress, **sizing)
     _check_values(values, "optimised")
     return values
@@ -337,9 +342,6 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
             raise ValueError("UltraEdit computes no value targets: run its rounds without values=")
         return _ultraedit_round(inputs, requests, clock)
 
-    def value_weights() -> AbstractContextManager[None]:  # NSE: values on the original weights
-        return inputs.deltas.original() if config.nse_family else nullcontext()
-
     with clock.phase("values"):
         if values is None:
             values = round_values(inputs, requests, optimize, progress)
@@ -357,7 +359,7 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
     skipped = torch.zeros(len(requests), dtype=torch.bool, device=targets.device)
     nas: dict = {}
     if config.norm_anchor:
-        with clock.phase("values"), value_weights():
+        with clock.phase("values"), _value_weights(inputs):
             mlp_out = _mlp_outputs(model, layout, probe, config.z_layer)
         if state.norm_anchor is None and not config.nse_family and inputs.deltas.rounds:
             logger.warning("The NAS anchor is measured on edited weights: this session does not know the one "
