@@ -164,8 +164,7 @@ def main() -> None:
         session = EditSession.from_pretrained(args.model, "nse", device=args.device, dtype=dtype)
     if args.values_ahead:
         for index in reversed(range(len(batches))):
-            if not values.path(session, batches[index]).is_file():
-                values.compute(session, batches[index])
+            if values.compute_unclaimed(session, batches[index]):  # neither stored nor being computed
                 print(f"{name}: values of round {index + 1} stored", flush=True)
         return
     for batch in batches[len(session.rounds):]:

@@ -18,12 +18,13 @@ against the number of edits, running protocol) and prints the Markdown tables th
         --running-every 10 --running-sample 1000 --probes rewrite --name counterfact-10000x100
 
 NSE and NSE-null take each round's value targets from ``<state>/values`` (computing and storing the missing ones),
-so the two methods' runs share them, and a helper process can compute them ahead while a run solves (the value step
-is most of an NSE round's time on a CPU): it works from the last round back, the run from the first on::
+so the two methods' runs share them, and helper processes can compute them ahead while a run solves (the value step
+is most of an NSE round's time on a CPU). Each process claims the round it computes: helpers skip each other's
+rounds and the run waits for a round a helper is computing, so start as many helpers as there are free cores::
 
     python benchmarks/sequential.py --edits 10000 --batch 100 --methods nse_null --name counterfact-10000x100 &
     python benchmarks/sequential.py --edits 10000 --batch 100 --methods nse_null --name counterfact-10000x100 \
-        --values-ahead                # a second helper: --values-ahead first-last
+        --values-ahead                # from the first missing round on; --values-ahead last-first: from the end
 
 The unedited model is evaluated (once, on every edit) after the methods' runs, so that a long run starts editing
 at once; ``--report-only`` prints the tables of whatever is saved.
@@ -143,10 +144,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=0,
                         help="UltraEdit (StableEdit's warm-up): feed the running statistics with this many "
                              "counterfact-train records before the first round")
-    parser.add_argument("--values-ahead", nargs="?", const="last-first", choices=("last-first", "first-last"),
+    parser.add_argument("--values-ahead", nargs="?", const="first-last", choices=("first-last", "last-first"),
                         help="only compute and store the NSE-family value targets of the run's rounds that are "
-                             "missing, from the last round back (default) or from the first on (a second helper), "
-                             "editing nothing")
+                             "missing and not claimed by another process, from the first on (default) or from the "
+                             "last back, editing nothing")
     parser.add_argument("--compare", type=Path, nargs="+", default=[], metavar="RESULTS_JSON",
                         help="also draw the runs of other results.json files in curves.png (e.g. shorter runs)")
     parser.add_argument("--report-only", action="store_true",

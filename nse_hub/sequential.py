@@ -10,8 +10,9 @@ last saved round instead of starting over::
 
 NSE and NSE-null optimise their value targets on the original weights, so a round's targets depend only on the
 model, the value step's settings and the round's requests: a :class:`ValueStore` keeps them on disk, so that
-runs of both methods share them and a second process can compute them ahead (:func:`precompute_values`) while
-the run solves — the value step is most of an NSE round's time.
+runs of both methods share them and helper processes can compute them ahead (:func:`precompute_values`) while
+the run solves — the value step is most of an NSE round's time. Each process claims the round it computes, so
+none is computed twice.
 
 A stream of edits can write one fact twice (CounterFact's first 10,000 records hold two facts with two
 targets each). A round writes each fact once, so :func:`schedule_rounds` moves a second write of a fact to
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from nse_hub.algorithm import ValueResult
@@ -148,7 +150,10 @@ class ValueStore:
     them: the base model's fingerprint and dtype, :meth:`EditConfig.value_settings`, the session's context
     templates and the round's requests.
 
-    Sessions of other methods neither read nor write it (their targets depend on the earlier rounds).
+    Processes that share a store claim a round while they compute it (a ``.lock`` file beside its targets,
+    released by the system if the process dies): a run that needs a round a helper is computing waits for it, and
+    helpers skip each other's rounds, so no round is computed twice. Sessions of other methods neither read nor
+    write it (their targets depend on the earlier rounds).
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -171,23 +176,53 @@ class ValueStore:
         return ValueResult.from_tensors(load_file(path)) if path is not None and path.is_file() else None
 
     def compute(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
-        """The stored targets of ``requests``, computed and stored first when missing; ``None`` outside the NSE
-        family."""
+        """The stored targets of ``requests``, computed and stored first when missing (or waited for, while another
+        process computes them); ``None`` outside the NSE family."""
         path = self.path(session, requests)
         if path is None:
             return None
-        if path.is_file():
-            return ValueResult.from_tensors(load_file(path))
-        values = session.compute_values(requests, progress=False)
-        with atomic_path(path) as tmp:  # concurrent writers of one round write the same targets
-            save_file(values.to_tensors(), tmp)
-        return values
+        if not path.is_file():
+            self._fill(session, requests, path, wait=True)
+        return ValueResult.from_tensors(load_file(path))
+
+    def compute_unclaimed(self, session: EditSession, requests: Sequence[EditRequest]) -> bool:
+        """Compute and store the targets of ``requests`` unless they are stored or another process is computing
+        them. Returns whether this call computed them."""
+        path = self.path(session, requests)
+        return path is not None and not path.is_file() and self._fill(session, requests, path, wait=False)
+
+    @staticmethod
+    def _fill(session: EditSession, requests: Sequence[EditRequest], path: Path, *, wait: bool) -> bool:
+        """Store the targets at ``path`` under its claim; whether this call computed them. Without ``wait`` a
+        round that another process has claimed is left to it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = path.with_suffix(".lock")
+        claim = FileLock(lock_file)
+        try:
+            claim.acquire(timeout=0)
+        except Timeout:
+            if not wait:
+                return False
+            logger.info("waiting for another process to store the value targets %s", path.name)
+            claim.acquire()
+        try:
+            if path.is_file():  # stored by the process this one waited for
+                return False
+            values = session.compute_values(requests, progress=False)
+            with atomic_path(path) as tmp:
+                save_file(values.to_tensors(), tmp)
+            return True
+        finally:
+            if path.is_file():  # whoever claims it later finds the targets stored: the claim's file may go
+                lock_file.unlink(missing_ok=True)
+            claim.release()
 
 
 def precompute_values(session: EditSession, requests: Sequence[EditRequest], batch: int, store: ValueStore,
                       rounds: Sequence[int] | None = None) -> int:
     """Compute and store the value targets of a run's rounds (``rounds``: their indices, in the order to do them;
-    default: all, last first, so that a helper process meets the run in the middle). Returns how many it computed.
+    default: all, first to last), skipping those stored or being computed by another process, so that any
+    number of helpers and the run itself can share one store. Returns how many it computed.
 
     Raises:
         ConfigError: the session's method does not compute its targets on the original weights.
@@ -197,9 +232,8 @@ def precompute_values(session: EditSession, requests: Sequence[EditRequest], bat
                           f"{session.config.method!r} computes them on the weights its earlier rounds leave")
     schedule = schedule_rounds(requests, batch)
     computed = 0
-    for index in (reversed(range(len(schedule))) if rounds is None else rounds):
-        if not store.path(session, schedule[index]).is_file():
-            store.compute(session, schedule[index])
+    for index in (range(len(schedule)) if rounds is None else rounds):
+        if store.compute_unclaimed(session, schedule[index]):
             computed += 1
             logger.info("values of round %d/%d stored", index + 1, len(schedule))
     return computed
@@ -231,7 +265,7 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
         probes: what each round's own report scores (``session.edit``'s ``probes``: ``"all"`` or ``"rewrite"``).
         state_dir: save the session and the run's progress here after every round, and resume from them.
         values: NSE and NSE-null: take each round's value targets from this store (computing and storing
-            them when missing).
+            them when missing, waiting for them while a helper computes them).
         label: the run's name in results and plots (default: the method), for one method with other settings.
 
     Raises:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import FIXTURES, TINY_HPARAMS
+from filelock import FileLock
 
 from nse_hub import EditSession, load_requests
 from nse_hub.errors import ConfigError
@@ -127,3 +132,42 @@ def test_value_targets_computed_ahead_are_shared_by_the_nse_family_and_change_no
     other = EditSession.from_pretrained(str(tiny_dir), device="cpu", **{**TINY_HPARAMS, "v_lr": 0.25},
                                         layers=(1, 2))
     assert store.load(other, REQUESTS[:2]) is None  # other value settings: other targets
+
+
+def test_processes_sharing_a_value_store_claim_rounds_and_compute_none_twice(
+        tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    store = ValueStore(tmp_path / "values")
+    session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    first, second = schedule_rounds(REQUESTS, 2)
+    path = store.path(session, first)
+    elsewhere = ValueStore(tmp_path / "elsewhere")
+    expected = elsewhere.compute(session, first)
+    other_process = FileLock(path.with_suffix(".lock"))  # another process is computing the first round
+    other_process.acquire()
+    assert precompute_values(session, REQUESTS, 2, store) == 1  # a helper leaves it to that process
+    assert not path.is_file() and store.load(session, second) is not None
+
+    calls: list[int] = []
+    compute_values = session.compute_values
+    monkeypatch.setattr(session, "compute_values", lambda *a, **k: calls.append(1) or compute_values(*a, **k))
+    got: dict = {}
+    caplog.set_level(logging.INFO, logger="nse_hub.sequential")
+    run = threading.Thread(target=lambda: got.setdefault("values", store.compute(session, first)))
+    run.start()
+    deadline = time.monotonic() + 60
+    while "waiting for another process" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "waiting for another process" in caplog.text  # the run waits instead of computing the round again
+    shutil.copy(elsewhere.path(session, first), path)  # the other process stores its targets and ends
+    other_process.release()
+    run.join()
+    assert calls == [] and torch.equal(got["values"].targets, expected.targets)
+    assert sorted(p.suffix for p in store.folder.iterdir()) == [".safetensors", ".safetensors"]
+
+    path.unlink()
+    other_process.acquire()
+    run = threading.Thread(target=lambda: got.update(values=store.compute(session, first)))
+    run.start()
+    other_process.release()  # a process that claimed the round and died without storing it
+    run.join()
+    assert calls == [1] and torch.equal(got["values"].targets, expected.targets)
