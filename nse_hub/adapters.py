@@ -3,9 +3,9 @@
 An edited projection's cumulative delta ``ΔW = Σ Bᵣ Aᵣ`` becomes one LoRA module with
 ``lora_B = [B₁ B₂ …]``, ``lora_A = [A₁; A₂; …]``, ``r = lora_alpha`` (scaling exactly 1), each module
 with its own rank through ``rank_pattern``/``alpha_pattern``. When the stacked rank would make the
-factors larger than the dense matrix they are compressed exactly (QR of both factors, SVD of the
-small core, numerically zero directions dropped). A ``max_rank`` truncation is available and
-reports the relative error it causes.
+factors larger than the dense matrix they are compressed exactly (an SVD of the product, through QRs of
+both factors while their rank is below the matrix's dimensions; numerically zero directions dropped).
+A ``max_rank`` truncation is available and reports the relative error it causes.
 
 nse-hub's own data (base model fingerprints, round number) travels in the safetensors header, which
 ``peft`` ignores, so stock loading is unaffected.
@@ -61,16 +61,23 @@ def compress(factors: Factors, max_rank: int | None = None) -> tuple[Factors, fl
     Returns the new factors and the relative Frobenius error they make (≈1e-7 without truncation).
     """
     b, a = factors.B.double(), factors.A.double()
-    q_b, r_b = torch.linalg.qr(b)  # d_model × k, k × r
-    q_a, r_a = torch.linalg.qr(a.T)  # d_ff × k', k' × r
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    # Stacked past the smaller dimension, the dense product is no bigger than the factors and one SVD of it is
+    # several times cheaper than two QRs of the wide factors (100 rounds of 100 edits on SmolLM2: 1.6 s vs 7 s).
+    via_dense = factors.rank >= min(b.shape[0], a.shape[1])
+    if via_dense:
+        u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
+    else:
+        q_b, r_b = torch.linalg.qr(b)  # d_model × k, k × r
+        q_a, r_a = torch.linalg.qr(a.T)  # d_ff × k', k' × r
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
     tolerance = s.max() * max(b.shape + a.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
     keep = int((s > tolerance).sum())
     if max_rank is not None:
         keep = min(keep, max_rank)
     keep = max(keep, 1)
-    new_b = q_b @ (u[:, :keep] * s[:keep])
-    new_a = vh[:keep] @ q_a.T
+    new_b, new_a = u[:, :keep] * s[:keep], vh[:keep]
+    if not via_dense:
+        new_b, new_a = q_b @ new_b, new_a @ q_a.T
     total = s.square().sum()
     error = float((s[keep:].square().sum() / total).sqrt()) if float(total) > 0 else 0.0
     return Factors(new_b.float(), new_a.float()), error

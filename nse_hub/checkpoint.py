@@ -310,7 +310,7 @@ def round_files(layout: ModelLayout, meta: SessionMeta, index: int, data: RoundD
     files = adapter_files(layout, data.factors or no_update(layout, meta.config.layers[0]), meta.base.portable_id,
                           meta.base.revision, header)
     files[KEYS_FILE] = save_tensors({f"layer_{layer}": k for layer, k in data.keys.items()})
-    files[REPORT_FILE] = json_text(data.report.to_dict()).encode("utf-8")
+    files[REPORT_FILE] = data.report.saved_json()
     if data.values is not None:
         files[VALUES_FILE] = save_tensors(data.values)
     if data.lifelong is not None:
@@ -327,7 +327,7 @@ def _stage_round(transaction: FolderTransaction, folder: Path, layout: ModelLayo
     """Stage round ``index``'s folder unless the saved one is this round already; returns its files' sha256."""
     prefix = round_dir(index) + "/"
     saved = {path: sha for path, sha in old.items() if path.startswith(prefix)}
-    report = sha256_bytes(json_text(data.report.to_dict()).encode("utf-8"))
+    report = sha256_bytes(data.report.saved_json())
     names = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, KEYS_FILE, REPORT_FILE} | ({VALUES_FILE} if data.values else set()) \
         | ({LIFELONG_FILE} if data.lifelong is not None else set())
     if saved.get(prefix + REPORT_FILE) == report and set(saved) == {prefix + n for n in names} \

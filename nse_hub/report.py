@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from nse_hub.io import json_text
 from nse_hub.metrics import compute_edit_metrics
 from nse_hub.metrics.edit_metrics.edit_metrics import comparison_record
 from nse_hub.probes import ProbeScores
@@ -174,6 +176,18 @@ class RoundReport:
         data["selected_neurons"] = {str(k): v for k, v in self.selected_neurons.items()}
         data["nullspace_dims"] = {str(k): v for k, v in self.nullspace_dims.items()}
         return data
+
+    def saved_json(self) -> bytes:
+        """The report as ``report.json`` holds it.
+
+        Made once per report and reused by every later save (a round's results never change; its timings may still
+        be completed after ``session.edit`` returns, so they are part of the cache key).
+        """
+        key = json.dumps(self.seconds, sort_keys=True)
+        cached = self.__dict__.get("_saved_json")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_saved_json"] = (key, json_text(self.to_dict()).encode("utf-8"))
+        return cached[1]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RoundReport:

@@ -68,11 +68,13 @@ def test_neuron_update_matches_the_dense_formula(threshold: float) -> None:
     assert torch.count_nonzero(factors.dense()[:, unselected]) == 0
 
 
-def test_compress_is_exact_and_truncation_reports_its_error() -> None:
+@pytest.mark.parametrize(("stacked", "true_rank"), [(20, 8), (6, 4)])  # past min(d) (via the product); below it
+def test_compress_is_exact_and_truncation_reports_its_error(stacked: int, true_rank: int) -> None:
     g = torch.Generator().manual_seed(0)
-    factors = Factors(torch.randn(8, 20, generator=g), torch.randn(20, 12, generator=g))  # rank 8 stored as 20
+    b = torch.randn(8, true_rank, generator=g) @ torch.randn(true_rank, stacked, generator=g)
+    factors = Factors(b, torch.randn(stacked, 12, generator=g))  # rank true_rank stored as stacked
     exact, error = compress(factors)
-    assert exact.rank == 8 and error < 1e-6
+    assert exact.rank == true_rank and error < 1e-6
     assert torch.allclose(exact.dense(), factors.dense(), atol=1e-4)
     truncated, error = compress(factors, max_rank=3)
     measured = torch.linalg.norm(truncated.dense() - factors.dense()) / torch.linalg.norm(factors.dense())

@@ -255,3 +255,13 @@ def test_a_resumed_session_keeps_its_nas_anchor(tiny_dir: Path, tmp_path: Path) 
         assert torch.equal(a.B, b.B) and torch.equal(a.A, b.A)
     resumed.rollback(0)
     assert resumed.engine.norm_anchor is None
+
+
+def test_a_report_completed_after_a_save_is_saved_again_in_full(tiny_dir: Path, tmp_path: Path) -> None:
+    session = session_for(tiny_dir)
+    report = session.edit(REQUESTS[:2], progress=False)
+    session.save_pretrained(tmp_path / "saved")
+    report.seconds["values"] = 12.5  # timings a caller adds after the round (as run_sequential does)
+    session.save_pretrained(tmp_path / "saved")
+    resumed = EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu")
+    assert resumed.rounds[0].seconds["values"] == 12.5 and resumed.rounds[0].to_dict() == report.to_dict()
