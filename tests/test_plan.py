@@ -168,9 +168,10 @@ def test_statistics_formula_matches_measured_memory(tmp_path):
     corpus.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 600)
     shape = _wide_shape(2048, "nse", mom2_dataset=str(corpus), mom2_n_samples=64, batch_size=32)
     # The forward pass's budget in the plan covers what its activations cost with glibc's default (dynamic)
-    # allocator, as users run it: measured so, as the median of three runs (one run alone varied by ±15 %).
+    # allocator, as users run it: measured so, as the median of five runs (one run alone varied by ±15 %, and a
+    # median of three once fell 23 % above the prediction in CI).
     measured = _measured_peak(STATISTICS_INPUTS, STATISTICS_CALL.format(corpus=str(corpus)),
-                              env={"NSE_HUB_CACHE": str(tmp_path)}, runs=3, fixed_mmap_threshold=False)
+                              env={"NSE_HUB_CACHE": str(tmp_path)}, runs=5, fixed_mmap_threshold=False)
     predicted = planning.phase_statistics(shape)[0] - planning._base(shape)
     assert measured == pytest.approx(predicted, rel=0.2)
 
