@@ -6,17 +6,17 @@ perplexity of the suite's held-out texts is measured; one JSON file per trial go
 
 To keep trials short on a CPU, the per-round report inside ``session.edit`` scores only the rewrite prompts
 (the session's own before/after scoring of paraphrases and neighbours is skipped; the final evaluation is the
-full one). NSE's value targets are computed on the original weights, so they can be saved by one trial
-(``--save-values``) and given to another NSE-family trial (``--load-values``, e.g. ``nse_null``) instead of
-being optimised again: that trial's rounds then time only the keys and the solves.
+full one). NSE's value targets are computed on the original weights, so NSE-family trials (``nse``, ``nse_null``)
+can take them from a value store (``--values``: a folder, e.g. the 10,000-edit run's
+``~/.cache/nse-hub/runs/counterfact-10000x100/values``), computing and storing only the missing rounds: trials of
+solve settings (null space threshold, L2, neuron threshold) then time only the keys and the solves. The rounds are
+those of ``benchmarks/sequential.py`` (``schedule_rounds``), so the stores are interchangeable.
 
     OMP_NUM_THREADS=1 python benchmarks/lifelong_trial.py ue-preset-200 --edits 200
     OMP_NUM_THREADS=1 python benchmarks/lifelong_trial.py ue-stable-200 --edits 200 --warmup 300 \\
         --hp '{"ultraedit_ridge": 10, "ultraedit_whitening": "full"}'
-    OMP_NUM_THREADS=1 python benchmarks/lifelong_trial.py nse-200 --edits 200 --method nse --no-eval \\
-        --save-values nse-values-200.pt
-    OMP_NUM_THREADS=1 python benchmarks/lifelong_trial.py nn-200 --edits 200 --method nse_null \\
-        --load-values nse-values-200.pt
+    OMP_NUM_THREADS=1 python benchmarks/lifelong_trial.py nn-l2-1-1000 --edits 1000 --method nse_null \\
+        --hp '{"L2": 1}' --values ~/.cache/nse-hub/runs/counterfact-10000x100/values
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from nse_hub import EditSession, load_requests
 from nse_hub.ability import perplexity, perplexity_texts
 from nse_hub.evaluation import evaluate_session
-from nse_hub.requests import parse_requests
+from nse_hub.sequential import ValueStore, schedule_rounds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HERE = Path(__file__).resolve().parent
@@ -48,8 +48,7 @@ def main() -> None:
     parser.add_argument("--base", action="store_true", help="evaluate the unedited model")
     parser.add_argument("--warmup", type=int, default=0,
                         help="UltraEdit: warm up the running statistics on this many counterfact-train records")
-    parser.add_argument("--save-values", type=Path)
-    parser.add_argument("--load-values", type=Path)
+    parser.add_argument("--values", type=Path, help="NSE family: a value store folder to read and fill")
     parser.add_argument("--no-eval", action="store_true", help="only the perplexity after the edits")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lifelong-tuning")
     args = parser.parse_args()
@@ -61,20 +60,14 @@ def main() -> None:
     if args.warmup:
         held_out = load_requests(SHARED / "counterfact_easyedit" / "counterfact-train.json", limit=args.warmup)
         print("warm-up features", session.warm_up(held_out), flush=True)
-    saved, loaded = [], (torch.load(args.load_values, weights_only=False) if args.load_values else None)
+    store = ValueStore(args.values) if args.values else None
     seconds = []
-    for start in range(0, 0 if args.base else args.edits, args.batch):
+    for batch in [] if args.base else schedule_rounds(requests, args.batch):
         tic = time.perf_counter()
-        batch = parse_requests(requests[start:start + args.batch])
-        values = loaded[start // args.batch] if loaded is not None else None
-        if args.save_values:
-            values = session.compute_values(batch, progress=False)
-            saved.append(values)
+        values = store.compute(session, batch) if store else None
         session.edit(batch, progress=False, probes="rewrite", values=values)
         seconds.append(round(time.perf_counter() - tic, 1))
         print("round", len(seconds), seconds[-1], flush=True)
-    if args.save_values:
-        torch.save(saved, args.save_values)
     evaluation = None if args.no_eval else evaluate_session(session, requests, protocol="running", record=False)
     ppl = perplexity(session.model, session.tokenizer, session.layout,
                      perplexity_texts(SHARED / "glue_eval" / "dataset"))
