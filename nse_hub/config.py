@@ -108,6 +108,10 @@ class EditConfig:
         "does not (on SmolLM2 it keeps 75–87 % of the directions). On SmolLM2, 3 rounds of 10 CounterFact edits, "
         "final ES/PS/NS: 100/93/73 at 2, 97/90/63 at 1, 87/83/67 at 0.5 (unedited 33/33/67).")
     L2: float = _setting(10.0, "AlphaEdit: the weight of ‖ΔW‖² in its objective (reference: 10).")
+    nullspace_mom2_weight: float = _setting(
+        0.0, "AlphaEdit, NSE-null: μ, the weight of C inside the null space. The solve becomes "
+        "(Π(KKᵀ + M + μC) + L2·I)⁻¹ΠKRᵀ: each kept direction costs L2 + μ·(its eigenvalue of C), so updates lean "
+        "on the directions the corpus uses least. 0: AlphaEdit's solve (every kept direction costs L2).")
     norm_anchor: bool = _setting(
         False, "NAS norm anchoring (arXiv 2602.02543), any method: each value's MLP-output part is rescaled to "
         "the anchor norm, the mean ‖v*‖ of the session's first round (computed on the original weights).")
@@ -212,6 +216,9 @@ class EditConfig:
                 out.append(f"{name} must be zero or positive, got {getattr(self, name)}{_default_hint(name)}")
         if self.context_length < 1:
             out.append(f"context_length must be at least 1, got {self.context_length}{_default_hint('context_length')}")
+        if self.nullspace_mom2_weight < 0:
+            out.append(f"nullspace_mom2_weight must be 0 or more (0: AlphaEdit's solve), got "
+                       f"{self.nullspace_mom2_weight}")
         if self.nullspace_threshold <= 0:
             out.append(f"nullspace_threshold must be positive (a multiple of C's median eigenvalue), "
                        f"got {self.nullspace_threshold}")

@@ -110,6 +110,7 @@ def test_null_space_lean_is_the_same_basis() -> None:
     assert ours.basis.device.type == "cpu" and ours.basis.dtype == torch.float64
     assert ours.dims == reference.dims and ours.threshold == reference.threshold
     assert torch.equal(ours.basis, reference.basis)  # the same eigh input entry for entry
+    assert torch.equal(ours.eigenvalues, reference.eigenvalues) and len(ours.eigenvalues) == ours.dims
 
 
 def test_null_space_lean_symmetrises_like_the_float64_path() -> None:
@@ -120,14 +121,14 @@ def test_null_space_lean_symmetrises_like_the_float64_path() -> None:
     assert torch.equal(ours.basis, reference.basis)
 
 
-@pytest.mark.parametrize("rounds", [0, 2, 5])
-def test_alphaedit_update_lean_matches_float64(rounds: int) -> None:
+@pytest.mark.parametrize(("rounds", "mu"), [(0, 0.0), (2, 0.0), (5, 0.0), (2, 30.0)])
+def test_alphaedit_update_lean_matches_float64(rounds: int, mu: float) -> None:
     size, n = 24, 4
     old, lean = memories(key_rounds(size, 8, rounds), size)
     space = null_space(random_psd(size, 18, 6).float(), 2.0)
     keys, residual = torch.randn(size, n, generator=torch.Generator().manual_seed(7)), torch.randn(6, n)
-    reference = alphaedit_update(keys, residual, space, old.P(0), 0.5)
-    ours = alphaedit_update(keys, residual, space, lean.layer(0), 0.5)
+    reference = alphaedit_update(keys, residual, space, old.P(0), 0.5, mom2_weight=mu)
+    ours = alphaedit_update(keys, residual, space, lean.layer(0), 0.5, mom2_weight=mu)
     assert relative(ours.A, reference.A) < (FLOAT32_MEMORY if rounds * 8 >= size else SAME_SYSTEM)
     assert torch.equal(ours.B, reference.B)
     # Every row of ΔW stays in the null space, as on the float64 path.

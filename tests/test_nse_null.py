@@ -1,5 +1,6 @@
 """NSE-null (method "nse_null"): NSE's values, selection and passes with AlphaEdit's projected solve."""
 
+import pytest
 import torch
 from conftest import TINY_HPARAMS
 from test_methods import REQUESTS, engine, engine_round, random_psd
@@ -35,6 +36,25 @@ def test_the_projected_update_solves_alphaedits_system_on_the_selected_neurons_o
     assert factors.rank == n
 
 
+def test_the_null_space_moment_weight_adds_mu_c_inside_the_null_space() -> None:
+    g = torch.Generator().manual_seed(8)
+    d_ff, d_model, n, l2, mu = 20, 5, 3, 0.5, 40.0
+    second_moment = random_psd(d_ff, 26, seed=9)
+    memory = random_psd(d_ff, 4, seed=10)
+    keys = torch.randn(d_ff, n, generator=g, dtype=torch.float64)
+    residual = torch.randn(d_model, n, generator=g, dtype=torch.float64)
+    everything = torch.arange(d_ff)
+    space = null_space(second_moment, 1.5)
+    plain = projected_neuron_update(keys, residual, space, memory, l2, everything).dense().double()
+    soft = projected_neuron_update(keys, residual, space, memory, l2, everything, mom2_weight=mu).dense().double()
+    projector = space.projector
+    torch.testing.assert_close(soft, soft @ projector, rtol=0, atol=1e-6)  # still in the null space
+    lhs = projector @ (keys @ keys.T + memory + mu * second_moment) + l2 * torch.eye(d_ff, dtype=torch.float64)
+    torch.testing.assert_close(lhs @ soft.T, projector @ keys @ residual.T, rtol=1e-5, atol=1e-5)
+    # the corpus' directions cost more, so the update puts less of its energy on them than AlphaEdit's does
+    assert torch.trace(soft @ second_moment @ soft.T) < torch.trace(plain @ second_moment @ plain.T)
+
+
 def test_an_nse_null_round_keeps_nses_values_and_filter_and_writes_in_the_null_space() -> None:
     inputs = engine("nse_null", nullspace_threshold=1.0, neuron_threshold=0.8)
     outcome = engine_round(inputs)
@@ -53,10 +73,14 @@ def test_an_nse_null_round_keeps_nses_values_and_filter_and_writes_in_the_null_s
     assert CARD_METHODS["nse_null"][0] == "NSE-null"
 
 
-def test_an_nse_null_session_names_the_method_and_its_settings_in_its_card(tiny_dir, tmp_path) -> None:
-    session = EditSession.from_pretrained(str(tiny_dir), method="nse_null", device="cpu", **TINY_HPARAMS)
+@pytest.mark.parametrize("mu", [0.0, 50.0])
+def test_an_nse_null_session_names_the_method_and_its_settings_in_its_card(tiny_dir, tmp_path, mu) -> None:
+    session = EditSession.from_pretrained(str(tiny_dir), method="nse_null", device="cpu",
+                                          nullspace_mom2_weight=mu, **TINY_HPARAMS)
     session.edit(REQUESTS[:2], progress=False)
     session.save_pretrained(tmp_path / "saved")
     card = (tmp_path / "saved" / "README.md").read_text()
     assert "NSE-null" in card and "the selected neurons' null space" in card and "L2 = 10.0" in card
-    assert EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu").config.method == "nse_null"
+    assert ("inside the null space μ = 50.0" in card) == bool(mu)  # μ = 0 is AlphaEdit's solve: not named
+    config = EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu").config
+    assert (config.method, config.nullspace_mom2_weight) == ("nse_null", mu)

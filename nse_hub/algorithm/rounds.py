@@ -409,12 +409,12 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
                     space = _null_space(inputs, layer)
                     nullspace_dims[layer] = space.dims
                     factors = alphaedit_update(layer_keys, residual_kept, space, _memory(inputs, layer),
-                                               config.L2, layer)
+                                               config.L2, layer, config.nullspace_mom2_weight)
                 elif config.method == "nse_null":
                     space = _null_space(inputs, layer, neurons)
                     nullspace_dims[layer] = space.dims
                     factors = projected_neuron_update(layer_keys, residual_kept, space, _memory(inputs, layer),
-                                                      config.L2, neurons, layer)
+                                                      config.L2, neurons, layer, config.nullspace_mom2_weight)
                 else:
                     memory = _memory(inputs, layer) if config.uses_key_memory else None
                     factors = neuron_update(layer_keys, residual_kept, inputs.second_moments[layer], memory,

@@ -162,10 +162,12 @@ class NullSpace:
     Attributes:
         basis: ``d_ff × k`` orthonormal float64 columns; the projector is ``basis @ basis.T``.
         threshold: the eigenvalue cutoff used (absolute).
+        eigenvalues: the ``k`` eigenvalues of ``C`` along ``basis`` (float64, on the basis' device).
     """
 
     basis: torch.Tensor
     threshold: float
+    eigenvalues: torch.Tensor | None = None
 
     @property
     def dims(self) -> int:
@@ -179,6 +181,16 @@ class NullSpace:
     def project(self, matrix: torch.Tensor) -> torch.Tensor:
         """``P @ matrix`` without forming ``P``."""
         return self.basis @ (self.basis.T @ matrix)
+
+    def add_weighted_moment(self, matrix: torch.Tensor, weight: float) -> None:
+        """Add ``weight · P C`` to ``matrix`` in place: ``C`` restricted to the null space, ``U diag(λ) Uᵀ``."""
+        if weight == 0:
+            return
+        if self.eigenvalues is None:
+            raise ValueError("this null space was built without its eigenvalues; build it with null_space()")
+        basis = self.basis.to(matrix.device, matrix.dtype)
+        scaled = basis * (weight * self.eigenvalues.to(matrix.device, matrix.dtype))
+        matrix.addmm_(scaled, basis.T)
 
 
 def null_space(second_moment: torch.Tensor, threshold: float) -> NullSpace:
@@ -194,7 +206,8 @@ def null_space(second_moment: torch.Tensor, threshold: float) -> NullSpace:
     c = second_moment.double()
     eigenvalues, vectors = torch.linalg.eigh((c + c.T) / 2)
     cutoff = threshold * float(eigenvalues.median())
-    return NullSpace(vectors[:, eigenvalues < cutoff].contiguous(), cutoff)
+    kept = eigenvalues < cutoff
+    return NullSpace(vectors[:, kept].contiguous(), cutoff, eigenvalues[kept].contiguous())
 
 
 def null_space_lean(second_moment: torch.Tensor, threshold: float, device: torch.device | str) -> NullSpace:
@@ -216,17 +229,19 @@ def null_space_lean(second_moment: torch.Tensor, threshold: float, device: torch
     eigenvalues, vectors = torch.linalg.eigh(c)
     del c
     cutoff = threshold * float(eigenvalues.median())
-    basis = vectors[:, eigenvalues < cutoff].cpu().contiguous()
-    return NullSpace(basis, cutoff)
+    kept = eigenvalues < cutoff
+    return NullSpace(vectors[:, kept].cpu().contiguous(), cutoff, eigenvalues[kept].cpu().contiguous())
 
 
 def alphaedit_update(keys: torch.Tensor, residual: torch.Tensor, space: NullSpace, memory: MemoryLike,
-                     l2: float, layer: int | None = None) -> Factors:
-    """AlphaEdit's update ``Δᵀ = (P (K Kᵀ + M) + L2·I)⁻¹ P K Rᵀ`` as factors ``B @ A``.
+                     l2: float, layer: int | None = None, mom2_weight: float = 0.0) -> Factors:
+    """AlphaEdit's update ``Δᵀ = (P (K Kᵀ + M + μC) + L2·I)⁻¹ P K Rᵀ`` as factors ``B @ A``.
 
-    ``B = R`` and ``A = ((P (K Kᵀ + M) + L2·I)⁻¹ P K)ᵀ``; every row of ``ΔW`` lies in the null space
+    ``B = R`` and ``A = ((P (K Kᵀ + M + μC) + L2·I)⁻¹ P K)ᵀ``; every row of ``ΔW`` lies in the null space
     (``ΔW = ΔW P``), so keys outside it are mapped as before. The system is not symmetric and is
-    solved by LU in float64.
+    solved by LU in float64. AlphaEdit's own solve has ``μ = 0``: every kept direction costs the same ``L2``.
+    With ``μ > 0`` each also costs ``μ λ``, ``λ`` its eigenvalue of ``C``: MEMIT's preservation term inside the
+    null space, so the update leans on the directions the corpus uses least.
 
     Args:
         keys: ``d_ff × n`` keys of the requests being written.
@@ -237,23 +252,25 @@ def alphaedit_update(keys: torch.Tensor, residual: torch.Tensor, space: NullSpac
             for this solve only).
         l2: the weight of ``‖ΔW‖²``.
         layer: named in the error when the system is singular.
+        mom2_weight: ``μ``, the weight of ``C`` inside the null space (needs ``space.eigenvalues``).
 
     Raises:
         SingularSystemError: the system is singular to working precision.
     """
     if isinstance(memory, LayerMemory):
-        return _alphaedit_update_lean(keys, residual, space, memory, l2, layer)
+        return _alphaedit_update_lean(keys, residual, space, memory, l2, layer, mom2_weight)
     device = memory.device
     k = keys.to(device, torch.float64)
-    space = NullSpace(space.basis.to(device), space.threshold)
+    space = NullSpace(space.basis.to(device), space.threshold, space.eigenvalues)
     lhs = space.project(k @ k.T + memory)
+    space.add_weighted_moment(lhs, mom2_weight)
     lhs.diagonal().add_(l2)
     solved = solve_general(lhs, space.project(k), layer, fix="raise L2")  # d_ff × n
     return Factors(residual.to(device, torch.float64).float(), solved.T.float())
 
 
 def _alphaedit_update_lean(keys: torch.Tensor, residual: torch.Tensor, space: NullSpace, memory: LayerMemory,
-                           l2: float, layer: int | None) -> Factors:
+                           l2: float, layer: int | None, mom2_weight: float) -> Factors:
     device = memory.device
     k = keys.to(device, torch.float64)
     basis = space.basis.to(device, torch.float64)
@@ -267,6 +284,7 @@ def _alphaedit_update_lean(keys: torch.Tensor, residual: torch.Tensor, space: Nu
         del gram
     lhs = basis @ reduced
     del reduced
+    space.add_weighted_moment(lhs, mom2_weight)
     lhs.diagonal().add_(l2)
     rhs = basis @ (basis.T @ k)
     del basis
@@ -275,10 +293,11 @@ def _alphaedit_update_lean(keys: torch.Tensor, residual: torch.Tensor, space: Nu
 
 
 def projected_neuron_update(keys: torch.Tensor, residual: torch.Tensor, space: NullSpace, memory: MemoryLike,
-                            l2: float, selected: torch.Tensor, layer: int | None = None) -> Factors:
+                            l2: float, selected: torch.Tensor, layer: int | None = None,
+                            mom2_weight: float = 0.0) -> Factors:
     """AlphaEdit's projected solve on NSE's selected neurons ``S`` (method ``"nse_null"``).
 
-    ``ΔW[:, S]ᵀ = (Π (Kₛ Kₛᵀ + Mₛₛ) + L2·I)⁻¹ Π Kₛ Rᵀ`` and ``ΔW[:, S̄] = 0``, with ``Π`` the projector onto
+    ``ΔW[:, S]ᵀ = (Π (Kₛ Kₛᵀ + Mₛₛ + μCₛₛ) + L2·I)⁻¹ Π Kₛ Rᵀ`` and ``ΔW[:, S̄] = 0``, with ``Π`` the projector onto
     ``space``, the null space of ``C`` restricted to ``S`` (``C_SS``'s small eigenvectors, ``|S| × k``). Every
     row of ``ΔW`` lies in that null space and only the selected neurons change.
 
@@ -291,6 +310,7 @@ def projected_neuron_update(keys: torch.Tensor, residual: torch.Tensor, space: N
         l2: the weight of ``‖ΔW‖²``.
         selected: neuron indices ``S``.
         layer: named in the error when the system is singular.
+        mom2_weight: ``μ`` (see :func:`alphaedit_update`).
 
     Raises:
         SingularSystemError: the system is singular to working precision.
@@ -301,7 +321,7 @@ def projected_neuron_update(keys: torch.Tensor, residual: torch.Tensor, space: N
         restricted = memory.add_to(torch.zeros(len(index), len(index), dtype=torch.float64, device=device), index)
     else:
         restricted = memory[index][:, index]
-    sub = alphaedit_update(keys.to(device)[index], residual, space, restricted, l2, layer)
+    sub = alphaedit_update(keys.to(device)[index], residual, space, restricted, l2, layer, mom2_weight)
     a = torch.zeros(keys.shape[1], keys.shape[0], dtype=sub.A.dtype, device=device)
     a[:, index] = sub.A
     return Factors(sub.B, a)
