@@ -213,14 +213,11 @@ class EditConfig:
         for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be positive, got {getattr(self, name)}{_default_hint(name)}")
-        for name in ("v_weight_decay", "kl_factor", "v_early_stop_loss"):
+        for name in ("v_weight_decay", "kl_factor", "v_early_stop_loss", "nullspace_mom2_weight"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must be zero or positive, got {getattr(self, name)}{_default_hint(name)}")
         if self.context_length < 1:
             out.append(f"context_length must be at least 1, got {self.context_length}{_default_hint('context_length')}")
-        if self.nullspace_mom2_weight < 0:
-            out.append(f"nullspace_mom2_weight must be 0 or more (0: AlphaEdit's solve), got "
-                       f"{self.nullspace_mom2_weight}")
         if self.nullspace_threshold <= 0:
             out.append(f"nullspace_threshold must be positive (a multiple of C's median eigenvalue), "
                        f"got {self.nullspace_threshold}")

@@ -284,7 +284,7 @@ def _alphaedit_update_lean(keys: torch.Tensor, residual: torch.Tensor, space: Nu
         del gram
     lhs = basis @ reduced
     del reduced
-    space.add_weighted_moment(lhs, mom2_weight)
+    NullSpace(basis, space.threshold, space.eigenvalues).add_weighted_moment(lhs, mom2_weight)  # basis already here
     lhs.diagonal().add_(l2)
     rhs = basis @ (basis.T @ k)
     del basis
