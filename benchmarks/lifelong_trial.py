@@ -61,18 +61,20 @@ def main() -> None:
         held_out = load_requests(SHARED / "counterfact_easyedit" / "counterfact-train.json", limit=args.warmup)
         print("warm-up features", session.warm_up(held_out), flush=True)
     store = ValueStore(args.values) if args.values else None
-    seconds = []
+    seconds, written = [], []
     for batch in [] if args.base else schedule_rounds(requests, args.batch):
         tic = time.perf_counter()
         values = store.compute(session, batch) if store else None
-        session.edit(batch, progress=False, probes="rewrite", values=values)
+        report = session.edit(batch, progress=False, probes="rewrite", values=values)
         seconds.append(round(time.perf_counter() - tic, 1))
-        print("round", len(seconds), seconds[-1], flush=True)
+        written.append(round(report.metrics()["efficacy"], 1))  # the round's own edits, right after it
+        print("round", len(seconds), seconds[-1], "ES", written[-1], flush=True)
     evaluation = None if args.no_eval else evaluate_session(session, requests, protocol="running", record=False)
     ppl = perplexity(session.model, session.tokenizer, session.layout,
                      perplexity_texts(SHARED / "glue_eval" / "dataset"))
     result = {"name": args.name, "method": args.method, "hparams": hparams, "config": session.config.to_dict(),
               "edits": args.edits, "batch": args.batch, "round_seconds": seconds,
+              "round_efficacy": written,
               "metrics": evaluation.metrics if evaluation else {}, "perplexity": ppl,
               "eval_seconds": evaluation.seconds if evaluation else None,
               "total_seconds": round(time.perf_counter() - started, 1), "command": " ".join(sys.argv)}

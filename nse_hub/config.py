@@ -114,6 +114,10 @@ class EditConfig:
         "on the directions the corpus uses least. 0: AlphaEdit's solve (every kept direction costs L2). NSE-null on "
         "SmolLM2, 1000 CounterFact edits: μ 3e3 with L2 10 gave ES 94.3 at perplexity 1.48×, μ 1e4 87.9 at 1.21×, "
         "the same trade as raising L2 (benchmarks/README.md).")
+    key_memory_weight: float = _setting(
+        1.0, "NSE, sequential MEMIT, AlphaEdit, NSE-null: ω, the weight of the earlier rounds' keys P in the solve "
+        "(NSE: λC + ωP + KKᵀ; AlphaEdit, NSE-null: Π(KKᵀ + ωP)). Above 1 earlier edits are guarded more and new "
+        "ones get less room; 0 forgets them (sequential MEMIT becomes MEMIT). 1: the reference solves.")
     norm_anchor: bool = _setting(
         False, "NAS norm anchoring (arXiv 2602.02543), any method: each value's MLP-output part is rescaled to "
         "the anchor norm, the mean ‖v*‖ of the session's first round (computed on the original weights).")
@@ -213,7 +217,8 @@ class EditConfig:
         for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be positive, got {getattr(self, name)}{_default_hint(name)}")
-        for name in ("v_weight_decay", "kl_factor", "v_early_stop_loss", "nullspace_mom2_weight"):
+        for name in ("v_weight_decay", "kl_factor", "v_early_stop_loss", "nullspace_mom2_weight",
+                     "key_memory_weight"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must be zero or positive, got {getattr(self, name)}{_default_hint(name)}")
         if self.context_length < 1:

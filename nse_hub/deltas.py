@@ -15,6 +15,7 @@ round. How the edit reaches the model depends on the weights' precision:
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -253,8 +254,9 @@ class WeightDeltas:
 PROMOTE_ROWS = 1024
 
 
-def promote_into(target: torch.Tensor, source: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-    """``target += source[index][:, index]`` in ``target``'s dtype and device, a block of rows at a time.
+def promote_into(target: torch.Tensor, source: torch.Tensor, index: torch.Tensor | None = None,
+                 scale: float = 1.0) -> torch.Tensor:
+    """``target += scale · source[index][:, index]`` in ``target``'s dtype and device, a block of rows at a time.
 
     ``source`` (float32, usually on the host) is never copied whole to ``target``'s device: each block is
     promoted there exactly (float32 → float64 is exact) and added in place.
@@ -263,7 +265,7 @@ def promote_into(target: torch.Tensor, source: torch.Tensor, index: torch.Tensor
         source = source[index.cpu()][:, index.cpu()] if source.device.type == "cpu" else source[index][:, index]
     for start in range(0, source.shape[0], PROMOTE_ROWS):
         stop = start + PROMOTE_ROWS
-        target[start:stop] += source[start:stop].to(target.device, target.dtype)
+        target[start:stop].add_(source[start:stop].to(target.device, target.dtype), alpha=scale)
     return target
 
 
@@ -276,16 +278,18 @@ class LayerMemory:
         matrix: ``P`` as a float32 ``d_ff × d_ff`` matrix (host), once ``N ≥ d_ff``; else ``None``.
         device: where the solve runs (``P`` is promoted to float64 there, never formed as a whole matrix
             while it is kept as keys).
+        weight: ``ω``, what the solve reads is ``ωP`` (the setting ``key_memory_weight``).
     """
 
     keys: torch.Tensor | None
     matrix: torch.Tensor | None
     device: torch.device
+    weight: float = 1.0
 
     def add_to(self, lhs: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """``lhs += P[index][:, index]`` in place (float64, on ``lhs``'s device)."""
+        """``lhs += ωP[index][:, index]`` in place (float64, on ``lhs``'s device)."""
         if self.matrix is not None:
-            return promote_into(lhs, self.matrix, index)
+            return promote_into(lhs, self.matrix, index, self.weight)
         if self.keys is not None:
             keys = self.keys if index is None else self.keys[index.cpu()]
             for block in self.key_blocks(lhs.device, keys):
@@ -293,10 +297,13 @@ class LayerMemory:
         return lhs
 
     def key_blocks(self, device: torch.device | str, keys: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-        """The stored keys (or ``keys``), :data:`PROMOTE_ROWS` at a time, in float64 on ``device``."""
+        """The stored keys (or ``keys``) times ``√ω``, :data:`PROMOTE_ROWS` at a time, in float64 on ``device``:
+        the sum of ``block @ block.T`` over them is ``ωP``."""
         keys = self.keys if keys is None else keys
+        root = math.sqrt(self.weight)
         for start in range(0, 0 if keys is None else keys.shape[1], PROMOTE_ROWS):
-            yield keys[:, start:start + PROMOTE_ROWS].to(device, torch.float64)
+            block = keys[:, start:start + PROMOTE_ROWS].to(device, torch.float64)
+            yield block if root == 1.0 else block.mul_(root)
 
 
 class KeyMemory:
@@ -362,13 +369,14 @@ class KeyMemory:
         for keys in kept:
             self.add_round(keys)
 
-    def layer(self, layer: int) -> LayerMemory:
-        """The lean view of ``layer``'s memory: its keys, or its float32 matrix once it holds ``d_ff`` keys."""
+    def layer(self, layer: int, weight: float = 1.0) -> LayerMemory:
+        """The lean view of ``layer``'s memory, weighted by ``weight``: its keys, or its float32 matrix once it
+        holds ``d_ff`` keys."""
         if layer in self._matrices:
-            return LayerMemory(None, self._matrices[layer], self.device)
+            return LayerMemory(None, self._matrices[layer], self.device, weight)
         parts = [r[layer] for r in self.rounds if layer in r]
         keys = torch.cat(parts, dim=1) if parts else torch.zeros(self.size, 0)
-        return LayerMemory(keys, None, self.device)
+        return LayerMemory(keys, None, self.device, weight)
 
     def P(self, layer: int) -> torch.Tensor:
         """``P`` of ``layer`` as a float64 ``d_ff × d_ff`` matrix on ``device`` (formed on demand when lean)."""

@@ -136,6 +136,26 @@ def test_alphaedit_update_lean_matches_float64(rounds: int, mu: float) -> None:
     assert float((delta - space.project(delta.T).T).norm() / delta.norm()) < 1e-6
 
 
+@pytest.mark.parametrize("rounds", [2, 5])  # 16 keys (kept as keys) and 40 (a float32 matrix) of d_ff 24
+def test_the_key_memory_weight_scales_p_in_every_solve(rounds: int) -> None:
+    size, n, omega = 24, 4, 3.0
+    old, lean = memories(key_rounds(size, 8, rounds), size)
+    space = null_space(random_psd(size, 18, 6).float(), 2.0)
+    second_moment = random_psd(size, 40, 8)
+    keys, residual = torch.randn(size, n, generator=torch.Generator().manual_seed(7)), torch.randn(6, n)
+    everything = torch.arange(size)
+    tolerance = FLOAT32_MEMORY if rounds * 8 >= size else SAME_SYSTEM
+    for solve in (lambda memory: alphaedit_update(keys, residual, space, memory, 0.5),
+                  lambda memory: neuron_update(keys, residual, second_moment, memory, 2.0, everything)):
+        reference = solve(old.P(0) * omega)
+        assert relative(solve(lean.layer(0, omega)).A, reference.A) < tolerance
+        assert relative(solve(lean.layer(0)).A, reference.A) > 1e-3  # ω = 1 is another solve
+    # ω = 0 forgets the earlier rounds: NSE's solve without the key memory.
+    alone = neuron_update(keys, residual, second_moment, None, 2.0, everything)
+    assert relative(neuron_update(keys, residual, second_moment, lean.layer(0, 0.0), 2.0, everything).A,
+                    alone.A) < SAME_SYSTEM
+
+
 def _engine(method: str, lean: bool) -> RoundInputs:
     model = tiny_model("llama").requires_grad_(False)
     layout = ModelLayout.detect(model)

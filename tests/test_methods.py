@@ -72,6 +72,7 @@ def test_methods_and_their_settings_are_validated() -> None:
                          ({"nullspace_threshold": 0.0}, "nullspace_threshold must be positive"),
                          ({"L2": 0.0}, "L2 must be positive"),
                          ({"nullspace_mom2_weight": -1.0}, "nullspace_mom2_weight must be zero or positive"),
+                         ({"key_memory_weight": -1.0}, "key_memory_weight must be zero or positive"),
                          ({"norm_anchor_max_ratio": 1.0}, "norm_anchor_max_ratio must be above 1")]:
         with pytest.raises(ValueError, match=message):
             EditConfig(**bad)

@@ -262,8 +262,12 @@ def _null_space(inputs: RoundInputs, layer: int, neurons: torch.Tensor | None = 
 
 
 def _memory(inputs: RoundInputs, layer: int) -> torch.Tensor | LayerMemory:
-    """The key memory of ``layer`` as the configured engine reads it (lean: keys or a float32 host matrix)."""
-    return inputs.memory.layer(layer) if inputs.config.lean else inputs.memory.P(layer)
+    """``ωP``, the key memory of ``layer`` weighted by ``key_memory_weight``, as the configured engine reads it
+    (lean: keys or a float32 host matrix)."""
+    weight = inputs.config.key_memory_weight
+    if inputs.config.lean:
+        return inputs.memory.layer(layer, weight)
+    return inputs.memory.P(layer) if weight == 1.0 else inputs.memory.P(layer) * weight
 
 
 def _check_values(values: ValueResult, what: str) -> None:
