@@ -303,7 +303,7 @@ class LayerMemory:
         root = math.sqrt(self.weight)
         for start in range(0, 0 if keys is None else keys.shape[1], PROMOTE_ROWS):
             block = keys[:, start:start + PROMOTE_ROWS].to(device, torch.float64)
-            yield block if root == 1.0 else block.mul_(root)
+            yield block if root == 1.0 else block * root  # not in place: float64 keys are not copied by .to()
 
 
 class KeyMemory:
