@@ -378,10 +378,13 @@ class KeyMemory:
         keys = torch.cat(parts, dim=1) if parts else torch.zeros(self.size, 0)
         return LayerMemory(keys, None, self.device, weight)
 
-    def P(self, layer: int) -> torch.Tensor:
-        """``P`` of ``layer`` as a float64 ``d_ff × d_ff`` matrix on ``device`` (formed on demand when lean)."""
+    def P(self, layer: int, weight: float = 1.0) -> torch.Tensor:
+        """``P`` of ``layer``, times ``weight``, as a float64 ``d_ff × d_ff`` matrix on ``device`` (formed on demand
+        when lean; a weighted copy, never the stored sum scaled in place)."""
         if not self.lean:
-            return self._sums[layer]
-        if layer in self._matrices:
-            return self._matrices[layer].to(self.device, torch.float64)
-        return self._sum(layer).to(self.device)
+            matrix = self._sums[layer]
+        elif layer in self._matrices:
+            matrix = self._matrices[layer].to(self.device, torch.float64)
+        else:
+            matrix = self._sum(layer).to(self.device)
+        return matrix if weight == 1.0 else matrix * weight

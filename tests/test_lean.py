@@ -145,6 +145,8 @@ def test_the_key_memory_weight_scales_p_in_every_solve(rounds: int) -> None:
     keys, residual = torch.randn(size, n, generator=torch.Generator().manual_seed(7)), torch.randn(6, n)
     everything = torch.arange(size)
     tolerance = FLOAT32_MEMORY if rounds * 8 >= size else SAME_SYSTEM
+    stored = old.P(0).clone()
+    assert torch.equal(old.P(0, omega), stored * omega) and torch.equal(old.P(0), stored)  # a copy, not in place
     for solve in (lambda memory: alphaedit_update(keys, residual, space, memory, 0.5),
                   lambda memory: neuron_update(keys, residual, second_moment, memory, 2.0, everything)):
         reference = solve(old.P(0) * omega)

@@ -265,9 +265,7 @@ def _memory(inputs: RoundInputs, layer: int) -> torch.Tensor | LayerMemory:
     """``ωP``, the key memory of ``layer`` weighted by ``key_memory_weight``, as the configured engine reads it
     (lean: keys or a float32 host matrix)."""
     weight = inputs.config.key_memory_weight
-    if inputs.config.lean:
-        return inputs.memory.layer(layer, weight)
-    return inputs.memory.P(layer) if weight == 1.0 else inputs.memory.P(layer) * weight
+    return inputs.memory.layer(layer, weight) if inputs.config.lean else inputs.memory.P(layer, weight)
 
 
 def _check_values(values: ValueResult, what: str) -> None:
