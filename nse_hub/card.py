@@ -35,6 +35,11 @@ def template_path() -> Path:
     return Path(__file__).resolve().parents[1] / "cards" / "model_card.md"
 
 
+# Read once: a long-running process (a benchmark of hours) renders its cards with the template of the code it runs,
+# not with one edited on disk since, which may name settings its configuration does not have.
+TEMPLATE = template_path().read_text(encoding="utf-8")
+
+
 @dataclass(frozen=True)
 class Metric:
     """One figure for the card's table and its ``model-index``.
@@ -212,7 +217,7 @@ def build_card(meta: SessionMeta, reports: list[RoundReport], repo_id: str | Non
     base_loading, base_note, base_is_local = _base_loading(meta)
     return ModelCard.from_template(
         card_data,
-        template_path=str(template_path()),
+        template_str=TEMPLATE,
         title=f"{Path(base_id or 'model').name}, edited with {method_name(meta.config.method)} "
               f"(version round-{version})",
         base_display=base_id or "the base model",

@@ -10,6 +10,7 @@ The two agree within float64 rounding (tests/test_lean.py).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,9 @@ import torch
 from nse_hub.deltas import PROMOTE_ROWS, Factors, LayerMemory, promote_into
 from nse_hub.errors import SingularSystemError
 
-__all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "neuron_update", "null_space", "null_space_lean",
-           "projected_neuron_update", "select_neurons", "solve_general", "solve_spd", "through_post_norm"]
+__all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "joint_update", "neuron_update", "null_space",
+           "null_space_lean", "projected_neuron_update", "select_neurons", "solve_general", "solve_spd",
+           "through_post_norm"]
 
 #: The key memory as a solve takes it: a float64 matrix (the float64 path) or a layer's lean view.
 MemoryLike = torch.Tensor | LayerMemory
@@ -325,6 +327,64 @@ def projected_neuron_update(keys: torch.Tensor, residual: torch.Tensor, space: N
     a = torch.zeros(keys.shape[1], keys.shape[0], dtype=sub.A.dtype, device=device)
     a[:, index] = sub.A
     return Factors(sub.B, a)
+
+
+def joint_update(keys: Mapping[int, torch.Tensor], residual: torch.Tensor, spaces: Mapping[int, NullSpace],
+                 earlier: Mapping[int, torch.Tensor], l2: float, selected: Mapping[int, torch.Tensor],
+                 mom2_weight: float = 0.0, device: torch.device | str = "cpu") -> dict[int, Factors]:
+    """NSE-null's solve of every edit layer at once (``joint_solve``): one ridge system over the stacked keys.
+
+    With ``U_l`` the null-space basis of layer ``l`` (over its selected neurons ``S_l``), ``K̂ = [U_lᵀ K_l]`` and
+    ``Ô = [U_lᵀ O_l]`` stacked over the layers (``D = Σ k_l`` rows; ``O_l`` the earlier rounds' keys, already
+    times ``√ω``) and ``Λ = L2·I + μ·diag(λ)``: ``X = R K̂ᵀ (K̂ K̂ᵀ + Ô Ôᵀ + Λ)⁻¹`` and ``ΔW_l[:, S_l] = X_l U_lᵀ``.
+    It minimises ``‖Σ_l ΔW_l K_l − R‖² + ‖Σ_l ΔW_l O_l‖² + Σ_l ‖X_l‖²_Λ``: the layers write one residual together
+    and guard the earlier edits together, so the earlier keys fill the stacked space (``D`` directions) rather
+    than each layer's own (``k_l``). Solved in the smaller of ``D`` and the number of keys (Woodbury).
+
+    Args:
+        keys: per layer, ``d_ff × n`` keys of the requests being written.
+        residual: ``d_model × n``, what the z-layer output still lacks (the whole of it, not a layer's share).
+        spaces: per layer, the null space of ``C`` over ``selected[layer]`` (basis in those coordinates).
+        earlier: per layer, ``d_ff × N`` keys of the earlier rounds times ``√ω`` (the same requests, in the same
+            order, at every layer).
+        l2: the weight of ``‖X‖²``.
+        selected: per layer, the neuron indices ``S_l`` that may change.
+        mom2_weight: ``μ`` (see :func:`alphaedit_update`; needs the spaces' eigenvalues).
+        device: where the solve runs (float64).
+
+    Raises:
+        SingularSystemError: the system is not positive definite (non-finite keys).
+    """
+    layers = list(keys)
+    bases = {layer: spaces[layer].basis.to(device, torch.float64) for layer in layers}
+
+    def stacked(per_layer: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([bases[layer].T @ per_layer[layer].to(device, torch.float64)[selected[layer].to(device)]
+                          for layer in layers])
+
+    new = stacked(keys)
+    both = torch.cat([new, stacked(earlier)], dim=1)  # D × (n + N)
+    ridge = torch.cat([l2 + mom2_weight * spaces[layer].eigenvalues.to(device, torch.float64) if mom2_weight
+                       else torch.full((bases[layer].shape[1],), float(l2), dtype=torch.float64, device=device)
+                       for layer in layers])
+    if both.shape[1] < both.shape[0]:  # (Λ + GGᵀ)⁻¹ = Λ⁻¹ − Λ⁻¹G (I + GᵀΛ⁻¹G)⁻¹ GᵀΛ⁻¹
+        scaled = both / ridge[:, None]
+        inner = both.T @ scaled
+        inner.diagonal().add_(1.0)
+        solved = new / ridge[:, None] - scaled @ solve_spd(inner, scaled.T @ new)
+    else:
+        system = both @ both.T
+        system.diagonal().add_(ridge)
+        solved = solve_spd(system, new)  # D × n
+    out, start = {}, 0
+    b = residual.to(device, torch.float64).float()
+    for layer in layers:
+        dims = bases[layer].shape[1]
+        a = torch.zeros(new.shape[1], keys[layer].shape[0], dtype=torch.float64, device=device)
+        a[:, selected[layer].to(device)] = (bases[layer] @ solved[start:start + dims]).T
+        out[layer] = Factors(b, a.float())
+        start += dims
+    return out
 
 
 def through_post_norm(norm: torch.nn.Module, outputs: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
