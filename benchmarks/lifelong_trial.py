@@ -29,13 +29,27 @@ from pathlib import Path
 
 import torch
 
-from nse_hub import EditSession, load_requests
+from nse_hub import EditSession, RoundReport, load_requests
 from nse_hub.ability import perplexity, perplexity_texts
 from nse_hub.evaluation import evaluate_session
 from nse_hub.sequential import ValueStore, schedule_rounds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HERE = Path(__file__).resolve().parent
+
+
+def z_layer_reach(report: RoundReport) -> dict[str, float]:
+    """Whether a round's misses are edits the solve did not write or edits written that do not take.
+
+    ``residual``: the mean share of the z-layer residual left after the round; ``missed_written``: of the requests
+    that fail right after their round, the share whose residual fell below a quarter of its start (the z-layer
+    output reached its target, the answer did not follow).
+    """
+    requests = [r for r in report.requests if r.residual_before > 0]
+    share = [r.residual_after / r.residual_before for r in requests]
+    missed = [s for r, s in zip(requests, share) if r.success() is False]
+    return {"residual": round(sum(share) / max(1, len(share)), 3), "missed": len(missed),
+            "missed_written": round(sum(s < 0.25 for s in missed) / max(1, len(missed)), 3)}
 
 
 def main() -> None:
@@ -61,20 +75,21 @@ def main() -> None:
         held_out = load_requests(SHARED / "counterfact_easyedit" / "counterfact-train.json", limit=args.warmup)
         print("warm-up features", session.warm_up(held_out), flush=True)
     store = ValueStore(args.values) if args.values else None
-    seconds, written = [], []
+    seconds, written, reached = [], [], []
     for batch in [] if args.base else schedule_rounds(requests, args.batch):
         tic = time.perf_counter()
         values = store.compute(session, batch) if store else None
         report = session.edit(batch, progress=False, probes="rewrite", values=values)
         seconds.append(round(time.perf_counter() - tic, 1))
         written.append(round(report.metrics()["efficacy"], 1))  # the round's own edits, right after it
-        print("round", len(seconds), seconds[-1], "ES", written[-1], flush=True)
+        reached.append(z_layer_reach(report))
+        print("round", len(seconds), seconds[-1], "ES", written[-1], "reach", reached[-1], flush=True)
     evaluation = None if args.no_eval else evaluate_session(session, requests, protocol="running", record=False)
     ppl = perplexity(session.model, session.tokenizer, session.layout,
                      perplexity_texts(SHARED / "glue_eval" / "dataset"))
     result = {"name": args.name, "method": args.method, "hparams": hparams, "config": session.config.to_dict(),
               "edits": args.edits, "batch": args.batch, "round_seconds": seconds,
-              "round_efficacy": written,
+              "round_efficacy": written, "round_reach": reached,
               "metrics": evaluation.metrics if evaluation else {}, "perplexity": ppl,
               "eval_seconds": evaluation.seconds if evaluation else None,
               "total_seconds": round(time.perf_counter() - started, 1), "command": " ".join(sys.argv)}

@@ -121,10 +121,9 @@ class EditConfig:
         "SmolLM2, 2000 CounterFact edits: ω 3 (L2 50) gave ES 84.7 at perplexity 1.48× (ω 1: 85.0 at 1.56×); with ω 10 "
         "(L2 30) late rounds could not write their own edits and ES fell to 82.4 (benchmarks/README.md).")
     joint_solve: bool = _setting(
-        False, "NSE-null: solve every edit layer at once, one ridge system over the layers' stacked null-space keys "
-        "(nse_hub.algorithm.update.joint_update), instead of one layer after another with a share of the residual "
-        "each. The earlier rounds' keys then fill the stacked space (Σ null-space dims of the layers) instead of each "
-        "layer's own, which the per-layer solve exhausts after about 1300 edits on SmolLM2. Models whose MLP output "
+        False, "NSE-null: every edit layer's update from one solve (nse_hub.algorithm.update.joint_update): the layers "
+        "share out the residual by the least total cost instead of writing equal parts one layer after another; "
+        "each layer guards the earlier edits with its own keys, as in the per-layer solve. Models whose MLP output "
         "joins the residual unnormalised only (Llama, Mistral, Qwen; not Gemma 3).")
     norm_anchor: bool = _setting(
         False, "NAS norm anchoring (arXiv 2602.02543), any method: each value's MLP-output part is rescaled to "

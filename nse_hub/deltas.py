@@ -374,12 +374,9 @@ class KeyMemory:
         holds ``d_ff`` keys."""
         if layer in self._matrices:
             return LayerMemory(None, self._matrices[layer], self.device, weight)
-        return LayerMemory(self.keys(layer), None, self.device, weight)
-
-    def keys(self, layer: int) -> torch.Tensor:
-        """Every earlier round's keys of ``layer``, ``d_ff × N`` float32 on the host, in round order."""
         parts = [r[layer] for r in self.rounds if layer in r]
-        return torch.cat(parts, dim=1) if parts else torch.zeros(self.size, 0)
+        keys = torch.cat(parts, dim=1) if parts else torch.zeros(self.size, 0)
+        return LayerMemory(keys, None, self.device, weight)
 
     def P(self, layer: int, weight: float = 1.0) -> torch.Tensor:
         """``P`` of ``layer``, times ``weight``, as a float64 ``d_ff × d_ff`` matrix on ``device`` (formed on demand

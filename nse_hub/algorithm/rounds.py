@@ -268,10 +268,8 @@ def _joint_pass(inputs: RoundInputs, keys: dict[int, torch.Tensor], residual: to
     config = inputs.config
     neurons = {layer: select_neurons(k, config.neuron_threshold) for layer, k in keys.items()}
     spaces = {layer: _null_space(inputs, layer, neurons[layer]) for layer in keys}
-    root = math.sqrt(config.key_memory_weight)
-    earlier = {layer: inputs.memory.keys(layer) * root for layer in keys}
-    updates = joint_update(keys, residual, spaces, earlier, config.L2, neurons, config.nullspace_mom2_weight,
-                           inputs.memory.device)
+    updates = joint_update(keys, residual, spaces, {layer: _memory(inputs, layer) for layer in keys}, config.L2,
+                           neurons, config.nullspace_mom2_weight)
     for layer, factors in updates.items():
         selected[layer].append(len(neurons[layer]))
         nullspace_dims[layer] = spaces[layer].dims
