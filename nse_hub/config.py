@@ -120,11 +120,6 @@ class EditConfig:
         "ones get less room; 0 forgets them (sequential MEMIT becomes MEMIT). 1: the reference solves. NSE-null on "
         "SmolLM2, 2000 CounterFact edits: ω 3 (L2 50) gave ES 84.7 at perplexity 1.48× (ω 1: 85.0 at 1.56×); with ω 10 "
         "(L2 30) late rounds could not write their own edits and ES fell to 82.4 (benchmarks/README.md).")
-    joint_solve: bool = _setting(
-        False, "NSE-null: every edit layer's update from one solve (nse_hub.algorithm.update.joint_update): the layers "
-        "share out the residual by the least total cost instead of writing equal parts one layer after another; "
-        "each layer guards the earlier edits with its own keys, as in the per-layer solve. Models whose MLP output "
-        "joins the residual unnormalised only (Llama, Mistral, Qwen; not Gemma 3).")
     norm_anchor: bool = _setting(
         False, "NAS norm anchoring (arXiv 2602.02543), any method: each value's MLP-output part is rescaled to "
         "the anchor norm, the mean ‖v*‖ of the session's first round (computed on the original weights).")
@@ -269,11 +264,6 @@ class EditConfig:
                 out.append(f"{name} must be a non-empty string, got {getattr(self, name)!r}{_default_hint(name)}")
         if self.preset is not None and not isinstance(self.preset, str):
             out.append(f"preset must be a string or null, got {self.preset!r}")
-        if not isinstance(self.joint_solve, bool):
-            out.append(f"joint_solve must be true or false, got {self.joint_solve!r}")
-        elif self.joint_solve and self.method != "nse_null":
-            out.append(f"joint_solve is a setting of method 'nse_null', not {self.method!r}: "
-                       "use method='nse_null' or drop joint_solve")
         if not isinstance(self.norm_anchor, bool):
             out.append(f"norm_anchor must be true or false, got {self.norm_anchor!r}")
         if not isinstance(self.lean, bool):
@@ -438,9 +428,6 @@ def make_config(layout: ModelLayout, embedded_name: str | None = None, method: s
         base["layers"] = ultraedit_layers(layout.num_layers)
     config = EditConfig(**{**base, "method": method, "preset": preset, **hparams})  # checks the types
     problems = config.problems(num_layers=layout.num_layers)
-    if config.joint_solve and layout.post_mlp_norm_path is not None:
-        problems.append(f"joint_solve needs the MLP output to join the residual unnormalised; {layout.model_type} "
-                        "normalises it after the MLP: drop joint_solve (the per-layer solve handles that norm)")
     if problems:
         raise ConfigError("invalid edit configuration: " + "; ".join(problems))
     if "mom2_n_samples" in hparams:

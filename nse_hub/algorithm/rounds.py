@@ -51,7 +51,6 @@ from nse_hub.algorithm.ultraedit import bound_norm, editing_features, pseudo_val
 from nse_hub.algorithm.update import (
     NullSpace,
     alphaedit_update,
-    joint_update,
     neuron_update,
     null_space,
     null_space_lean,
@@ -262,21 +261,6 @@ def _null_space(inputs: RoundInputs, layer: int, neurons: torch.Tensor | None = 
     return cache[key]
 
 
-def _joint_pass(inputs: RoundInputs, keys: dict[int, torch.Tensor], residual: torch.Tensor,
-                selected: dict[int, list[int]], nullspace_dims: dict[int, int]) -> None:
-    """One update pass of ``joint_solve``: every layer's update from one system (:func:`joint_update`)."""
-    config = inputs.config
-    neurons = {layer: select_neurons(k, config.neuron_threshold) for layer, k in keys.items()}
-    spaces = {layer: _null_space(inputs, layer, neurons[layer]) for layer in keys}
-    updates = joint_update(keys, residual, spaces, {layer: _memory(inputs, layer) for layer in keys}, config.L2,
-                           neurons, config.nullspace_mom2_weight)
-    for layer, factors in updates.items():
-        selected[layer].append(len(neurons[layer]))
-        nullspace_dims[layer] = spaces[layer].dims
-        _check_finite({"B": factors.B, "A": factors.A}, layer, "update")
-        inputs.deltas.add(layer, factors)
-
-
 def _memory(inputs: RoundInputs, layer: int) -> torch.Tensor | LayerMemory:
     """``ωP``, the key memory of ``layer`` weighted by ``key_memory_weight``, as the configured engine reads it
     (lean: keys or a float32 host matrix)."""
@@ -394,11 +378,9 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
     selected: dict[int, list[int]] = {layer: [] for layer in layers}
     nullspace_dims: dict[int, int] = {}
     normed = layout.post_mlp_norm_path is not None  # Gemma: MLP output is normalised before the residual add
-    joint = config.joint_solve
     for _ in range(config.update_passes):
-        with clock.phase("keys"):  # the joint solve reads every layer's keys at once, on the same weights
-            keys, current, outputs = probe.read(layers if joint else [layers[0]],
-                                                output_layers=[layers[0]] if normed else [])
+        with clock.phase("keys"):
+            keys, current, outputs = probe.read([layers[0]], output_layers=[layers[0]] if normed else [])
         residual = (targets - current.to(targets.device)).norm(dim=1)
         if not residual_before:
             residual_before = residual.tolist()
@@ -407,11 +389,6 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
         if not bool(keep.any()):
             break
         kept = torch.nonzero(keep).squeeze(1).tolist()
-        if joint:
-            with clock.phase("solve"):
-                _joint_pass(inputs, {layer: keys[layer][:, kept] for layer in layers},
-                            (targets[kept] - current[kept].to(targets.device)).T.double(), selected, nullspace_dims)
-            continue
         for j, layer in enumerate(layers):
             with clock.phase("keys"):
                 if j == 0:  # read on the same weights just above

@@ -10,7 +10,6 @@ The two agree within float64 rounding (tests/test_lean.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +17,8 @@ import torch
 from nse_hub.deltas import PROMOTE_ROWS, Factors, LayerMemory, promote_into
 from nse_hub.errors import SingularSystemError
 
-__all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "joint_update", "neuron_update", "null_space",
-           "null_space_lean", "projected_neuron_update", "select_neurons", "solve_general", "solve_spd",
-           "through_post_norm"]
+__all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "neuron_update", "null_space", "null_space_lean",
+           "projected_neuron_update", "select_neurons", "solve_general", "solve_spd", "through_post_norm"]
 
 #: The key memory as a solve takes it: a float64 matrix (the float64 path) or a layer's lean view.
 MemoryLike = torch.Tensor | LayerMemory
@@ -319,67 +317,14 @@ def projected_neuron_update(keys: torch.Tensor, residual: torch.Tensor, space: N
     """
     device = memory.device
     index = selected.to(device)
-    sub = alphaedit_update(keys.to(device)[index], residual, space, _restricted(memory, index), l2, layer,
-                           mom2_weight)
+    if isinstance(memory, LayerMemory):
+        restricted = memory.add_to(torch.zeros(len(index), len(index), dtype=torch.float64, device=device), index)
+    else:
+        restricted = memory[index][:, index]
+    sub = alphaedit_update(keys.to(device)[index], residual, space, restricted, l2, layer, mom2_weight)
     a = torch.zeros(keys.shape[1], keys.shape[0], dtype=sub.A.dtype, device=device)
     a[:, index] = sub.A
     return Factors(sub.B, a)
-
-
-def joint_update(keys: Mapping[int, torch.Tensor], residual: torch.Tensor, spaces: Mapping[int, NullSpace],
-                 memories: Mapping[int, MemoryLike], l2: float, selected: Mapping[int, torch.Tensor],
-                 mom2_weight: float = 0.0) -> dict[int, Factors]:
-    """NSE-null's solve of every edit layer at once (``joint_solve``): the layers write one residual together.
-
-    With ``U_l`` the null-space basis of layer ``l`` (over its selected neurons ``S_l``), ``K̂_l = U_lᵀ K_l``,
-    ``B_l = U_lᵀ M_l U_l + L2·I + μ·diag(λ_l)`` (``M_l`` the layer's earlier keys, ``ωP``) and ``X_l`` the update in
-    the basis (``ΔW_l[:, S_l] = X_l U_lᵀ``), it minimises ``‖Σ_l X_l K̂_l − R‖² + Σ_l tr(X_l B_l X_lᵀ)``: each layer
-    guards the earlier edits as the per-layer solve does, but the residual is shared out by the solve (the least
-    total cost) instead of in equal parts one layer after another. Solved as ``Y = B⁻¹K̂ (I + K̂ᵀB⁻¹K̂)⁻¹``,
-    ``X = R Yᵀ``: one ``k_l × k_l`` Cholesky per layer and one ``n × n`` system. With one layer it is
-    :func:`projected_neuron_update` with the whole residual.
-
-    Args:
-        keys: per layer, ``d_ff × n`` keys of the requests being written.
-        residual: ``d_model × n``, what the z-layer output still lacks (the whole of it, not a layer's share).
-        spaces: per layer, the null space of ``C`` over ``selected[layer]`` (basis in those coordinates).
-        memories: per layer, ``ωP`` as the solves take it (a float64 matrix or a lean view).
-        l2: the weight of ``‖X‖²``.
-        selected: per layer, the neuron indices ``S_l`` that may change.
-        mom2_weight: ``μ`` (see :func:`alphaedit_update`; needs the spaces' eigenvalues).
-
-    Raises:
-        SingularSystemError: a system is not positive definite (non-finite keys).
-    """
-    device = next(iter(memories.values())).device
-    bases, solved_keys, gram = {}, {}, None
-    for layer, layer_keys in keys.items():
-        index = selected[layer].to(device)
-        basis = bases[layer] = spaces[layer].basis.to(device, torch.float64)
-        system = basis.T @ _restricted(memories[layer], index) @ basis
-        system.diagonal().add_(l2)
-        if mom2_weight:  # the basis holds eigenvectors of C_SS: μC is μ·diag(λ) in it
-            system.diagonal().add_(mom2_weight * spaces[layer].eigenvalues.to(device, torch.float64))
-        projected = basis.T @ layer_keys.to(device, torch.float64)[index]  # K̂_l
-        solved_keys[layer] = (projected, solve_spd(system, projected, layer))  # K̂_l, B_l⁻¹K̂_l
-        part = projected.T @ solved_keys[layer][1]
-        gram = part if gram is None else gram + part
-    gram.diagonal().add_(1.0)
-    b = residual.to(device, torch.float64).float()
-    out = {}
-    for layer, (projected, solved) in solved_keys.items():
-        y = torch.linalg.solve(gram, solved.T).T  # B_l⁻¹K̂_l (I + K̂ᵀB⁻¹K̂)⁻¹; the Gram matrix is symmetric
-        a = torch.zeros(projected.shape[1], keys[layer].shape[0], dtype=torch.float64, device=device)
-        a[:, selected[layer].to(device)] = (bases[layer] @ y).T
-        out[layer] = Factors(b, a.float())
-    return out
-
-
-def _restricted(memory: MemoryLike, index: torch.Tensor) -> torch.Tensor:
-    """``M[index][:, index]`` in float64 on the memory's device (a lean view forms only that block)."""
-    if isinstance(memory, LayerMemory):
-        return memory.add_to(torch.zeros(len(index), len(index), dtype=torch.float64, device=memory.device), index)
-    return memory[index][:, index]
 
 
 def through_post_norm(norm: torch.nn.Module, outputs: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
