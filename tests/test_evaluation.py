@@ -12,6 +12,7 @@ from conftest import FIXTURES, TINY_HPARAMS, tiny_model, tiny_tokenizer
 from huggingface_hub import ModelCard
 
 from nse_hub import EditSession, load_requests
+from nse_hub import card as card_module
 from nse_hub.ability import TASKS, perplexity, suite_accuracy
 from nse_hub.architectures import ModelLayout
 from nse_hub.cli import main
@@ -179,6 +180,16 @@ def test_final_evaluation_flows_into_the_card(tiny_dir: Path) -> None:
     efficacy = next(r for r in card.data.eval_results if r.metric_type == "efficacy")
     assert efficacy.metric_value == round(result.metrics["efficacy"], 1)
     assert "final protocol" in card.text and "generation-based" in card.text
+
+
+def test_cards_render_with_the_template_this_process_imported(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    session.edit(REQUESTS[:1], progress=False)
+    before = str(session.card())
+    edited = tmp_path / "model_card.md"  # the checkout's template changed under a long run
+    edited.write_text("{{ hparams.a_setting_this_code_does_not_have }}")
+    monkeypatch.setattr(card_module, "template_path", lambda: edited)
+    assert str(session.card()) == before
 
 
 def test_sequential_run_and_plot(tiny_dir: Path, tmp_path: Path) -> None:
