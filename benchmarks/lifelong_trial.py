@@ -41,15 +41,22 @@ HERE = Path(__file__).resolve().parent
 def z_layer_reach(report: RoundReport) -> dict[str, float]:
     """Whether a round's misses are edits the solve did not write or edits written that do not take.
 
-    ``residual``: the mean share of the z-layer residual left after the round; ``missed_written``: of the requests
-    that fail right after their round, the share whose residual fell below a quarter of its start (the z-layer
-    output reached its target, the answer did not follow).
+    ``residual``: the mean share of the z-layer residual left after the round (``missed_residual``,
+    ``hit_residual``: the same over the requests that fail and that succeed right after it); ``missed_written``: of
+    the requests that fail, the share whose residual fell below a quarter of its start (the z-layer output reached
+    its target, the answer did not follow); ``residual_before``: the mean residual norm before the round.
     """
     requests = [r for r in report.requests if r.residual_before > 0]
     share = [r.residual_after / r.residual_before for r in requests]
     missed = [s for r, s in zip(requests, share) if r.success() is False]
-    return {"residual": round(sum(share) / max(1, len(share)), 3), "missed": len(missed),
-            "missed_written": round(sum(s < 0.25 for s in missed) / max(1, len(missed)), 3)}
+    hit = [s for r, s in zip(requests, share) if r.success() is True]
+
+    def mean(values: list[float]) -> float:
+        return round(sum(values) / max(1, len(values)), 3)
+
+    return {"residual": mean(share), "missed": len(missed), "missed_residual": mean(missed),
+            "hit_residual": mean(hit), "missed_written": mean([float(s < 0.25) for s in missed]),
+            "residual_before": mean([r.residual_before for r in requests])}
 
 
 def main() -> None:
