@@ -22,7 +22,6 @@ those of ``benchmarks/sequential.py`` (``schedule_rounds``), so the stores are i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -32,14 +31,8 @@ import torch
 
 from nse_hub import EditSession, RoundReport, load_requests
 from nse_hub.ability import perplexity, perplexity_texts
-from nse_hub.algorithm.batches import build_key_batch
-from nse_hub.algorithm.keys import KeyProbe
-from nse_hub.algorithm.rounds import PLAIN_PROMPTS, _mlp_outputs, anchor_values
-from nse_hub.algorithm.values import ValueResult
 from nse_hub.evaluation import evaluate_session
-from nse_hub.requests import EditRequest, fact_key
 from nse_hub.sequential import ValueStore, schedule_rounds
-from nse_hub.tokens import pad_id
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HERE = Path(__file__).resolve().parent
@@ -66,53 +59,6 @@ def z_layer_reach(report: RoundReport) -> dict[str, float]:
             "residual_before": mean([r.residual_before for r in requests])}
 
 
-class Replay:
-    """Earlier edits to write again: each round, the ``count`` whose z-layer residual (against the target they were
-    written with, NAS-rescaled as the round wrote it) has grown back the most, with their stored value targets.
-
-    NSE's targets are computed on the original weights, so an earlier edit's are still valid; NSE's residual filter
-    then leaves out any whose residual is below ``alpha``. A later write of the same fact replaces the earlier one.
-    """
-
-    def __init__(self, session: EditSession, count: int) -> None:
-        self.session, self.count = session, count
-        self.facts: dict[tuple[str, str], tuple[EditRequest, dict[str, torch.Tensor], torch.Tensor]] = {}
-
-    def _probe(self, requests: list[EditRequest]) -> KeyProbe:
-        s = self.session
-        return KeyProbe(s.model, s.layout, build_key_batch(s.tokenizer, requests, PLAIN_PROMPTS), s.config.layers[0],
-                        s.config.z_layer, pad_id(s.tokenizer), s.config.batch_size)
-
-    def add(self, requests: list[EditRequest], values: ValueResult) -> None:
-        """Remember a round's new edits with the targets it wrote (call after the round: the NAS anchor is set)."""
-        s = self.session
-        targets = values.targets
-        if s.config.norm_anchor:
-            with s.deltas.original():
-                mlp = _mlp_outputs(s.model, s.layout, self._probe(requests), s.config.z_layer)
-            targets = anchor_values(values, mlp, s.engine.norm_anchor, s.config.norm_anchor_max_ratio)[0]
-        saved = values.to_tensors()
-        for i, request in enumerate(requests):
-            row = {name: tensor[i:i + 1] for name, tensor in saved.items()}
-            self.facts[fact_key(request)] = (request, row, targets[i] - values.hidden[i])
-
-    def pick(self, batch: list[EditRequest]) -> tuple[list[EditRequest], list[dict[str, torch.Tensor]], list[float]]:
-        """The earlier edits to write with ``batch``, their stored targets, and every candidate's residual share."""
-        fresh = {fact_key(r) for r in batch}
-        # NAS leaves a request whose value norm is too large unwritten (its target is its own output): never replayed.
-        candidates = [item for key, item in self.facts.items() if key not in fresh and float(item[2].norm()) > 0]
-        if not candidates or not self.count:
-            return [], [], []
-        requests = [request for request, _, _ in candidates]
-        now = self._probe(requests).read([]).z_out
-        shares = []
-        for (_, row, wanted), current in zip(candidates, now):
-            target = row["hidden"][0] + wanted
-            shares.append(float((target - current).norm() / wanted.norm().clamp_min(1e-12)))
-        order = sorted(range(len(candidates)), key=lambda i: -shares[i])[: self.count]
-        return [requests[i] for i in order], [candidates[i][1] for i in order], shares
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", help="the trial's name (its JSON file)")
@@ -124,9 +70,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=0,
                         help="UltraEdit: warm up the running statistics on this many counterfact-train records")
     parser.add_argument("--values", type=Path, help="NSE family: a value store folder to read and fill")
-    parser.add_argument("--replay", type=int, default=0,
-                        help="NSE family, with --values: also write again, each round, this many earlier edits whose "
-                             "z-layer residual has grown back the most (see Replay)")
     parser.add_argument("--no-eval", action="store_true", help="only the perplexity after the edits")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lifelong-tuning")
     args = parser.parse_args()
@@ -139,40 +82,21 @@ def main() -> None:
         held_out = load_requests(SHARED / "counterfact_easyedit" / "counterfact-train.json", limit=args.warmup)
         print("warm-up features", session.warm_up(held_out), flush=True)
     store = ValueStore(args.values) if args.values else None
-    if args.replay and not store:
-        parser.error("--replay needs --values (the earlier edits' stored targets)")
-    replay = Replay(session, args.replay)
-    seconds, written, reached, replayed = [], [], [], []
+    seconds, written, reached = [], [], []
     for batch in [] if args.base else schedule_rounds(requests, args.batch):
         tic = time.perf_counter()
         values = store.compute(session, batch) if store else None
-        again, rows, shares = replay.pick(batch) if args.replay else ([], [], [])
-        if again:
-            joined = {name: torch.cat([values.to_tensors()[name], *[row[name] for row in rows]])
-                      for name in rows[0]}
-            report = session.edit(batch + again, progress=False, probes="rewrite",
-                                  values=ValueResult.from_tensors(joined))
-            own = dataclasses.replace(report, requests=report.requests[:len(batch)])
-            replayed.append({"count": len(again), "share_max": round(max(shares), 3),
-                             "share_cut": round(sorted(shares)[-len(again)], 3),
-                             "written_again": sum(any(r.edited_in_passes) for r in report.requests[len(batch):]),
-                             "right_after": sum(bool(r.success()) for r in report.requests[len(batch):])})
-        else:
-            report = own = session.edit(batch, progress=False, probes="rewrite", values=values)
-        if args.replay:
-            replay.add(batch, values)
+        report = session.edit(batch, progress=False, probes="rewrite", values=values)
         seconds.append(round(time.perf_counter() - tic, 1))
-        written.append(round(own.metrics()["efficacy"], 1))  # the round's own edits, right after it
-        reached.append(z_layer_reach(own))
-        print("round", len(seconds), seconds[-1], "ES", written[-1], "reach", reached[-1],
-              "replayed", replayed[-1] if again else None, flush=True)
+        written.append(round(report.metrics()["efficacy"], 1))  # the round's own edits, right after it
+        reached.append(z_layer_reach(report))
+        print("round", len(seconds), seconds[-1], "ES", written[-1], "reach", reached[-1], flush=True)
     evaluation = None if args.no_eval else evaluate_session(session, requests, protocol="running", record=False)
     ppl = perplexity(session.model, session.tokenizer, session.layout,
                      perplexity_texts(SHARED / "glue_eval" / "dataset"))
     result = {"name": args.name, "method": args.method, "hparams": hparams, "config": session.config.to_dict(),
               "edits": args.edits, "batch": args.batch, "round_seconds": seconds,
               "round_efficacy": written, "round_reach": reached,
-              "replayed": replayed,
               "metrics": evaluation.metrics if evaluation else {}, "perplexity": ppl,
               "eval_seconds": evaluation.seconds if evaluation else None,
               "total_seconds": round(time.perf_counter() - started, 1), "command": " ".join(sys.argv)}
