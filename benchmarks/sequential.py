@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import statistics
 from pathlib import Path
@@ -154,6 +155,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="write results.json, curves.png and the tables from the saved state, editing nothing")
     args = parser.parse_args()
+    # A run takes hours: its log shows each round as it ends (and the value helpers' rounds).
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("nse_hub.sequential").setLevel(logging.INFO)
     if args.label and len(args.methods) != 1:
         parser.error("--label names the run of one method: give one --methods")
     name = args.name or f"sequential-{args.edits}x{args.batch}"

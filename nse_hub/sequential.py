@@ -308,7 +308,8 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
             session.save_pretrained(state / SESSION_DIR)
             atomic_write_json(state / RUN_FILE, run.to_dict())
         measure_point_if_due()
-        logger.info("round %d/%d done (%d edits)", index + 1, len(schedule), done)
+        logger.info("round %d/%d done (%d edits, %.0f s)", index + 1, len(schedule), done,
+                    report.seconds.get("total", 0.0))
     if run.final is None:
         parts = state / FINAL_PARTS_DIR if state is not None else None  # an interrupted final evaluation continues
         run.final = evaluate_session(session, requests, protocol="final", options=options, suite=suite,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -94,10 +95,13 @@ def test_a_run_with_repeats_a_sample_and_lean_rounds_resumes(tiny_dir: Path, tmp
     assert again.final.metrics == pytest.approx(run.final.metrics) and len(resumed.rounds) == 2
 
 
-def test_a_sampled_point_says_so(tiny_dir: Path) -> None:
+def test_a_sampled_point_says_so(tiny_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
-    run = run_sequential(session, REQUESTS, 2, running_sample_size=1, options=EvalOptions(generation=False),
-                         probes="rewrite", label="nse-tiny")
+    with caplog.at_level(logging.INFO, logger="nse_hub.sequential"):
+        run = run_sequential(session, REQUESTS, 2, running_sample_size=1, options=EvalOptions(generation=False),
+                             probes="rewrite", label="nse-tiny")
+    done = [re.fullmatch(r"round (\d/2) done \((\d) edits, \d+ s\)", r.getMessage()) for r in caplog.records]
+    assert [m.groups() for m in done if m] == [("1/2", "2"), ("2/2", "4")]  # a long run's log shows where it is
     assert [(e.edits, e.sample) for e in run.curve] == [(2, 1), (4, None)]
     assert (run.method, run.name) == ("nse", "nse-tiny") and SequentialRun.from_dict(run.to_dict()).name == "nse-tiny"
     assert "sample of 1 of the 2 edits" in run.curve[0].card_metrics()[0].protocol
