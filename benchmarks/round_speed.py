@@ -10,9 +10,11 @@ Per round size it reports seconds per edit for each phase (values, keys, solve, 
 the peak resident memory: of the whole process, during the value optimisation, and during the rest
 of the rounds (sampled every 20 ms with psutil when it is installed; else only the process peak from
 ``resource.getrusage``). ``--reference`` adds the reference's one-request-at-a-time value loop
-(``optimize_values_reference``) at the first round size, for comparison.
+(``optimize_values_reference``) at the first round size, for comparison. ``--methods`` times each method's rounds
+the same way, one process per method and round size, one after another (side by side on the same machine).
 
     python benchmarks/round_speed.py --edits 100 --batches 10 50 100
+    python benchmarks/round_speed.py --edits 100 --batches 100 --methods nse nse_null alphaedit memit_seq ultraedit
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class MemorySampler:
             self.sample()
 
 
-def child(implementation: str, model: str, data: Path, edits: int, batch: int) -> dict:
+def child(implementation: str, model: str, data: Path, edits: int, batch: int, method: str = "nse") -> dict:
     from nse_hub import EditSession, load_requests
     from nse_hub.algorithm import optimize_values, optimize_values_reference
 
@@ -78,7 +80,7 @@ def child(implementation: str, model: str, data: Path, edits: int, batch: int) -
     optimize = {"batched": optimize_values, "reference": optimize_values_reference}[implementation]
     with MemorySampler() as memory:
         started = time.perf_counter()
-        session = EditSession.from_pretrained(model, device="cpu")
+        session = EditSession.from_pretrained(model, device="cpu", method=method)
         load_seconds = time.perf_counter() - started
         memory.sample()
         loaded_rss = memory.peaks.get("setup")
@@ -98,7 +100,9 @@ def child(implementation: str, model: str, data: Path, edits: int, batch: int) -
             memory.phase = "rest of round"
             report = session.edit(requests[start:start + batch], progress=False)
             memory.sample()
-            per_round.append({phase: report.seconds.get(phase, 0.0) for phase in (*PHASES, "stats")}
+            seconds = dict(report.seconds)
+            seconds["values"] = seconds.get("values", 0.0) + seconds.get("features", 0.0)  # UltraEdit: features
+            per_round.append({phase: seconds.get(phase, 0.0) for phase in (*PHASES, "stats")}
                              | {"edits": len(report.requests), "efficacy": report.metrics().get("efficacy"),
                                 "value_steps": sum(r.value_steps for r in report.requests)})
     n = sum(r["edits"] for r in per_round)
@@ -106,7 +110,8 @@ def child(implementation: str, model: str, data: Path, edits: int, batch: int) -
     # Round totals include the one-time context templates (and statistics, when the cache was cold) of the
     # first round: leave them out per edit.
     per_edit["total"] -= sum(r["templates"] + r["stats"] for r in per_round) / n
-    return {"implementation": implementation, "batch": batch, "edits": n, "load_seconds": load_seconds,
+    return {"implementation": implementation, "method": method, "batch": batch, "edits": n,
+            "load_seconds": load_seconds,
             "templates_seconds": sum(r["templates"] for r in per_round),
             "seconds_per_edit": per_edit, "rounds": per_round,
             "value_steps_per_edit": sum(r["value_steps"] for r in per_round) / n,
@@ -116,12 +121,14 @@ def child(implementation: str, model: str, data: Path, edits: int, batch: int) -
             "phase_peak_rss_mib": {k: v for k, v in memory.peaks.items() if k != "setup"}}
 
 
-def warm_statistics(model: str) -> float:
+def warm_statistics(model: str, method: str = "nse") -> float:
     """Compute the session's statistics (and nothing else) once; returns the seconds it took."""
     from nse_hub import EditSession
     from nse_hub.stats import second_moments
 
-    session = EditSession.from_pretrained(model, device="cpu")
+    session = EditSession.from_pretrained(model, device="cpu", method=method)
+    if not session.config.uses_second_moments:  # UltraEdit
+        return 0.0
     started = time.perf_counter()
     second_moments(session.model, session.tokenizer, session.layout, session.config.layers, session.stats_spec,
                    session.config.batch_size, progress=False)
@@ -129,13 +136,16 @@ def warm_statistics(model: str) -> float:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| value optimisation | round size | rounds | values s/edit | keys s/edit | solve s/edit | "
-             "scoring s/edit | total s/edit | Adam steps/edit | efficacy | peak RSS MiB: process / values / rest |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ("method", "value optimisation", "round size", "rounds", "values (UltraEdit: features) s/edit",
+               "keys s/edit", "solve s/edit", "scoring s/edit", "total s/edit", "Adam steps/edit", "efficacy",
+               "peak RSS MiB: process / values / rest")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         e, peaks = r["seconds_per_edit"], r["phase_peak_rss_mib"]
         peak = " / ".join(f"{peaks[k]:.0f}" if k in peaks else "–" for k in ("values", "rest of round"))
-        lines.append(f"| {r['implementation']} | {r['batch']} | {len(r['rounds'])} | {e['values']:.2f} | "
+        optimisation = "–" if r.get("method") == "ultraedit" else r["implementation"]
+        lines.append(f"| {r.get('method', 'nse')} | {optimisation} | {r['batch']} | {len(r['rounds'])} | "
+                     f"{e['values']:.2f} | "
                      f"{e['keys']:.2f} | {e['solve']:.3f} | {e['scoring']:.2f} | {e['total']:.2f} | "
                      f"{r['value_steps_per_edit']:.1f} | {r['efficacy']:.0f} % | "
                      f"{r['peak_rss_mib']:.0f} / {peak} |")
@@ -150,17 +160,20 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[10, 50, 100], help="round sizes")
     parser.add_argument("--reference", action="store_true",
                         help="also run the reference's per-request value loop at the first round size")
+    parser.add_argument("--methods", nargs="+", default=["nse"], help="edit methods to time, one after another")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "round_speed.json")
     parser.add_argument("--child", choices=["batched", "reference", "stats"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="nse", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "stats":
-        print(json.dumps({"stats_seconds": warm_statistics(args.model)}))
+        print(json.dumps({"stats_seconds": warm_statistics(args.model, args.method)}))
         return
     if args.child:
-        print(json.dumps(child(args.child, args.model, args.data, args.edits, args.batch)))
+        print(json.dumps(child(args.child, args.model, args.data, args.edits, args.batch, args.method)))
         return
-    runs = [("batched", batch) for batch in args.batches] + ([("reference", args.batches[0])] if args.reference else [])
+    runs = [("batched", batch, method) for method in args.methods for batch in args.batches]
+    runs += [("reference", args.batches[0], "nse")] if args.reference else []
     results = []
     with tempfile.TemporaryDirectory(prefix="nse-hub-bench-") as cache:
         models = Path(os.environ.get("NSE_HUB_CACHE", Path.home() / ".cache" / "nse-hub")) / "models"
@@ -176,10 +189,11 @@ def main() -> None:
                    "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
         header = {"machine": machine, "model": args.model, "edits": args.edits, "batches": args.batches,
                   "command": "python benchmarks/round_speed.py " + " ".join(sys.argv[1:]),
-                  "stats_seconds": run("--child", "stats")["stats_seconds"]}
+                  "stats_seconds": {method: run("--child", "stats", "--method", method)["stats_seconds"]
+                                    for method in dict.fromkeys(args.methods)}}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        for implementation, batch in runs:
-            results.append(run("--child", implementation, "--batch", str(batch)))
+        for implementation, batch, method in runs:
+            results.append(run("--child", implementation, "--batch", str(batch), "--method", method))
             print(table(results[-1:]).splitlines()[-1], flush=True)
             args.out.write_text(json.dumps({**header, "results": results}, indent=2) + "\n")  # after each size
     print(table(results))
