@@ -33,6 +33,9 @@ USES_SECOND_MOMENTS: tuple[str, ...] = ("nse", "memit", "memit_seq", "alphaedit"
 #: The settings of the value step and of its context templates (EditConfig.value_settings).
 VALUE_SETTINGS: tuple[str, ...] = ("v_lr", "v_num_grad_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor",
                                    "v_early_stop_loss", "context_prefixes", "context_length", "seed")
+#: Value settings added later: part of a value store's identity only when set off their default, so that the
+#: targets stored before they existed stay valid.
+LATER_VALUE_SETTINGS: dict[str, Any] = {"v_stop_most_probable": False}
 #: Methods whose solve is projected on the null space of ``C`` (AlphaEdit's whole one, NSE-null's on the neurons).
 USES_NULL_SPACE: tuple[str, ...] = ("alphaedit", "nse_null")
 
@@ -75,6 +78,10 @@ class EditConfig:
     kl_factor: float = _setting(0.0625, "Weight of the KL term that keeps '{subject} is a' predictions as they "
                                         "were.")
     v_early_stop_loss: float = _setting(0.05, "A request's value optimisation stops once its loss is below this.")
+    v_stop_most_probable: bool = _setting(
+        False, "ENCORE's most-probable early stopping (arXiv 2502.01636): a request's value optimisation also "
+        "stops once each of its target tokens is the most probable one at its position in every rewrite prompt "
+        "(smaller shifts δ, fewer steps).")
     mom2_update_weight: float = _setting(1e4, "λ, the weight of the corpus second moment C in the solve: larger "
                                               "preserves more, edits less strongly.")
     neuron_threshold: float = _setting(1.0, "NSE: the share p of the summed key magnitude that the selected "
@@ -264,10 +271,9 @@ class EditConfig:
                 out.append(f"{name} must be a non-empty string, got {getattr(self, name)!r}{_default_hint(name)}")
         if self.preset is not None and not isinstance(self.preset, str):
             out.append(f"preset must be a string or null, got {self.preset!r}")
-        if not isinstance(self.norm_anchor, bool):
-            out.append(f"norm_anchor must be true or false, got {self.norm_anchor!r}")
-        if not isinstance(self.lean, bool):
-            out.append(f"lean must be true or false, got {self.lean!r}")
+        for name in ("norm_anchor", "lean", "v_stop_most_probable"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         return out
 
     @property
@@ -277,7 +283,9 @@ class EditConfig:
     def value_settings(self) -> dict[str, Any]:
         """What determines a round's value targets besides the model and the requests (and, outside the NSE
         family, the earlier rounds)."""
-        return {**{name: getattr(self, name) for name in VALUE_SETTINGS}, "z_layer": self.z_layer,
+        later = {name: getattr(self, name) for name, default in LATER_VALUE_SETTINGS.items()
+                 if getattr(self, name) != default}
+        return {**{name: getattr(self, name) for name in VALUE_SETTINGS}, **later, "z_layer": self.z_layer,
                 "original_weights": self.nse_family}
 
     @property

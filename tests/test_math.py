@@ -12,8 +12,9 @@ from nse_hub.algorithm.values import optimize_values, optimize_values_reference
 from nse_hub.architectures import ModelLayout
 from nse_hub.config import EditConfig
 from nse_hub.deltas import Factors, KeyMemory, WeightDeltas
-from nse_hub.requests import load_requests
+from nse_hub.requests import load_requests, parse_requests
 from nse_hub.tokens import pad_id
+from nse_hub.tracing import edit_output
 
 TEMPLATES = [["{}"], ["Once upon a time. {}", "I think. {}"]]
 
@@ -151,6 +152,62 @@ def test_requests_below_the_early_stop_loss_leave_the_batch() -> None:
     assert 0 in result.steps and max(result.steps) > 0
     assert result.steps == reference.steps
     assert torch.allclose(result.targets, reference.targets, atol=1e-4)
+
+
+def _target_tokens_on_top(model, layout: ModelLayout, batch, request: int, shift: torch.Tensor) -> bool:
+    """Whether, with ``shift`` added at the subject's last token, every target token of ``request`` is the argmax."""
+    for row, owner in enumerate(batch.request_of):
+        if owner != request or not batch.labels[row]:
+            continue
+        position = batch.lookup[row]
+
+        def add(h: torch.Tensor, position: int = position) -> torch.Tensor:
+            h = h.clone()
+            h[0, position] += shift.to(h.dtype)
+            return h
+
+        with torch.no_grad(), edit_output(layout.layer(model, 1), add):
+            logits = model(input_ids=torch.tensor([batch.sequences[row]])).logits[0]
+        if logits[batch.target_positions[row]].argmax(-1).tolist() != batch.labels[row]:
+            return False
+    return True
+
+
+def test_most_probable_early_stopping_stops_each_request_at_the_first_step_its_targets_are_on_top() -> None:
+    model = tiny_model("llama").requires_grad_(False)
+    tokenizer = tiny_tokenizer()
+    layout = ModelLayout.detect(model)
+    # Subjects at the end of the prompt: δ sits where the first target token is predicted, so a tiny random model
+    # can put it on top within a few steps.
+    requests = parse_requests([{"prompt": "{}", "subject": subject, "target_new": target} for subject, target in [
+        ("The mother tongue of Danielle Darrieux is", "English"), ("The official religion of Edwin is", "Islam"),
+        ("Paris is the capital of", "Italy")]])
+    batch = build_value_batch(tokenizer, requests, [t for group in TEMPLATES for t in group])
+    settings = {"layers": (0, 1), "v_lr": 0.05, "v_early_stop_loss": 0.0, "clamp_norm_factor": 20.0,
+                "v_weight_decay": 0.0}
+    full = optimize_values(model, layout, batch, EditConfig(**settings, v_num_grad_steps=25), pad_id(tokenizer))
+    mpes = EditConfig(**settings, v_num_grad_steps=25, v_stop_most_probable=True)
+    early = optimize_values(model, layout, batch, mpes, pad_id(tokenizer))
+    reference = optimize_values_reference(model, layout, batch, mpes, pad_id(tokenizer))
+    assert early.steps == reference.steps
+    assert torch.allclose(early.targets, reference.targets, atol=1e-5)
+    assert max(early.steps) < 24 and full.steps == [24] * len(requests)
+    for request, taken in enumerate(early.steps):
+        assert taken >= 1  # none is on top before its first step
+        shift = early.targets[request] - early.hidden[request]
+        assert _target_tokens_on_top(model, layout, batch, request, shift)
+        assert shift.norm() < (full.targets[request] - full.hidden[request]).norm()
+        # One step fewer (v_num_grad_steps counts the last measurement too) was not enough.
+        before = optimize_values(model, layout, batch, EditConfig(**settings, v_num_grad_steps=taken),
+                                 pad_id(tokenizer))
+        assert not _target_tokens_on_top(model, layout, batch, request,
+                                         before.targets[request] - before.hidden[request])
+
+
+def test_most_probable_early_stopping_joins_the_value_store_identity_only_when_set() -> None:
+    plain = EditConfig(layers=(0, 1)).value_settings()
+    assert "v_stop_most_probable" not in plain  # stores made before the setting existed stay valid
+    assert EditConfig(layers=(0, 1), v_stop_most_probable=True).value_settings()["v_stop_most_probable"] is True
 
 
 @pytest.mark.parametrize("family", ["llama", "gptj", "gpt2"])

@@ -9,7 +9,8 @@ so it computes what the reference's one-request-at-a-time loop computes, with le
 * positions before the subject's last token cannot see δ (attention is causal), so their keys and
   values are cached too and each step runs only the suffix from the subject's last token on;
 * the output head runs only at positions that predict a target token and at the KL positions;
-* a request whose loss falls below ``v_early_stop_loss`` leaves the batch;
+* a request whose loss falls below ``v_early_stop_loss`` (or, with ``v_stop_most_probable``, whose target
+  tokens are all the most probable ones) leaves the batch;
 * the reference's last forward pass, whose only use is an early-stop test that cannot change δ
   any more, is not run.
 
@@ -122,16 +123,19 @@ def _loss_index(batch: ValueBatch, rows: Sequence[int], active: Sequence[int], c
 
 
 def _request_losses(model: PreTrainedModel, layout: ModelLayout, hidden: torch.Tensor, index: _LossIndex,
-                    kl_init: torch.Tensor, n_active: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per active request: mean target NLL and KL(current ‖ initial) at its KL position."""
+                    kl_init: torch.Tensor, n_active: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per active request: mean target NLL, KL(current ‖ initial) at its KL position, and how many of its target
+    tokens are not the most probable at their positions."""
     logprobs = torch.log_softmax(layout.logits(model, hidden[index.token_rows, index.token_cols]).float(), dim=-1)
     picked = logprobs.gather(1, index.token_labels[:, None]).squeeze(1)
     nll = torch.zeros(n_active, device=hidden.device).index_add(0, index.token_request, -picked * index.token_weight)
+    outranked = (logprobs.argmax(-1) != index.token_labels).float()
+    not_top = torch.zeros(n_active, device=hidden.device).index_add(0, index.token_request, outranked)
     current = torch.log_softmax(layout.logits(model, hidden[index.kl_rows, index.kl_cols]).float(), dim=-1)
     initial = kl_init[index.kl_request]
     per_row = (current.exp() * (current - initial)).sum(-1)
     kl = torch.zeros(n_active, device=hidden.device).index_add(0, index.kl_position, per_row)
-    return nll, kl
+    return nll, kl, not_top
 
 
 def _clamp_(delta: torch.Tensor, max_norm: float) -> None:
@@ -339,16 +343,19 @@ def _optimize_chunk(model: PreTrainedModel, layout: ModelLayout, batch: ValueBat
         stacked = torch.stack([deltas[i] for i in active])
         nll = torch.zeros(len(active), device=device)
         kl = torch.zeros(len(active), device=device)
+        not_top = torch.zeros(len(active), device=device)
         for group, (local, row_request, index) in zip(groups, plans):
             if local is None:
                 continue
             final = group.run(local, stacked[row_request])
-            group_nll, group_kl = _request_losses(model, layout, final, index, kl_init, len(active))
-            nll, kl = nll + group_nll, kl + group_kl
+            group_nll, group_kl, group_not_top = _request_losses(model, layout, final, index, kl_init, len(active))
+            nll, kl, not_top = nll + group_nll, kl + group_kl, not_top + group_not_top
         losses = nll + config.kl_factor * kl + decay_scale[active] * stacked.norm(dim=1)
         for k, request in enumerate(active):
             loss_seen[request], nll_seen[request] = float(losses[k].detach()), float(nll[k].detach())
         done = losses.detach() < config.v_early_stop_loss
+        if config.v_stop_most_probable:
+            done |= not_top == 0
         still = [request for request, d in zip(active, done.tolist()) if not d]
         if not still:
             break
@@ -434,7 +441,10 @@ def optimize_values_reference(model: PreTrainedModel, layout: ModelLayout, batch
             nll = nll / len(rewrite_local)
             kl = (kl_now.exp() * (kl_now - state["kl"])).sum()
             loss = nll + config.kl_factor * kl + config.v_weight_decay * delta.norm() / state["h"].norm() ** 2
-            if loss < config.v_early_stop_loss or step == config.v_num_grad_steps - 1:
+            on_top = config.v_stop_most_probable and all(
+                logprobs[k, batch.target_positions[rows[k]]].argmax(-1).tolist() == batch.labels[rows[k]]
+                for k in rewrite_local)
+            if loss < config.v_early_stop_loss or on_top or step == config.v_num_grad_steps - 1:
                 break
             loss.backward()
             optimizer.step()
