@@ -71,6 +71,9 @@ def main() -> None:
                         help="UltraEdit: warm up the running statistics on this many counterfact-train records")
     parser.add_argument("--values", type=Path, help="NSE family: a value store folder to read and fill")
     parser.add_argument("--no-eval", action="store_true", help="only the perplexity after the edits")
+    parser.add_argument("--eval-at", type=int, nargs="*", default=[],
+                        help="also evaluate (running protocol on the edits so far, perplexity) after these many edits; "
+                             "each point is saved as soon as it is measured")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lifelong-tuning")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -82,7 +85,25 @@ def main() -> None:
         held_out = load_requests(SHARED / "counterfact_easyedit" / "counterfact-train.json", limit=args.warmup)
         print("warm-up features", session.warm_up(held_out), flush=True)
     store = ValueStore(args.values) if args.values else None
-    seconds, written, reached = [], [], []
+    seconds, written, reached, points = [], [], [], []
+    texts = perplexity_texts(SHARED / "glue_eval" / "dataset")
+
+    def measure(edited: list, evaluate: bool = True) -> dict:
+        evaluation = evaluate_session(session, edited, protocol="running", record=False) if evaluate else None
+        return {"edits": len(edited), "metrics": evaluation.metrics if evaluation else {},
+                "perplexity": perplexity(session.model, session.tokenizer, session.layout, texts),
+                "eval_seconds": evaluation.seconds if evaluation else None}
+
+    def save(final: dict) -> dict:
+        result = {"name": args.name, "method": args.method, "hparams": hparams, "config": session.config.to_dict(),
+                  "edits": args.edits, "batch": args.batch, "round_seconds": seconds,
+                  "round_efficacy": written, "round_reach": reached, **final, "points": points,
+                  "total_seconds": round(time.perf_counter() - started, 1), "command": " ".join(sys.argv)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+        return result
+
+    edited = []
     for batch in [] if args.base else schedule_rounds(requests, args.batch):
         tic = time.perf_counter()
         values = store.compute(session, batch) if store else None
@@ -91,17 +112,14 @@ def main() -> None:
         written.append(round(report.metrics()["efficacy"], 1))  # the round's own edits, right after it
         reached.append(z_layer_reach(report))
         print("round", len(seconds), seconds[-1], "ES", written[-1], "reach", reached[-1], flush=True)
-    evaluation = None if args.no_eval else evaluate_session(session, requests, protocol="running", record=False)
-    ppl = perplexity(session.model, session.tokenizer, session.layout,
-                     perplexity_texts(SHARED / "glue_eval" / "dataset"))
-    result = {"name": args.name, "method": args.method, "hparams": hparams, "config": session.config.to_dict(),
-              "edits": args.edits, "batch": args.batch, "round_seconds": seconds,
-              "round_efficacy": written, "round_reach": reached,
-              "metrics": evaluation.metrics if evaluation else {}, "perplexity": ppl,
-              "eval_seconds": evaluation.seconds if evaluation else None,
-              "total_seconds": round(time.perf_counter() - started, 1), "command": " ".join(sys.argv)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+        edited.extend(batch)
+        if any(len(edited) >= at > len(edited) - len(batch) for at in args.eval_at) and len(edited) < len(requests):
+            points.append(measure(edited))
+            print("point", json.dumps(points[-1]), flush=True)
+            save({"metrics": {}, "perplexity": None, "eval_seconds": None, "partial": True})
+    final = measure(requests, evaluate=not args.no_eval)
+    result = save({"metrics": final["metrics"], "perplexity": final["perplexity"],
+                   "eval_seconds": final["eval_seconds"]})
     print(json.dumps({k: result[k] for k in ("name", "metrics", "perplexity", "round_seconds")}))
 
 
