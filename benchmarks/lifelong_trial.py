@@ -32,7 +32,7 @@ import torch
 from nse_hub import EditSession, RoundReport, load_requests
 from nse_hub.ability import perplexity, perplexity_texts
 from nse_hub.evaluation import evaluate_session
-from nse_hub.sequential import ValueStore, schedule_rounds
+from nse_hub.sequential import ValueStore, precompute_values, schedule_rounds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HERE = Path(__file__).resolve().parent
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=0,
                         help="UltraEdit: warm up the running statistics on this many counterfact-train records")
     parser.add_argument("--values", type=Path, help="NSE family: a value store folder to read and fill")
+    parser.add_argument("--values-ahead", action="store_true",
+                        help="with --values: only fill the store, last round first (a helper beside the trial)")
     parser.add_argument("--no-eval", action="store_true", help="only the perplexity after the edits")
     parser.add_argument("--eval-at", type=int, nargs="*", default=[],
                         help="also evaluate (running protocol on the edits so far, perplexity) after these many edits; "
@@ -85,6 +87,12 @@ def main() -> None:
         held_out = load_requests(SHARED / "counterfact_easyedit" / "counterfact-train.json", limit=args.warmup)
         print("warm-up features", session.warm_up(held_out), flush=True)
     store = ValueStore(args.values) if args.values else None
+    if args.values_ahead:
+        if store is None:
+            parser.error("--values-ahead needs --values")
+        rounds = len(schedule_rounds(requests, args.batch))
+        print("rounds computed", precompute_values(session, requests, args.batch, store, range(rounds - 1, -1, -1)))
+        return
     seconds, written, reached, points = [], [], [], []
     texts = perplexity_texts(SHARED / "glue_eval" / "dataset")
 
