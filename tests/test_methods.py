@@ -73,7 +73,8 @@ def test_methods_and_their_settings_are_validated() -> None:
                          ({"L2": 0.0}, "L2 must be positive"),
                          ({"nullspace_mom2_weight": -1.0}, "nullspace_mom2_weight must be zero or positive"),
                          ({"key_memory_weight": -1.0}, "key_memory_weight must be zero or positive"),
-                         ({"norm_anchor_max_ratio": 1.0}, "norm_anchor_max_ratio must be above 1")]:
+                         ({"norm_anchor_max_ratio": 1.0}, "norm_anchor_max_ratio must be above 1"),
+                         ({"v_stop_most_probable": "yes"}, "v_stop_most_probable must be true or false")]:
         with pytest.raises(ValueError, match=message):
             EditConfig(**bad)
 
