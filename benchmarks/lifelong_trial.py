@@ -90,8 +90,8 @@ def main() -> None:
     if args.values_ahead:
         if store is None:
             parser.error("--values-ahead needs --values")
-        rounds = len(schedule_rounds(requests, args.batch))
-        print("rounds computed", precompute_values(session, requests, args.batch, store, range(rounds - 1, -1, -1)))
+        last_first = reversed(range(len(schedule_rounds(requests, args.batch))))
+        print("rounds computed", precompute_values(session, requests, args.batch, store, last_first))
         return
     seconds, written, reached, points = [], [], [], []
     texts = perplexity_texts(SHARED / "glue_eval" / "dataset")

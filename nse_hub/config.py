@@ -35,7 +35,7 @@ VALUE_SETTINGS: tuple[str, ...] = ("v_lr", "v_num_grad_steps", "v_weight_decay",
                                    "v_early_stop_loss", "context_prefixes", "context_length", "seed")
 #: Value settings added later: part of a value store's identity only when set off their default, so that the
 #: targets stored before they existed stay valid.
-LATER_VALUE_SETTINGS: dict[str, Any] = {"v_stop_most_probable": False}
+LATER_VALUE_SETTINGS: tuple[str, ...] = ("v_stop_most_probable",)
 #: Methods whose solve is projected on the null space of ``C`` (AlphaEdit's whole one, NSE-null's on the neurons).
 USES_NULL_SPACE: tuple[str, ...] = ("alphaedit", "nse_null")
 
@@ -283,8 +283,7 @@ class EditConfig:
     def value_settings(self) -> dict[str, Any]:
         """What determines a round's value targets besides the model and the requests (and, outside the NSE
         family, the earlier rounds)."""
-        later = {name: getattr(self, name) for name, default in LATER_VALUE_SETTINGS.items()
-                 if getattr(self, name) != default}
+        later = {name: getattr(self, name) for name in LATER_VALUE_SETTINGS if getattr(self, name) != _default(name)}
         return {**{name: getattr(self, name) for name in VALUE_SETTINGS}, **later, "z_layer": self.z_layer,
                 "original_weights": self.nse_family}
 
@@ -352,10 +351,15 @@ def _is_sequence(value: Any) -> bool:
     return isinstance(value, (list, tuple))
 
 
+def _default(name: str) -> Any:
+    """The default value of the setting ``name``."""
+    setting = next(f for f in dataclasses.fields(EditConfig) if f.name == name)
+    return setting.default if setting.default is not dataclasses.MISSING else setting.default_factory()
+
+
 def _default_hint(name: str) -> str:
     """`` (default X)``: the value that works unless there is a reason for another."""
-    default = next(f for f in dataclasses.fields(EditConfig) if f.name == name)
-    value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
+    value = _default(name)
     return f" (default {list(value) if isinstance(value, tuple) else value!r})"
 
 
