@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from nse_hub import EditSession, RoundReport, load_requests
+from nse_hub import RoundReport, load_requests
 from nse_hub.ability import perplexity, perplexity_texts
 from nse_hub.evaluation import evaluate_session
-from nse_hub.sequential import ValueStore, precompute_values, schedule_rounds
+from nse_hub.io import atomic_write_json
+from nse_hub.sequential import SESSION_DIR, ValueStore, precompute_values, resume_session, schedule_rounds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HERE = Path(__file__).resolve().parent
@@ -77,13 +78,15 @@ def main() -> None:
                         help="also evaluate (running protocol on the edits so far, perplexity) after these many edits; "
                              "each point is saved as soon as it is measured")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lifelong-tuning")
+    parser.add_argument("--state", type=Path,
+                        help="save the session here after every round and continue from it (a trial in parts)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     hparams = json.loads(args.hp)
     requests = load_requests(SHARED / "counterfact_easyedit" / "counterfact-edit.json", limit=args.edits)
     started = time.perf_counter()
-    session = EditSession.from_pretrained("smollm2-135m", method=args.method, **hparams)
-    if args.warmup:
+    session = resume_session("smollm2-135m", args.state, method=args.method, **hparams)
+    if args.warmup and not session.rounds:
         held_out = load_requests(SHARED / "counterfact_easyedit" / "counterfact-train.json", limit=args.warmup)
         print("warm-up features", session.warm_up(held_out), flush=True)
     store = ValueStore(args.values) if args.values else None
@@ -108,11 +111,17 @@ def main() -> None:
                   "round_efficacy": written, "round_reach": reached, **final, "points": points,
                   "total_seconds": round(time.perf_counter() - started, 1), "command": " ".join(sys.argv)}
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+        atomic_write_json(args.out / f"{args.name}.json", result)
         return result
 
-    edited = []
-    for batch in [] if args.base else schedule_rounds(requests, args.batch):
+    schedule = [] if args.base else schedule_rounds(requests, args.batch)
+    edited = [request for batch in schedule[:len(session.rounds)] for request in batch]
+    if session.rounds:  # resumed: the trial's JSON holds the rounds so far
+        saved = json.loads((args.out / f"{args.name}.json").read_text())
+        seconds, written, reached = (saved[key][:len(session.rounds)] for key in
+                                     ("round_seconds", "round_efficacy", "round_reach"))
+        points = [point for point in saved["points"] if point["edits"] <= len(edited)]
+    for batch in schedule[len(session.rounds):]:
         tic = time.perf_counter()
         values = store.compute(session, batch) if store else None
         report = session.edit(batch, progress=False, probes="rewrite", values=values)
@@ -121,6 +130,9 @@ def main() -> None:
         reached.append(z_layer_reach(report))
         print("round", len(seconds), seconds[-1], "ES", written[-1], "reach", reached[-1], flush=True)
         edited.extend(batch)
+        if args.state:
+            session.save_pretrained(args.state / SESSION_DIR)
+            save({"metrics": {}, "perplexity": None, "eval_seconds": None, "partial": True})
         if any(len(edited) >= at > len(edited) - len(batch) for at in args.eval_at) and len(edited) < len(requests):
             points.append(measure(edited))
             print("point", json.dumps(points[-1]), flush=True)
