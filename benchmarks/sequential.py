@@ -112,6 +112,30 @@ def speed_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def keep_earlier_results(path: Path, base: Evaluation | None, runs: list[SequentialRun],
+                         settings: dict) -> tuple[Evaluation | None, list[SequentialRun]]:
+    """What an earlier ``results.json`` at ``path`` holds that the saved state no longer does.
+
+    Runs whose saved state is gone (``~/.cache`` does not survive every change of machine) stay in the results:
+    they are returned, and their settings are copied into ``settings``. The unedited evaluation is kept where
+    the state has none.
+    """
+    if not path.is_file():
+        return base, []
+    earlier = json.loads(path.read_text())
+    names = {run.name for run in runs}
+    kept = [run for run in map(SequentialRun.from_dict, earlier["runs"]) if run.name not in names]
+    for run in kept:
+        key = f"config_{run.name}"
+        if key in earlier["settings"]:
+            settings[key] = earlier["settings"][key]
+    if kept:
+        print(f"kept from {path}: {', '.join(run.name for run in kept)} (their saved state is gone)")
+    if base is None and earlier.get("base"):
+        base = Evaluation(**earlier["base"])
+    return base, kept
+
+
 def _setting(pair: str) -> tuple[str, object]:
     key, _, value = pair.partition("=")
     try:
@@ -210,7 +234,8 @@ def main() -> None:
         if is_checkpoint(folder / SESSION_DIR):
             settings[f"config_{folder.name}"] = read_meta(folder / SESSION_DIR).config.to_dict()
     base = Evaluation(**json.loads(base_file.read_text())) if base_file.is_file() else None
-    write_results(out / "results.json", base, runs, settings)
+    base, kept = keep_earlier_results(out / "results.json", base, runs, settings)
+    write_results(out / "results.json", base, runs + kept, settings)
     labels = [run.name.upper() for run in runs]
     for path in args.compare:
         for data in json.loads(path.read_text())["runs"]:
