@@ -235,7 +235,8 @@ def main() -> None:
             settings[f"config_{folder.name}"] = read_meta(folder / SESSION_DIR).config.to_dict()
     base = Evaluation(**json.loads(base_file.read_text())) if base_file.is_file() else None
     base, kept = keep_earlier_results(out / "results.json", base, runs, settings)
-    write_results(out / "results.json", base, runs + kept, settings)
+    runs += kept
+    write_results(out / "results.json", base, runs, settings)
     labels = [run.name.upper() for run in runs]
     for path in args.compare:
         for data in json.loads(path.read_text())["runs"]:
