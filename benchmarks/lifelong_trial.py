@@ -37,6 +37,7 @@ from nse_hub.sequential import SESSION_DIR, ValueStore, precompute_values, resum
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HERE = Path(__file__).resolve().parent
+UNFINISHED = {"metrics": {}, "perplexity": None, "eval_seconds": None, "partial": True}  # a trial's JSON mid-way
 
 
 def z_layer_reach(report: RoundReport) -> dict[str, float]:
@@ -121,6 +122,7 @@ def main() -> None:
         seconds, written, reached = (saved[key][:len(session.rounds)] for key in
                                      ("round_seconds", "round_efficacy", "round_reach"))
         points = [point for point in saved["points"] if point["edits"] <= len(edited)]
+        started -= saved["total_seconds"]  # the earlier parts' time counts too
     for batch in schedule[len(session.rounds):]:
         tic = time.perf_counter()
         values = store.compute(session, batch) if store else None
@@ -132,11 +134,11 @@ def main() -> None:
         edited.extend(batch)
         if args.state:
             session.save_pretrained(args.state / SESSION_DIR)
-            save({"metrics": {}, "perplexity": None, "eval_seconds": None, "partial": True})
+            save(UNFINISHED)
         if any(len(edited) >= at > len(edited) - len(batch) for at in args.eval_at) and len(edited) < len(requests):
             points.append(measure(edited))
             print("point", json.dumps(points[-1]), flush=True)
-            save({"metrics": {}, "perplexity": None, "eval_seconds": None, "partial": True})
+            save(UNFINISHED)
     final = measure(requests, evaluate=not args.no_eval)
     result = save({"metrics": final["metrics"], "perplexity": final["perplexity"],
                    "eval_seconds": final["eval_seconds"]})

@@ -22,12 +22,14 @@ import torch
 from nse_hub import EditSession
 from nse_hub.ability import perplexity_texts
 from nse_hub.algorithm.update import null_space
+from nse_hub.io import atomic_write_json
 from nse_hub.models import cache_dir
 from nse_hub.stats import StatsSpec, second_moments
 
 SUITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue_eval" / "dataset"
 OUT = Path(__file__).resolve().parent / "results" / "null-space-leak"
 EVALUATED = 100  # the suite's examples per task: kept out of the suite corpus
+HELD_OUT = "held-out half B (in-sample, optimistic)"
 
 
 def write_jsonl(path: Path, texts: list[str]) -> str:
@@ -76,8 +78,7 @@ def main() -> None:
     half = len(texts) // 2
     corpora = {"held-out half A (same distribution)": (write_jsonl(folder / "perplexity-half-a.jsonl", texts[:half]),
                                                        half),
-               "held-out half B (in-sample, optimistic)": (write_jsonl(folder / "perplexity-half-b.jsonl",
-                                                                       texts[half:]), half)}
+               HELD_OUT: (write_jsonl(folder / "perplexity-half-b.jsonl", texts[half:]), half)}
     suite = write_jsonl(folder / "suite-text.jsonl", suite_text())
     for n in args.samples:
         corpora[f"model-sampled text, {n} × 64"] = ("model", n)
@@ -88,22 +89,22 @@ def main() -> None:
         return second_moments(session.model, session.tokenizer, session.layout, layers, spec, config.batch_size,
                               progress=False)
 
-    held_out = moments(*corpora["held-out half B (in-sample, optimistic)"])
+    measured = {name: moments(corpus, n) for name, (corpus, n) in corpora.items()}
+    held_out = measured[HELD_OUT]
     rows = []
-    for name, (corpus, n) in corpora.items():
-        measured = moments(corpus, n)
+    for name, second_moment in measured.items():
         cells = {}
         for layer in layers:
-            space = null_space(measured[layer], threshold)
+            space = null_space(second_moment[layer], threshold)
             cells[layer] = {"null_dims": space.basis.shape[1], "leak": leak(space.basis, held_out[layer]),
-                            "leak_at_room": leak(lowest_directions(measured[layer], args.room), held_out[layer])}
+                            "leak_at_room": leak(lowest_directions(second_moment[layer], args.room), held_out[layer])}
         rows.append({"corpus": name, "layers": cells})
         print(f"{name}: " + " | ".join(f"layer {layer}: {c['null_dims']} dims, {100 * c['leak']:.1f} % "
                                        f"({100 * c['leak_at_room']:.1f} % in {args.room})"
                                        for layer, c in cells.items()), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    summary = {"model": "smollm2-135m", "threshold": threshold, "room": args.room, "rows": rows}
-    (OUT / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(OUT / "results.json", {"model": "smollm2-135m", "threshold": threshold, "room": args.room,
+                                             "rows": rows})
 
 
 if __name__ == "__main__":
