@@ -10,7 +10,10 @@ full one). NSE's value targets are computed on the original weights, so NSE-fami
 can take them from a value store (``--values``: a folder, e.g. the 10,000-edit run's
 ``~/.cache/nse-hub/runs/counterfact-10000x100/values``), computing and storing only the missing rounds: trials of
 solve settings (null space threshold, L2, neuron threshold) then time only the keys and the solves. The rounds are
-those of ``benchmarks/sequential.py`` (``schedule_rounds``), so the stores are interchangeable.
+those of ``benchmarks/sequential.py`` (``schedule_rounds``), so the stores are interchangeable. AlphaEdit and MEMIT
+optimise their targets on the current weights: for them ``--values`` is a replay log (``ValueStore``), so that a
+long trial whose ``--state`` did not survive a change of machine re-solves its rounds from their stored targets
+(keys and solves only) and goes on from there.
 
     OMP_NUM_THREADS=1 python benchmarks/lifelong_trial.py ue-preset-200 --edits 200
     OMP_NUM_THREADS=1 python benchmarks/lifelong_trial.py ue-stable-200 --edits 200 --warmup 300 \\
@@ -71,7 +74,9 @@ def main() -> None:
     parser.add_argument("--base", action="store_true", help="evaluate the unedited model")
     parser.add_argument("--warmup", type=int, default=0,
                         help="UltraEdit: warm up the running statistics on this many counterfact-train records")
-    parser.add_argument("--values", type=Path, help="NSE family: a value store folder to read and fill")
+    parser.add_argument("--values", type=Path,
+                        help="a value store folder to read and fill (NSE family: shared targets; other methods: a "
+                             "replay log, so a trial whose --state was lost re-solves its rounds from it)")
     parser.add_argument("--values-ahead", action="store_true",
                         help="with --values: only fill the store, last round first (a helper beside the trial)")
     parser.add_argument("--no-eval", action="store_true", help="only the perplexity after the edits")
@@ -81,8 +86,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lifelong-tuning")
     parser.add_argument("--state", type=Path,
                         help="save the session here after every round and continue from it (a trial in parts)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (a replay from --values is bit for bit only at the same count)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     hparams = json.loads(args.hp)
     requests = load_requests(SHARED / "counterfact_easyedit" / "counterfact-edit.json", limit=args.edits)
     started = time.perf_counter()

@@ -26,6 +26,9 @@ rounds and the run waits for a round a helper is computing, so start as many hel
     python benchmarks/sequential.py --edits 10000 --batch 100 --methods nse_null --name counterfact-10000x100 \
         --values-ahead                # from the first missing round on; --values-ahead last-first: from the end
 
+MEMIT and AlphaEdit optimise their targets on the weights the earlier rounds left: they store them in the same
+folder as a replay log (``ValueStore``), so a run whose saved session was lost re-solves its rounds from them.
+
 The unedited model is evaluated (once, on every edit, resumable in parts) after the methods' runs, so that a long
 run starts editing at once; ``--report-only`` prints the tables of whatever is saved.
 """
@@ -165,6 +168,9 @@ def main() -> None:
     parser.add_argument("--name", help="results folder name (default sequential-<edits>x<batch>)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<name>)")
     parser.add_argument("--state", type=Path, help="where sessions are saved after every round (resumable)")
+    parser.add_argument("--values", type=Path,
+                        help="the value store (default <state>/values): a folder that outlives the machine, e.g. in "
+                             "the repository, lets a run whose --state was lost replay its rounds from it")
     parser.add_argument("--label", help="one method with other settings (--set): the run's folder and name "
                                         "(default: the method)")
     parser.add_argument("--warmup", type=int, default=0,
@@ -197,7 +203,7 @@ def main() -> None:
                 "hparams": dict(args.set)}
 
     base_file = state / "base.json"
-    values = ValueStore(state / "values")
+    values = ValueStore(args.values or state / "values")
     if args.values_ahead:
         session = resume_session(args.model, None, method=args.methods[0], device=args.device, **dict(args.set))
         run_file = state / (args.label or args.methods[0]) / RUN_FILE  # the run's rounds so far need no values

@@ -298,6 +298,11 @@ class EditConfig:
         return self.method in NSE_FAMILY
 
     @property
+    def computes_values(self) -> bool:
+        """Whether a round optimises value targets (every method but UltraEdit, whose update is one gradient step)."""
+        return self.method != "ultraedit"
+
+    @property
     def uses_key_memory(self) -> bool:
         """Whether the solve includes the keys of earlier rounds (all methods but classic MEMIT)."""
         return self.method in USES_KEY_MEMORY

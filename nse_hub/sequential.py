@@ -12,7 +12,8 @@ NSE and NSE-null optimise their value targets on the original weights, so a roun
 model, the value step's settings and the round's requests: a :class:`ValueStore` keeps them on disk, so that
 runs of both methods share them and helper processes can compute them ahead (:func:`precompute_values`) while
 the run solves — the value step is most of an NSE round's time. Each process claims the round it computes, so
-none is computed twice.
+none is computed twice. For the methods whose targets depend on the earlier rounds, the same store is a replay
+log: a run whose saved session was lost re-solves the rounds it had made from their stored targets.
 
 A stream of edits can write one fact twice (CounterFact's first 10,000 records hold two facts with two
 targets each). A round writes each fact once, so :func:`schedule_rounds` moves a second write of a fact to
@@ -22,6 +23,7 @@ the next round — the later record still wins, as in the stream — and runs ed
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -42,7 +44,9 @@ from nse_hub.algorithm import ValueResult
 from nse_hub.checkpoint import is_checkpoint
 from nse_hub.errors import CheckpointError, ConfigError
 from nse_hub.evaluation import FLUENCY_METRICS, METRIC_NAMES, EvalOptions, Evaluation, evaluate_session
+from nse_hub.fingerprint import tensor_sha256
 from nse_hub.io import atomic_path, atomic_write_json, sha256_bytes
+from nse_hub.offload import read_tensor
 from nse_hub.requests import EditRequest, fact_key
 from nse_hub.session import EditSession
 
@@ -146,38 +150,45 @@ def running_sample(edits: int, size: int | None, total: int, seed: int = 0) -> l
 
 
 class ValueStore:
-    """Value targets of NSE-family rounds in a folder, one file per round, named by a hash of what determines
-    them: the base model's fingerprint and dtype, :meth:`EditConfig.value_settings`, the session's context
-    templates and the round's requests.
+    """Value targets of rounds in a folder, one file per round, named by a hash of what determines them: the base
+    model's fingerprint and dtype, :meth:`EditConfig.value_settings`, the session's context templates and the
+    round's requests — and, for the methods that optimise them on the current weights (MEMIT, sequential MEMIT,
+    AlphaEdit), the edited projections' weights as the earlier rounds left them.
+
+    NSE-family targets are therefore shared by every run of the same values, in any order. The other methods'
+    files are a replay log: a run that lost its saved session (a new machine) and starts again with the same
+    store and settings re-solves its earlier rounds from their stored targets — bit for bit the same weights on
+    the same hardware and thread count, so each next round finds its own — instead of optimising them again.
 
     Processes that share a store claim a round while they compute it (a ``.lock`` file beside its targets,
     released by the system if the process dies): a run that needs a round a helper is computing waits for it, and
-    helpers skip each other's rounds, so no round is computed twice. Sessions of other methods neither read nor
-    write it (their targets depend on the earlier rounds).
+    helpers skip each other's rounds, so no round is computed twice. UltraEdit has no value targets.
     """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
 
     def path(self, session: EditSession, requests: Sequence[EditRequest]) -> Path | None:
-        """Where the targets of ``requests`` in ``session`` are kept; ``None`` outside the NSE family."""
-        if not session.config.nse_family:
+        """Where the targets of ``requests`` in ``session`` are kept; ``None`` for UltraEdit (no targets)."""
+        if not session.config.computes_values:
             return None
         session.prepare(progress=False, statistics=False)
         identity = {"model": session.stats_spec.model_fingerprint, "dtype": str(session.model.dtype),
                     "settings": session.config.value_settings(), "templates": session.context_templates,
                     "requests": [r.to_dict() for r in requests]}
+        if not session.config.nse_family:
+            identity["edited_weights"] = edited_weights_sha256(session)
         digest = sha256_bytes(json.dumps(identity, sort_keys=True, default=list).encode())
         return self.folder / f"{digest[:32]}.safetensors"
 
     def load(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
-        """The stored targets of ``requests``, or ``None`` when there are none (or the method is not NSE's)."""
+        """The stored targets of ``requests``, or ``None`` when there are none (or the method has none)."""
         path = self.path(session, requests)
         return ValueResult.from_tensors(load_file(path)) if path is not None and path.is_file() else None
 
     def compute(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
         """The stored targets of ``requests``, computed and stored first when missing (or waited for, while another
-        process computes them); ``None`` outside the NSE family."""
+        process computes them); ``None`` for UltraEdit."""
         path = self.path(session, requests)
         if path is None:
             return None
@@ -216,6 +227,14 @@ class ValueStore:
             if path.is_file():  # whoever claims it later finds the targets stored: the claim's file may go
                 lock_file.unlink(missing_ok=True)
             claim.release()
+
+
+def edited_weights_sha256(session: EditSession) -> str:
+    """Fingerprint of the weights of the session's edit projections as they are now (earlier rounds included)."""
+    digest = hashlib.sha256()
+    for layer in session.config.layers:
+        tensor_sha256(read_tensor(session.model, f"{session.layout.projection_name(layer)}.weight"), digest)
+    return digest.hexdigest()
 
 
 def precompute_values(session: EditSession, requests: Sequence[EditRequest], batch: int, store: ValueStore,

@@ -377,7 +377,7 @@ class EditSession:
             ConfigError: the method computes no value targets (UltraEdit).
             RequestError: a request is invalid.
         """
-        if self.config.method == "ultraedit":
+        if not self.config.computes_values:
             raise ConfigError("UltraEdit computes no value targets (its update is one gradient step); "
                               "call edit() directly")
         parsed = one_round(parse_requests([requests] if isinstance(requests, (EditRequest, dict)) else requests))
@@ -386,7 +386,7 @@ class EditSession:
         return round_values(self._round_inputs(), parsed, self.value_optimizer, progress)
 
     def _check_values_fit(self, parsed: list[EditRequest], values: ValueResult) -> None:
-        if self.config.method == "ultraedit":
+        if not self.config.computes_values:
             raise ConfigError("UltraEdit computes no value targets: call edit() without values=")
         if values.targets.shape != (len(parsed), self.layout.hidden_size):
             raise ConfigError(f"values hold targets of shape {tuple(values.targets.shape)}; {len(parsed)} requests "

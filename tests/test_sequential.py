@@ -109,6 +109,35 @@ def test_a_sampled_point_says_so(tiny_dir: Path, caplog: pytest.LogCaptureFixtur
         session.edit(REQUESTS[:1], probes="some")
 
 
+def test_a_run_that_lost_its_session_replays_alphaedit_rounds_from_the_store(tiny_dir: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ValueStore(tmp_path / "log")
+
+    def run(values: ValueStore | None, **settings: float) -> EditSession:
+        session = EditSession.from_pretrained(str(tiny_dir), device="cpu", method="alphaedit",
+                                              **{**TINY_HPARAMS, **settings}, layers=(1, 2))
+        run_sequential(session, REQUESTS, 2, running=False, options=EvalOptions(generation=False), probes="rewrite",
+                       values=values)
+        return session
+
+    first = run(store)
+    assert len(list(store.folder.glob("*.safetensors"))) == 2
+    optimise = EditSession.compute_values
+    calls: list[int] = []
+    monkeypatch.setattr(EditSession, "compute_values",
+                        lambda self, *a, **k: calls.append(1) or optimise(self, *a, **k))
+    replayed = run(store)  # the same run on a machine that kept only the store: no value step at all
+    assert calls == []
+    inline = run(None)  # stored targets are the ones the round would optimise
+    for layer in (1, 2):
+        expected = first.deltas.cumulative(layer).dense()
+        assert torch.equal(replayed.deltas.cumulative(layer).dense(), expected)
+        assert torch.equal(inline.deltas.cumulative(layer).dense(), expected)
+    other_solve = run(store, L2=3.0)  # round 1 starts from the same weights, round 2 from other ones
+    assert calls == [1] and len(list(store.folder.glob("*.safetensors"))) == 3
+    assert store.load(other_solve, REQUESTS[:2]) is None  # the weights moved: round 1's targets no longer apply
+
+
 def test_value_targets_computed_ahead_are_shared_by_the_nse_family_and_change_nothing(tiny_dir: Path,
                                                                                       tmp_path: Path) -> None:
     options = EvalOptions(generation=False)
@@ -130,7 +159,7 @@ def test_value_targets_computed_ahead_are_shared_by_the_nse_family_and_change_no
         for layer in (1, 2):
             assert torch.equal(ahead.deltas.cumulative(layer).dense(), inline.deltas.cumulative(layer).dense())
     memit = EditSession.from_pretrained(str(tiny_dir), device="cpu", method="memit", **TINY_HPARAMS, layers=(1, 2))
-    assert store.path(memit, REQUESTS[:2]) is None  # its targets depend on the weights earlier rounds left
+    assert store.load(memit, REQUESTS[:2]) is None  # its targets depend on the weights earlier rounds left
     with pytest.raises(ConfigError, match="only NSE-family methods"):
         precompute_values(memit, REQUESTS, 2, store)
     other = EditSession.from_pretrained(str(tiny_dir), device="cpu", **{**TINY_HPARAMS, "v_lr": 0.25},
