@@ -127,6 +127,13 @@ class EditConfig:
         "ones get less room; 0 forgets them (sequential MEMIT becomes MEMIT). 1: the reference solves. NSE-null on "
         "SmolLM2, 2000 CounterFact edits: ω 3 (L2 50) gave ES 84.7 at perplexity 1.48× (ω 1: 85.0 at 1.56×); with ω 10 "
         "(L2 30) late rounds could not write their own edits and ES fell to 82.4 (benchmarks/README.md).")
+    retry_failed: int = _setting(
+        0, "Every method with value targets: after a round's update, up to this many more passes over the edit "
+        "layers write again, toward their same targets, the requests whose new target does not yet beat the true "
+        "one on their rewrite prompt (teacher-forced: the efficacy test); the round's other requests are guarded "
+        "in those passes like earlier rounds' keys. 0: off. A strong L2 with retries spends the update on the "
+        "edits that need it: AlphaEdit with NAS's anchor on SmolLM2, one round of 100 CounterFact edits, L2 50 with "
+        "2 retries gave ES 97 at perplexity +1.4 % (L2 30 without: ES 93 at +2.1 %; benchmarks/README.md).")
     norm_anchor: bool = _setting(
         False, "NAS norm anchoring (arXiv 2602.02543), any method: each value's MLP-output part is rescaled to "
         "the anchor norm, the mean ‖v*‖ of the session's first round (computed on the original weights).")
@@ -220,6 +227,10 @@ class EditConfig:
             out.append("thresholds must be 'relative' or 'absolute'")
         if not 0 <= self.alpha < self.upper_bound:
             out.append(f"need 0 <= alpha < upper_bound, got {self.alpha} and {self.upper_bound}")
+        if self.retry_failed < 0:
+            out.append(f"retry_failed must be zero or positive (extra passes per round), got {self.retry_failed}")
+        elif self.retry_failed and not self.computes_values:
+            out.append("retry_failed needs value targets to write again; UltraEdit has none: leave it at 0")
         for name in ("v_num_grad_steps", "max_iterations", "mom2_n_samples", "mom2_sample_length", "batch_size"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be at least 1, got {getattr(self, name)}{_default_hint(name)}")

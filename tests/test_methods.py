@@ -6,7 +6,16 @@ import torch
 from conftest import FIXTURES, tiny_model, tiny_tokenizer
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-from nse_hub.algorithm.rounds import EngineState, RoundInputs, RoundOutcome, anchor_values, run_round
+from nse_hub.algorithm.rounds import (
+    EngineState,
+    RoundInputs,
+    RoundOutcome,
+    _failing,
+    _memory,
+    anchor_values,
+    round_values,
+    run_round,
+)
 from nse_hub.algorithm.update import (
     SingularSystemError,
     alphaedit_update,
@@ -74,7 +83,9 @@ def test_methods_and_their_settings_are_validated() -> None:
                          ({"nullspace_mom2_weight": -1.0}, "nullspace_mom2_weight must be zero or positive"),
                          ({"key_memory_weight": -1.0}, "key_memory_weight must be zero or positive"),
                          ({"norm_anchor_max_ratio": 1.0}, "norm_anchor_max_ratio must be above 1"),
-                         ({"v_stop_most_probable": "yes"}, "v_stop_most_probable must be true or false")]:
+                         ({"v_stop_most_probable": "yes"}, "v_stop_most_probable must be true or false"),
+                         ({"retry_failed": -1}, "retry_failed must be zero or positive"),
+                         ({"method": "ultraedit", "retry_failed": 1}, "UltraEdit has none")]:
         with pytest.raises(ValueError, match=message):
             EditConfig(**bad)
 
@@ -131,6 +142,46 @@ def test_alphaedit_round_writes_an_exact_low_rank_delta_in_the_null_space() -> N
     again = engine_round(RoundInputs(**vars(inputs)), REQUESTS[2:3])
     assert again.nullspace_dims == outcome.nullspace_dims
     assert all(inputs.state.null_spaces[key] is space for key, space in cached.items())
+
+
+def test_retries_write_again_only_the_failing_edits_and_guard_the_others() -> None:
+    requests = REQUESTS[:4]
+    plain = engine("alphaedit", L2=0.01)
+    values = round_values(plain, requests)  # round 1: the same targets for both sessions
+    once = run_round(plain, requests, values=values)
+    failing = _failing(plain, requests).tolist()
+    assert once.kept == [[True] * 4] and failing == [True, False, False, False]  # this tiny model's one miss
+    retried = engine("alphaedit", L2=0.01, retry_failed=3)
+    outcome = run_round(retried, requests, values=values)
+    assert outcome.kept == [[True] * 4] + [failing] * 3  # it keeps missing: every retry writes it alone
+    assert outcome.residual_after[0] < 0.5 * once.residual_after[0]
+    for i in (1, 2, 3):  # guarded like earlier rounds' keys: their outputs barely move
+        assert abs(outcome.residual_after[i] - once.residual_after[i]) < 0.05 * once.residual_after[i]
+    for layer in (1, 2):  # still one exact low-rank delta: one rank per request and pass
+        factors = retried.deltas.cumulative(layer)
+        assert factors.rank == 4 + 3
+        weight = retried.layout.projection(retried.model, layer).weight
+        assert torch.equal(weight, retried.deltas.originals[layer] + factors.dense())
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_guarded_keys_join_the_weighted_key_memory(lean: bool) -> None:
+    inputs = engine("alphaedit", key_memory_weight=2.0, lean=lean)
+    g = torch.Generator().manual_seed(0)
+    earlier, extra = torch.randn(64, 5, generator=g), torch.randn(64, 3, generator=g)
+    inputs.memory.add_round({layer: earlier for layer in (1, 2)})
+    memory = _memory(inputs, 1, extra)
+    got = memory if isinstance(memory, torch.Tensor) else memory.add_to(torch.zeros(64, 64, dtype=torch.float64))
+    expected = 2.0 * (earlier.double() @ earlier.double().T + extra.double() @ extra.double().T)
+    assert torch.allclose(got, expected, atol=1e-9)
+    inputs.memory.add_round({layer: torch.randn(64, 80, generator=g) for layer in (1, 2)})  # now a matrix
+    if lean:
+        assert _memory(inputs, 1).matrix is not None
+    without = _memory(inputs, 1)
+    without = without if isinstance(without, torch.Tensor) else without.add_to(torch.zeros(64, 64, dtype=torch.float64))
+    memory = _memory(inputs, 1, extra)
+    got = memory if isinstance(memory, torch.Tensor) else memory.add_to(torch.zeros(64, 64, dtype=torch.float64))
+    assert torch.allclose(got - without, 2.0 * extra.double() @ extra.double().T, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["memit", "memit_seq"])

@@ -27,7 +27,9 @@ that a saved session has the same state whatever its method). UltraEdit reads th
 output its report compares, on the plain prompts only: no UltraEdit round uses ``P`` (a session keeps
 its method, and merges need the same one), and the context templates made these reads two thirds of its
 round. With ``norm_anchor`` (NAS), each value's
-MLP-output part is rescaled to the anchor norm before any update (:func:`anchor_values`).
+MLP-output part is rescaled to the anchor norm before any update (:func:`anchor_values`). With
+``retry_failed``, up to that many more passes write again the requests whose new target does not yet win on
+their rewrite prompt, the round's other requests' keys guarded in the solve as if an earlier round wrote them.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from nse_hub.config import EditConfig
 from nse_hub.deltas import KeyMemory, LayerMemory, WeightDeltas
 from nse_hub.errors import NonFiniteError
 from nse_hub.requests import EditRequest
+from nse_hub.scoring import score_targets
 from nse_hub.tokens import pad_id
 
 logger = logging.getLogger(__name__)
@@ -78,7 +81,7 @@ class RoundOutcome:
         keys: per layer, the requests' keys on the final weights (``d_ff × n``), for the key memory.
         residual_before, residual_after: per request, ‖z − h‖ at the z-layer on the weights before
             and after the round.
-        kept: per pass, which requests the residual filter kept.
+        kept: per pass, which requests the residual filter kept (then, per retry, which ones still failed).
         selected_neurons: per layer, how many neurons each pass updated.
         seconds: time per phase (values, keys, solve).
         nullspace_dims: AlphaEdit: per layer, how many directions of ``C``'s null space the update
@@ -261,11 +264,33 @@ def _null_space(inputs: RoundInputs, layer: int, neurons: torch.Tensor | None = 
     return cache[key]
 
 
-def _memory(inputs: RoundInputs, layer: int) -> torch.Tensor | LayerMemory:
+def _memory(inputs: RoundInputs, layer: int, extra: torch.Tensor | None = None) -> torch.Tensor | LayerMemory:
     """``ωP``, the key memory of ``layer`` weighted by ``key_memory_weight``, as the configured engine reads it
-    (lean: keys or a float32 host matrix)."""
+    (lean: keys or a float32 host matrix); ``extra``: ``d_ff × n`` keys to guard as if an earlier round wrote
+    them."""
     weight = inputs.config.key_memory_weight
-    return inputs.memory.layer(layer, weight) if inputs.config.lean else inputs.memory.P(layer, weight)
+    if not inputs.config.lean:
+        memory = inputs.memory.P(layer, weight)
+        return memory if extra is None else memory + weight * (extra.double() @ extra.double().T).to(memory.device)
+    memory = inputs.memory.layer(layer, weight)
+    if extra is None:
+        return memory
+    extra = extra.float().cpu()
+    if memory.matrix is not None:
+        return dataclasses.replace(memory, matrix=memory.matrix + extra @ extra.T)
+    keys = extra if memory.keys is None else torch.cat([memory.keys, extra], dim=1)
+    return dataclasses.replace(memory, keys=keys)
+
+
+def _failing(inputs: RoundInputs, requests: Sequence[EditRequest]) -> torch.Tensor:
+    """Which requests' new target does not yet beat the true one on their rewrite prompt (teacher-forced mean NLL,
+    the efficacy test). Requests without a true target are never counted as failing."""
+    prompts = [r.text for r in requests]
+    model, tokenizer, layout, batch = inputs.model, inputs.tokenizer, inputs.layout, inputs.config.batch_size
+    new = score_targets(model, tokenizer, layout, prompts, [r.target_new for r in requests], batch)
+    true = score_targets(model, tokenizer, layout, prompts, [r.target_true or r.target_new for r in requests], batch)
+    return torch.tensor([r.target_true is not None and n.mean_nll >= t.mean_nll
+                         for r, n, t in zip(requests, new, true)])
 
 
 def _check_values(values: ValueResult, what: str) -> None:
@@ -389,41 +414,17 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
         if not bool(keep.any()):
             break
         kept = torch.nonzero(keep).squeeze(1).tolist()
-        for j, layer in enumerate(layers):
-            with clock.phase("keys"):
-                if j == 0:  # read on the same weights just above
-                    layer_keys, current_kept = keys[layer][:, kept], current[kept]
-                    output_kept = outputs[layer][kept] if normed else None
-                else:
-                    reading = probe.read([layer], kept, output_layers=[layer] if normed else [])
-                    layer_keys, current_kept = reading.keys[layer], reading.z_out
-                    output_kept = reading.outputs.get(layer)
-            with clock.phase("solve"):
-                neurons = (select_neurons(layer_keys, config.neuron_threshold) if config.nse_family
-                           else torch.arange(layer_keys.shape[0]))
-                selected[layer].append(len(neurons))
-                # This layer's share of what the z-layer output still lacks (the rest is left to later layers).
-                residual_kept = (targets[kept] - current_kept.to(targets.device)).T.double() / (len(layers) - j)
-                if normed:
-                    residual_kept = through_post_norm(layout.post_mlp_norm(model, layer), output_kept.to(
-                        model.dtype), residual_kept.to(output_kept.device)).to(targets.device, torch.float64)
-                if config.method == "alphaedit":
-                    space = _null_space(inputs, layer)
-                    nullspace_dims[layer] = space.dims
-                    factors = alphaedit_update(layer_keys, residual_kept, space, _memory(inputs, layer),
-                                               config.L2, layer, config.nullspace_mom2_weight)
-                elif config.method == "nse_null":
-                    space = _null_space(inputs, layer, neurons)
-                    nullspace_dims[layer] = space.dims
-                    factors = projected_neuron_update(layer_keys, residual_kept, space, _memory(inputs, layer),
-                                                      config.L2, neurons, layer, config.nullspace_mom2_weight)
-                else:
-                    memory = _memory(inputs, layer) if config.uses_key_memory else None
-                    factors = neuron_update(layer_keys, residual_kept, inputs.second_moments[layer], memory,
-                                            config.mom2_update_weight, neurons, layer,
-                                            device=inputs.memory.device if config.lean else None)
-                _check_finite({"B": factors.B, "A": factors.A}, layer, "update")
-                inputs.deltas.add(layer, factors)
+        first = (keys, current, outputs)  # layer 0 was read on the same weights just above
+        _write_layers(inputs, probe, targets, kept, [], clock, selected, nullspace_dims, first)
+    for _ in range(config.retry_failed):
+        with clock.phase("retries"):
+            failing = _failing(inputs, requests).to(skipped.device) & ~skipped
+        if not bool(failing.any()):
+            break
+        kept_per_pass.append(failing.tolist())
+        kept = torch.nonzero(failing).squeeze(1).tolist()
+        guarded = torch.nonzero(~failing).squeeze(1).tolist()
+        _write_layers(inputs, probe, targets, kept, guarded, clock, selected, nullspace_dims)
     with clock.phase("keys"):
         final_keys, final, _ = probe.read(layers)
     for layer in layers:
@@ -434,6 +435,56 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
         residual_before = residual_after
     return RoundOutcome(values, final_keys, residual_before, residual_after, kept_per_pass, selected,
                         dict(clock.seconds), nullspace_dims, **nas, optimized=optimized)
+
+
+def _write_layers(inputs: RoundInputs, probe: KeyProbe, targets: torch.Tensor, kept: list[int],
+                  guarded: list[int], clock: _Clock, selected: dict[int, list[int]],
+                  nullspace_dims: dict[int, int], first: tuple | None = None) -> None:
+    """One pass over the edit layers: each writes its share of what the z-layer output of the ``kept`` requests
+    still lacks. ``guarded`` requests' keys join the key memory for this pass (a retry keeps the round's other
+    writes); ``first``: layer 0's keys, z-layer output and projection outputs of every request, already read."""
+    model, layout, config = inputs.model, inputs.layout, inputs.config
+    layers = config.layers
+    normed = layout.post_mlp_norm_path is not None  # Gemma: MLP output is normalised before the residual add
+    for j, layer in enumerate(layers):
+        with clock.phase("keys"):
+            if j == 0 and first is not None:
+                keys, current, outputs = first
+                layer_keys, current_kept = keys[layer][:, kept], current[kept]
+                output_kept = outputs[layer][kept] if normed else None
+                guard_keys = keys[layer][:, guarded] if guarded else None
+            else:
+                reading = probe.read([layer], kept + guarded, output_layers=[layer] if normed else [])
+                layer_keys, guard_keys = reading.keys[layer][:, :len(kept)], reading.keys[layer][:, len(kept):]
+                current_kept = reading.z_out[:len(kept)]
+                output_kept = reading.outputs[layer][:len(kept)] if normed else None
+                guard_keys = guard_keys if guarded else None
+        with clock.phase("solve"):
+            memory = _memory(inputs, layer, guard_keys) if config.uses_key_memory else None
+            neurons = (select_neurons(layer_keys, config.neuron_threshold) if config.nse_family
+                       else torch.arange(layer_keys.shape[0]))
+            selected[layer].append(len(neurons))
+            # This layer's share of what the z-layer output still lacks (the rest is left to later layers).
+            residual_kept = (targets[kept] - current_kept.to(targets.device)).T.double() / (len(layers) - j)
+            if normed:
+                residual_kept = through_post_norm(layout.post_mlp_norm(model, layer), output_kept.to(
+                    model.dtype), residual_kept.to(output_kept.device)).to(targets.device, torch.float64)
+            if config.method == "alphaedit":
+                space = _null_space(inputs, layer)
+                nullspace_dims[layer] = space.dims
+                factors = alphaedit_update(layer_keys, residual_kept, space, memory, config.L2, layer,
+                                           config.nullspace_mom2_weight)
+            elif config.method == "nse_null":
+                space = _null_space(inputs, layer, neurons)
+                nullspace_dims[layer] = space.dims
+                factors = projected_neuron_update(layer_keys, residual_kept, space, memory, config.L2, neurons,
+                                                  layer, config.nullspace_mom2_weight)
+            else:
+                factors = neuron_update(layer_keys, residual_kept, inputs.second_moments[layer], memory,
+                                        config.mom2_update_weight, neurons, layer,
+                                        device=inputs.memory.device if config.lean else None)
+            _check_finite({"B": factors.B, "A": factors.A}, layer, "update")
+            inputs.deltas.add(layer, factors)
 
 
 #: The template groups of UltraEdit's key reads: the prompt as it is (see the module docstring).
