@@ -104,7 +104,7 @@ def main() -> None:
         last_first = reversed(range(len(schedule_rounds(requests, args.batch))))
         print("rounds computed", precompute_values(session, requests, args.batch, store, last_first))
         return
-    seconds, written, reached, points = [], [], [], []
+    seconds, written, reached, points, sources = [], [], [], [], []
     texts = perplexity_texts(SHARED / "glue_eval" / "dataset")
 
     def measure(edited: list, evaluate: bool = True) -> dict:
@@ -116,7 +116,8 @@ def main() -> None:
     def save(final: dict) -> dict:
         result = {"name": args.name, "method": args.method, "hparams": hparams, "config": session.config.to_dict(),
                   "edits": args.edits, "batch": args.batch, "round_seconds": seconds,
-                  "round_efficacy": written, "round_reach": reached, **final, "points": points,
+                  "round_efficacy": written, "round_reach": reached, "round_values": sources, **final,
+                  "points": points,
                   "total_seconds": round(time.perf_counter() - started, 1), "command": " ".join(sys.argv)}
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out / f"{args.name}.json", result)
@@ -128,10 +129,14 @@ def main() -> None:
         saved = json.loads((args.out / f"{args.name}.json").read_text())
         seconds, written, reached = (saved[key][:len(session.rounds)] for key in
                                      ("round_seconds", "round_efficacy", "round_reach"))
+        sources = saved.get("round_values", [None] * len(seconds))[:len(session.rounds)]  # None: not recorded
         points = [point for point in saved["points"] if point["edits"] <= len(edited)]
         started -= saved["total_seconds"]  # the earlier parts' time counts too
     for batch in schedule[len(session.rounds):]:
         tic = time.perf_counter()
+        # "stored": the targets were in --values (a replayed round, or NSE's computed ahead): no value step timed
+        stored = store is not None and store.load(session, batch) is not None
+        sources.append("stored" if stored else "computed" if session.config.computes_values else "none")
         values = store.compute(session, batch) if store else None
         report = session.edit(batch, progress=False, probes="rewrite", values=values)
         seconds.append(round(time.perf_counter() - tic, 1))
