@@ -135,9 +135,10 @@ def main() -> None:
     for batch in schedule[len(session.rounds):]:
         tic = time.perf_counter()
         # "stored": the targets were in --values (a replayed round, or NSE's computed ahead): no value step timed
-        stored = store is not None and store.load(session, batch) is not None
-        sources.append("stored" if stored else "computed" if session.config.computes_values else "none")
-        values = store.compute(session, batch) if store else None
+        values = store.load(session, batch) if store else None
+        sources.append("stored" if values is not None else "computed" if session.config.computes_values else "none")
+        if values is None and store:
+            values = store.compute(session, batch)
         report = session.edit(batch, progress=False, probes="rewrite", values=values)
         seconds.append(round(time.perf_counter() - tic, 1))
         written.append(round(report.metrics()["efficacy"], 1))  # the round's own edits, right after it

@@ -169,19 +169,18 @@ def test_guarded_keys_join_the_weighted_key_memory(lean: bool) -> None:
     inputs = engine("alphaedit", key_memory_weight=2.0, lean=lean)
     g = torch.Generator().manual_seed(0)
     earlier, extra = torch.randn(64, 5, generator=g), torch.randn(64, 3, generator=g)
+
+    def dense(extra_keys: torch.Tensor | None = None) -> torch.Tensor:  # ωP as one matrix, whatever the engine keeps
+        memory = _memory(inputs, 1, extra_keys)
+        return memory if isinstance(memory, torch.Tensor) else memory.add_to(torch.zeros(64, 64, dtype=torch.float64))
+
     inputs.memory.add_round({layer: earlier for layer in (1, 2)})
-    memory = _memory(inputs, 1, extra)
-    got = memory if isinstance(memory, torch.Tensor) else memory.add_to(torch.zeros(64, 64, dtype=torch.float64))
     expected = 2.0 * (earlier.double() @ earlier.double().T + extra.double() @ extra.double().T)
-    assert torch.allclose(got, expected, atol=1e-9)
+    assert torch.allclose(dense(extra), expected, atol=1e-9)
     inputs.memory.add_round({layer: torch.randn(64, 80, generator=g) for layer in (1, 2)})  # now a matrix
     if lean:
         assert _memory(inputs, 1).matrix is not None
-    without = _memory(inputs, 1)
-    without = without if isinstance(without, torch.Tensor) else without.add_to(torch.zeros(64, 64, dtype=torch.float64))
-    memory = _memory(inputs, 1, extra)
-    got = memory if isinstance(memory, torch.Tensor) else memory.add_to(torch.zeros(64, 64, dtype=torch.float64))
-    assert torch.allclose(got - without, 2.0 * extra.double() @ extra.double().T, atol=1e-4)
+    assert torch.allclose(dense(extra) - dense(), 2.0 * extra.double() @ extra.double().T, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["memit", "memit_seq"])

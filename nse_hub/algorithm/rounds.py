@@ -65,8 +65,9 @@ from nse_hub.architectures import ModelLayout
 from nse_hub.config import EditConfig
 from nse_hub.deltas import KeyMemory, LayerMemory, WeightDeltas
 from nse_hub.errors import NonFiniteError
+from nse_hub.metrics.edit_metrics.edit_metrics import comparison_record
+from nse_hub.probes import mean_nlls, measure_probes
 from nse_hub.requests import EditRequest
-from nse_hub.scoring import score_targets
 from nse_hub.tokens import pad_id
 
 logger = logging.getLogger(__name__)
@@ -283,14 +284,13 @@ def _memory(inputs: RoundInputs, layer: int, extra: torch.Tensor | None = None) 
 
 
 def _failing(inputs: RoundInputs, requests: Sequence[EditRequest]) -> torch.Tensor:
-    """Which requests' new target does not yet beat the true one on their rewrite prompt (teacher-forced mean NLL,
-    the efficacy test). Requests without a true target are never counted as failing."""
-    prompts = [r.text for r in requests]
-    model, tokenizer, layout, batch = inputs.model, inputs.tokenizer, inputs.layout, inputs.config.batch_size
-    new = score_targets(model, tokenizer, layout, prompts, [r.target_new for r in requests], batch)
-    true = score_targets(model, tokenizer, layout, prompts, [r.target_true or r.target_new for r in requests], batch)
-    return torch.tensor([r.target_true is not None and n.mean_nll >= t.mean_nll
-                         for r, n, t in zip(requests, new, true)])
+    """Which requests' new target does not yet beat the true one on their rewrite prompt: the round report's
+    efficacy test (the one probe plan, the metric module's rule). Requests without a true target never fail it."""
+    found = measure_probes(inputs.model, inputs.tokenizer, inputs.layout, requests, inputs.config.batch_size,
+                           rewrite_only=True)
+    records = [comparison_record(nlls.get("rewrite_new"), nlls.get("rewrite_true"), new_should_win=True)
+               for nlls in map(mean_nlls, found)]
+    return torch.tensor([record is not None and record[0] != 1.0 for record in records])
 
 
 def _check_values(values: ValueResult, what: str) -> None:
