@@ -86,11 +86,12 @@ def final_table(results: dict) -> str:
 
 def curve_table(results: dict, metrics: tuple[str, ...] = ("efficacy", "generalization", "specificity",
                                                            "efficacy_generation")) -> str:
-    """The running protocol at each measured point: method × edits so far."""
-    lines = ["| method | edits | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    """The running protocol at each measured point: method × edits so far (perplexity where the point has it)."""
+    lines = ["| method | edits | " + " | ".join(metrics) + " | perplexity |", "|---|---|" + "---|" * (len(metrics) + 1)]
     for run in results["runs"]:
         for point in run["curve"]:
             cells = [f"{point['metrics'][m]:.1f}" if m in point["metrics"] else "–" for m in metrics]
+            cells.append(f"{point['general']['perplexity']:.2f}" if "perplexity" in point.get("general", {}) else "–")
             edits = f"{point['edits']} (sample of {point['sample']})" if point.get("sample") else point["edits"]
             lines.append(f"| {_name(run)} | {edits} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -40,6 +40,7 @@ import torch
 from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
+from nse_hub.ability import perplexity, perplexity_texts
 from nse_hub.algorithm import ValueResult
 from nse_hub.checkpoint import is_checkpoint
 from nse_hub.errors import CheckpointError, ConfigError
@@ -279,7 +280,9 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
         running_sample_size: evaluate the running protocol on a fixed random sample of this many of the edits
             so far (:func:`running_sample`; the points say so); ``None``: on all of them.
         options: what to measure besides teacher-forced comparisons (fluency only in the final protocol).
-        suite, suite_examples: the general-ability suite for the final evaluation.
+        suite, suite_examples: the general-ability suite for the final evaluation; each running point also
+            measures the perplexity of its held-out texts (the final protocol's), so the curve shows when the
+            model starts to degrade.
         progress: progress bars inside each round.
         probes: what each round's own report scores (``session.edit``'s ``probes``: ``"all"`` or ``"rewrite"``).
         state_dir: save the session and the run's progress here after every round, and resume from them.
@@ -299,6 +302,7 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
     if run.devices[-1:] != [device]:
         run.devices.append(device)
     running_options = dataclasses.replace(options or EvalOptions(), fluency_records=0)
+    texts = perplexity_texts(suite, skip=suite_examples) if suite else []
     done = sum(len(r) for r in schedule[: len(session.rounds)])
 
     def measure_point_if_due() -> None:
@@ -308,7 +312,7 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
             return
         if any(point.rounds == rounds for point in run.curve):
             return
-        run.curve.append(_running_point(session, requests, done, running_sample_size, running_options))
+        run.curve.append(_running_point(session, requests, done, running_sample_size, running_options, texts))
         if state is not None:
             atomic_write_json(state / RUN_FILE, run.to_dict())
 
@@ -343,17 +347,25 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
 
 
 def _running_point(session: EditSession, requests: Sequence[EditRequest], done: int, sample_size: int | None,
-                   options: EvalOptions) -> Evaluation:
+                   options: EvalOptions, texts: Sequence[str]) -> Evaluation:
+    """The running protocol on the edits so far (or their sample), with the perplexity of ``texts`` if any."""
+    tic = time.perf_counter()
     chosen = running_sample(done, sample_size, len(requests))
     point = evaluate_session(session, [requests[i] for i in chosen], protocol="running", options=options,
                              record=False)
-    return dataclasses.replace(point, edits=done, sample=len(chosen) if len(chosen) < done else None)
+    general = ({"perplexity": perplexity(session.model, session.tokenizer, session.layout, texts,
+                                         session.config.batch_size), "perplexity_texts": len(texts)}
+               if texts else {})
+    return dataclasses.replace(point, edits=done, sample=len(chosen) if len(chosen) < done else None,
+                               general=general, seconds=round(time.perf_counter() - tic, 1))
 
 
 def running_point(final: Evaluation) -> Evaluation:
-    """The running protocol's figures inside a final evaluation of the same model and edits (no fluency, no suite)."""
+    """The running protocol's figures inside a final evaluation of the same model and edits (no fluency; of the
+    suite, the perplexity only, as in the running points)."""
     metrics = {key: value for key, value in final.metrics.items() if key not in FLUENCY_METRICS}
-    return dataclasses.replace(final, protocol="running", metrics=metrics, general={})
+    general = {key: final.general[key] for key in ("perplexity", "perplexity_texts") if key in final.general}
+    return dataclasses.replace(final, protocol="running", metrics=metrics, general=general)
 
 
 def _load_run(state: Path | None, session: EditSession, requests: Sequence[EditRequest],
@@ -401,14 +413,20 @@ def plot_curves(runs: Sequence[SequentialRun], path: str | Path, base: Evaluatio
 def curve_figure(runs: Sequence[SequentialRun], base: Evaluation | None = None,
                  metrics: Sequence[str] = ("efficacy", "generalization", "specificity", "efficacy_generation"),
                  labels: Sequence[str] | None = None) -> Any:
-    """The matplotlib figure of :func:`plot_curves` (its axes hold the plotted data, for tests and notebooks)."""
+    """The matplotlib figure of :func:`plot_curves` (its axes hold the plotted data, for tests and notebooks).
+
+    Where running points measured perplexity, a last panel shows it: as a multiple of the unedited model's when
+    ``base`` has it, else as measured.
+    """
     import matplotlib.pyplot as plt
 
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs: give one label per run, or none")
     labels = list(labels or [run.name.upper() for run in runs])
     shown = [m for m in metrics if any(m in e.metrics for run in runs for e in run.curve)]
-    figure, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.2 * max(1, len(shown)), 4.0), squeeze=False)
+    with_perplexity = any("perplexity" in e.general for run in runs for e in run.curve)
+    panels = len(shown) + with_perplexity
+    figure, axes = plt.subplots(1, max(1, panels), figsize=(4.2 * max(1, panels), 4.0), squeeze=False)
     for axis, metric in zip(axes[0], shown):
         for run, label in zip(runs, labels):
             points = [(e.edits, e.metrics[metric]) for e in run.curve if metric in e.metrics]
@@ -419,13 +437,30 @@ def curve_figure(runs: Sequence[SequentialRun], base: Evaluation | None = None,
         axis.set_xlabel("edits")
         axis.set_ylim(0, 100)
         axis.grid(alpha=0.3)
+    if with_perplexity:
+        _perplexity_panel(axes[0][-1], runs, labels, base)
     axes[0][0].set_ylabel("%")
     figure.suptitle(f"Running protocol{_sampled(runs, labels)}", fontsize="medium")
-    if shown:  # one legend below the panels, where it hides no line
-        handles, names = axes[0][-1].get_legend_handles_labels()
+    if panels:  # one legend below the panels, where it hides no line
+        handles, names = axes[0][0].get_legend_handles_labels()
         figure.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
     figure.tight_layout(rect=(0, 0.1, 1, 1))
     return figure
+
+
+def _perplexity_panel(axis: Any, runs: Sequence[SequentialRun], labels: Sequence[str],
+                      base: Evaluation | None) -> None:
+    unedited = base.general.get("perplexity") if base is not None else None
+    for run, label in zip(runs, labels):
+        points = [(e.edits, e.general["perplexity"] / (unedited or 1.0)) for e in run.curve
+                  if "perplexity" in e.general]
+        # a run without perplexity points still takes its colour, so that colours match across panels
+        axis.plot(*(zip(*points) if points else ([], [])), marker="o", markersize=3, label=label)
+    if unedited:
+        axis.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="unedited")
+    axis.set_title("Perplexity (× unedited)" if unedited else "Perplexity (held-out text)")
+    axis.set_xlabel("edits")
+    axis.grid(alpha=0.3)
 
 
 def _sampled(runs: Sequence[SequentialRun], labels: Sequence[str]) -> str:

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 
 from nse_hub import EditSession, load_requests
 from nse_hub import card as card_module
-from nse_hub.ability import TASKS, perplexity, suite_accuracy
+from nse_hub.ability import TASKS, perplexity, perplexity_texts, suite_accuracy
 from nse_hub.architectures import ModelLayout
 from nse_hub.cli import main
 from nse_hub.errors import CheckpointError
@@ -214,6 +214,28 @@ def test_sequential_run_and_plot(tiny_dir: Path, tmp_path: Path) -> None:
     assert [line.get_label() for line in labelled.axes[0].get_lines()] == ["NSE", "NSE + NAS"]
     with pytest.raises(ValueError, match="one label per run"):
         curve_figure([run], labels=["a", "b"])
+
+
+def test_running_points_measure_perplexity_on_the_final_protocols_texts(tiny_dir: Path, suite: Path) -> None:
+    session = EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS, layers=(1, 2))
+    options = EvalOptions(generation=False)
+    run = run_sequential(session, REQUESTS, batch=2, options=options, suite=suite, suite_examples=1)
+    texts = perplexity_texts(suite, skip=1)
+    mid, last = run.curve
+    assert mid.edits == 2 and mid.general["perplexity_texts"] == len(texts) > 0
+    assert last.general["perplexity"] == run.final.general["perplexity"]  # read off the final evaluation
+    assert last.general["perplexity"] == pytest.approx(perplexity(session.model, session.tokenizer,
+                                                                  session.layout, texts))
+    assert mid.general["perplexity"] != last.general["perplexity"]  # measured after round 1, not copied
+    base = dataclasses.replace(run.final, protocol="base", general={"perplexity": 2 * last.general["perplexity"]})
+    panels = {axis.get_title(): axis for axis in curve_figure([run], base).axes}
+    (line, unedited) = panels["Perplexity (× unedited)"].get_lines()
+    assert list(line.get_xdata()) == [2, 4] and line.get_ydata()[-1] == pytest.approx(0.5)
+    assert list(unedited.get_ydata()) == [1.0, 1.0]
+    without = run_sequential(EditSession.from_pretrained(str(tiny_dir), device="cpu", **TINY_HPARAMS,
+                                                         layers=(1, 2)), REQUESTS, batch=2, options=options)
+    assert all(point.general == {} for point in without.curve)
+    assert not any("Perplexity" in axis.get_title() for axis in curve_figure([without]).axes)
 
 
 def test_an_interrupted_run_resumes_from_its_state(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
