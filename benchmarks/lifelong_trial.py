@@ -49,7 +49,8 @@ def z_layer_reach(report: RoundReport) -> dict[str, float]:
     ``residual``: the mean share of the z-layer residual left after the round (``missed_residual``,
     ``hit_residual``: the same over the requests that fail and that succeed right after it); ``missed_written``: of
     the requests that fail, the share whose residual fell below a quarter of its start (the z-layer output reached
-    its target, the answer did not follow); ``residual_before``: the mean residual norm before the round.
+    its target, the answer did not follow); ``residual_before``: the mean residual norm before the round;
+    ``edited_per_pass``: how many requests each update pass wrote (``retry_failed``'s passes last).
     """
     requests = [r for r in report.requests if r.residual_before > 0]
     share = [r.residual_after / r.residual_before for r in requests]
@@ -61,7 +62,8 @@ def z_layer_reach(report: RoundReport) -> dict[str, float]:
 
     return {"residual": mean(share), "missed": len(missed), "missed_residual": mean(missed),
             "hit_residual": mean(hit), "missed_written": mean([float(s < 0.25) for s in missed]),
-            "residual_before": mean([r.residual_before for r in requests])}
+            "residual_before": mean([r.residual_before for r in requests]),
+            "edited_per_pass": [sum(edited) for edited in zip(*(r.edited_in_passes for r in report.requests))]}
 
 
 def main() -> None:

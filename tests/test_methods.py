@@ -30,6 +30,8 @@ from nse_hub.architectures import ModelLayout
 from nse_hub.config import METHODS, EditConfig
 from nse_hub.deltas import KeyMemory, WeightDeltas
 from nse_hub.requests import load_requests
+from nse_hub.scoring import target_text
+from nse_hub.tokens import continuation_ids, encode, pad_id
 
 REQUESTS = load_requests(FIXTURES / "requests.json")
 
@@ -85,7 +87,8 @@ def test_methods_and_their_settings_are_validated() -> None:
                          ({"norm_anchor_max_ratio": 1.0}, "norm_anchor_max_ratio must be above 1"),
                          ({"v_stop_most_probable": "yes"}, "v_stop_most_probable must be true or false"),
                          ({"retry_failed": -1}, "retry_failed must be zero or positive"),
-                         ({"method": "ultraedit", "retry_failed": 1}, "UltraEdit has none")]:
+                         ({"method": "ultraedit", "retry_failed": 1}, "UltraEdit has none"),
+                         ({"retry_criterion": "argmax"}, "retry_criterion must be one of")]:
         with pytest.raises(ValueError, match=message):
             EditConfig(**bad)
 
@@ -162,6 +165,29 @@ def test_retries_write_again_only_the_failing_edits_and_guard_the_others() -> No
         assert factors.rank == 4 + 3
         weight = retried.layout.projection(retried.model, layer).weight
         assert torch.equal(weight, retried.deltas.originals[layer] + factors.dense())
+
+
+def test_greedy_retries_write_again_the_edits_greedy_decoding_does_not_write() -> None:
+    requests = REQUESTS[:4]
+    plain = engine("alphaedit", L2=0.01)
+    values = round_values(plain, requests)
+    run_round(plain, requests, values=values)
+    greedy = RoundInputs(**{**vars(plain), "config": EditConfig(**{**vars(plain.config), "retry_criterion": "greedy"})})
+    missed = _failing(greedy, requests).tolist()
+    # the criterion is greedy decoding itself: generate as many tokens as the target has and compare
+    tokenizer = plain.tokenizer
+    for request, miss in zip(requests, missed):
+        target = continuation_ids(tokenizer, request.text, target_text(request.target_new))
+        prompt = torch.tensor([encode(tokenizer, request.text)])
+        out = plain.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                   max_new_tokens=len(target), min_new_tokens=len(target),
+                                   pad_token_id=pad_id(tokenizer), top_p=None, top_k=None, temperature=None)
+        assert (out[0, prompt.shape[1]:].tolist() != target) == miss
+    wins = _failing(plain, requests).tolist()
+    assert missed != wins and all(m for m, w in zip(missed, wins) if w)  # a stricter test on this tiny model
+    retried = engine("alphaedit", L2=0.01, retry_failed=1, retry_criterion="greedy")
+    outcome = run_round(retried, requests, values=values)
+    assert outcome.kept == [[True] * 4, missed]
 
 
 @pytest.mark.parametrize("lean", [True, False])

@@ -73,20 +73,26 @@ def test_an_nse_null_round_keeps_nses_values_and_filter_and_writes_in_the_null_s
     assert CARD_METHODS["nse_null"][0] == "NSE-null"
 
 
-@pytest.mark.parametrize(("mu", "omega", "mpes", "retries"), [(0.0, 1.0, False, 0), (50.0, 3.0, True, 2)])
+@pytest.mark.parametrize(("mu", "omega", "mpes", "retries", "criterion"),
+                         [(0.0, 1.0, False, 0, "wins"), (50.0, 3.0, True, 2, "greedy"), (0.0, 1.0, False, 2, "wins")])
 def test_an_nse_null_session_names_the_method_and_its_settings_in_its_card(tiny_dir, tmp_path, mu, omega,
-                                                                           mpes, retries) -> None:
+                                                                           mpes, retries, criterion) -> None:
     session = EditSession.from_pretrained(str(tiny_dir), method="nse_null", device="cpu",
                                           nullspace_mom2_weight=mu, key_memory_weight=omega,
-                                          v_stop_most_probable=mpes, retry_failed=retries, **TINY_HPARAMS)
+                                          v_stop_most_probable=mpes, retry_failed=retries, retry_criterion=criterion,
+                                          **TINY_HPARAMS)
     session.edit(REQUESTS[:2], progress=False)
     session.save_pretrained(tmp_path / "saved")
-    card = (tmp_path / "saved" / "README.md").read_text()
+    card = " ".join((tmp_path / "saved" / "README.md").read_text().split())
     assert "NSE-null" in card and "the selected neurons' null space" in card and "L2 = 10.0" in card
     assert ("inside the null space μ = 50.0" in card) == bool(mu)  # μ = 0 is AlphaEdit's solve: not named
     assert ("Earlier rounds' keys weighted ω = 3.0" in card) == (omega != 1)  # ω = 1: the reference solve
     assert ("most-probable early stopping" in card) == mpes
-    assert ("Up to 2 more passes per round wrote again" in card) == bool(retries)
+    retried = "Up to 2 more passes per round wrote again the edits whose new target"
+    assert (f"{retried} did not yet win on their rewrite prompt" in card) == (bool(retries) and criterion == "wins")
+    assert (f"{retried} greedy decoding did not yet write after their rewrite prompt" in card) == (
+        bool(retries) and criterion == "greedy")
     config = EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu").config
     assert (config.method, config.nullspace_mom2_weight, config.key_memory_weight) == ("nse_null", mu, omega)
+    assert config.retry_criterion == criterion
     assert config.v_stop_most_probable is mpes and config.retry_failed == retries

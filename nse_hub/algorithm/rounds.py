@@ -29,7 +29,8 @@ its method, and merges need the same one), and the context templates made these 
 round. With ``norm_anchor`` (NAS), each value's
 MLP-output part is rescaled to the anchor norm before any update (:func:`anchor_values`). With
 ``retry_failed``, up to that many more passes write again the requests whose new target does not yet win on
-their rewrite prompt, the round's other requests' keys guarded in the solve as if an earlier round wrote them.
+their rewrite prompt (``retry_criterion`` "greedy": is not yet what greedy decoding writes there), the round's other
+requests' keys guarded in the solve as if an earlier round wrote them.
 """
 
 from __future__ import annotations
@@ -284,10 +285,14 @@ def _memory(inputs: RoundInputs, layer: int, extra: torch.Tensor | None = None) 
 
 
 def _failing(inputs: RoundInputs, requests: Sequence[EditRequest]) -> torch.Tensor:
-    """Which requests' new target does not yet beat the true one on their rewrite prompt: the round report's
-    efficacy test (the one probe plan, the metric module's rule). Requests without a true target never fail it."""
+    """Which requests ``retry_failed`` writes again, by ``config.retry_criterion`` on their rewrite prompt (the one
+    probe plan). ``wins``: the new target does not beat the true one, the round report's efficacy test (the metric
+    module's rule; requests without a true target never fail it). ``greedy``: some new-target token is not the
+    argmax after the prompt and the target's earlier tokens, so greedy decoding would not write the target."""
     found = measure_probes(inputs.model, inputs.tokenizer, inputs.layout, requests, inputs.config.batch_size,
                            rewrite_only=True)
+    if inputs.config.retry_criterion == "greedy":
+        return torch.tensor([not all(scores["rewrite_new"][0].token_correct) for scores in found])
     records = [comparison_record(nlls.get("rewrite_new"), nlls.get("rewrite_true"), new_should_win=True)
                for nlls in map(mean_nlls, found)]
     return torch.tensor([record is not None and record[0] != 1.0 for record in records])
