@@ -30,7 +30,9 @@ MEMIT and AlphaEdit optimise their targets on the weights the earlier rounds lef
 folder as a replay log (``ValueStore``), so a run whose saved session was lost re-solves its rounds from them.
 
 The unedited model is evaluated (once, on every edit, resumable in parts) after the methods' runs, so that a long
-run starts editing at once; ``--report-only`` prints the tables of whatever is saved.
+run starts editing at once, unless the results folder's ``results.json`` holds one measured with the same
+protocol (model, data, edits, evaluation options, suite size); ``--report-only`` prints the tables of whatever is
+saved.
 """
 
 from __future__ import annotations
@@ -140,6 +142,25 @@ def keep_earlier_results(path: Path, base: Evaluation | None, runs: list[Sequent
     return base, kept
 
 
+#: The settings an unedited evaluation depends on: an earlier results.json's base is reused when they match.
+BASE_SETTINGS = ("model", "data", "edits", "options", "suite_examples")
+
+
+def earlier_base(path: Path, settings: dict) -> dict | None:
+    """The unedited evaluation an earlier ``results.json`` at ``path`` holds, if it was measured as this run's
+    would be (the same :data:`BASE_SETTINGS`): a run whose saved state is gone need not make it again (on a CPU
+    it takes as long as several rounds)."""
+    if not path.is_file():
+        return None
+    earlier = json.loads(path.read_text())
+    return earlier.get("base") if _protocol(earlier["settings"]) == _protocol(settings) else None
+
+
+def _protocol(settings: dict) -> dict:
+    """The :data:`BASE_SETTINGS` of ``settings``, the data file by name (its folder differs between checkouts)."""
+    return {key: Path(settings[key]).name if key == "data" else settings.get(key) for key in BASE_SETTINGS}
+
+
 def _setting(pair: str) -> tuple[str, object]:
     key, _, value = pair.partition("=")
     try:
@@ -227,6 +248,9 @@ def main() -> None:
                                  values=values, label=args.label)
             print(f"{run.name}: final {run.final.metrics if run.final else None}", flush=True)
             del session
+        if not base_file.is_file() and (reused := earlier_base(out / "results.json", settings)):
+            atomic_write_json(base_file, reused)
+            print(f"the unedited evaluation of {out / 'results.json'} was measured with the same settings: reused")
         if not base_file.is_file():
             session = resume_session(args.model, None, device=args.device)
             parts = state / "base-parts"  # hours for 10,000 edits on a CPU: continues where it stopped
