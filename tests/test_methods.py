@@ -1,6 +1,8 @@
 """The four methods of the engine (NSE, MEMIT, sequential MEMIT, AlphaEdit), NAS anchoring, and the solves'
 failure modes, against dense formulas and on a tiny model."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import FIXTURES, tiny_model, tiny_tokenizer
@@ -172,7 +174,7 @@ def test_greedy_retries_write_again_the_edits_greedy_decoding_does_not_write() -
     plain = engine("alphaedit", L2=0.01)
     values = round_values(plain, requests)
     run_round(plain, requests, values=values)
-    greedy = RoundInputs(**{**vars(plain), "config": EditConfig(**{**vars(plain.config), "retry_criterion": "greedy"})})
+    greedy = dataclasses.replace(plain, config=dataclasses.replace(plain.config, retry_criterion="greedy"))
     missed = _failing(greedy, requests).tolist()
     # the criterion is greedy decoding itself: generate as many tokens as the target has and compare
     tokenizer = plain.tokenizer
