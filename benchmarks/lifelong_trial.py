@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--state", type=Path,
                         help="save the session here after every round and continue from it (a trial in parts)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (a replay from --values is bit for bit only at the same count)")
+                        help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hparams = json.loads(args.hp)
@@ -134,6 +134,8 @@ def main() -> None:
         sources = saved.get("round_values", [None] * len(seconds))[:len(session.rounds)]  # None: not recorded
         points = [point for point in saved["points"] if point["edits"] <= len(edited)]
         started -= saved["total_seconds"]  # the earlier parts' time counts too
+        if store:
+            print("rounds added to the value log", store.record(session), flush=True)
     for batch in schedule[len(session.rounds):]:
         tic = time.perf_counter()
         # "stored": the targets were in --values (a replayed round, or NSE's computed ahead): no value step timed

@@ -124,7 +124,7 @@ def keep_earlier_results(path: Path, base: Evaluation | None, runs: list[Sequent
 
     Runs whose saved state is gone (``~/.cache`` does not survive every change of machine) stay in the results:
     they are returned, and their settings are copied into ``settings``. The unedited evaluation is kept where
-    the state has none.
+    the state has none and it was measured with this run's protocol (:func:`earlier_base`).
     """
     if not path.is_file():
         return base, []
@@ -137,7 +137,7 @@ def keep_earlier_results(path: Path, base: Evaluation | None, runs: list[Sequent
             settings[key] = earlier["settings"][key]
     if kept:
         print(f"kept from {path}: {', '.join(run.name for run in kept)} (their saved state is gone)")
-    if base is None and earlier.get("base"):
+    if base is None and earlier.get("base") and _protocol(earlier["settings"]) == _protocol(settings):
         base = Evaluation(**earlier["base"])
     return base, kept
 

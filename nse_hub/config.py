@@ -310,6 +310,13 @@ class EditConfig:
         return {**{name: getattr(self, name) for name in VALUE_SETTINGS}, **later, "z_layer": self.z_layer,
                 "original_weights": self.nse_family}
 
+    def changed_settings(self) -> dict[str, Any]:
+        """The settings that differ from their defaults and bear on what an edit writes (not ``batch_size``,
+        ``lean`` or ``preset``, which change how it is computed or named): with the model and the edits, what a
+        round's result follows from. A setting added later with a default leaves it unchanged."""
+        return {name: value for name, value in self.to_dict().items()
+                if name not in BOOKKEEPING_SETTINGS and value != _plain(_default(name))}
+
     @property
     def update_passes(self) -> int:
         """How many update passes a round may run (only NSE runs more than one)."""
@@ -377,6 +384,15 @@ def _is_whole(value: Any) -> bool:
 
 def _is_sequence(value: Any) -> bool:
     return isinstance(value, (list, tuple))
+
+
+#: Settings that change how an edit is computed (memory, batching) or named, not what it writes.
+BOOKKEEPING_SETTINGS: tuple[str, ...] = ("batch_size", "lean", "preset")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as :meth:`EditConfig.to_dict` writes it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _default(name: str) -> Any:

@@ -154,12 +154,16 @@ class ValueStore:
     """Value targets of rounds in a folder, one file per round, named by a hash of what determines them: the base
     model's fingerprint and dtype, :meth:`EditConfig.value_settings`, the session's context templates and the
     round's requests — and, for the methods that optimise them on the current weights (MEMIT, sequential MEMIT,
-    AlphaEdit), the edited projections' weights as the earlier rounds left them.
+    AlphaEdit), what the weights as the earlier rounds left them follow from
+    (:meth:`EditSession.trajectory_sha256`: the settings and the earlier rounds' requests and targets).
 
     NSE-family targets are therefore shared by every run of the same values, in any order. The other methods'
     files are a replay log: a run that lost its saved session (a new machine) and starts again with the same
-    store and settings re-solves its earlier rounds from their stored targets — bit for bit the same weights on
-    the same hardware and thread count, so each next round finds its own — instead of optimising them again.
+    store and settings re-solves its earlier rounds from their stored targets and finds each next round's,
+    instead of optimising them again — on any thread count or hardware (the weights it re-solves may differ
+    from the first run's in their last bits; the targets are the first run's). Logs written before the rounds
+    were keyed so are read too: their later rounds are keyed by the weights' bits (found only on the same
+    hardware and thread count); :meth:`record` adds the current keys of a session's rounds.
 
     Processes that share a store claim a round while they compute it (a ``.lock`` file beside its targets,
     released by the system if the process dies): a run that needs a round a helper is computing waits for it, and
@@ -170,22 +174,16 @@ class ValueStore:
         self.folder = Path(folder)
 
     def path(self, session: EditSession, requests: Sequence[EditRequest]) -> Path | None:
-        """Where the targets of ``requests`` in ``session`` are kept; ``None`` for UltraEdit (no targets)."""
-        if not session.config.computes_values:
-            return None
-        session.prepare(progress=False, statistics=False)
-        identity = {"model": session.stats_spec.model_fingerprint, "dtype": str(session.model.dtype),
-                    "settings": session.config.value_settings(), "templates": session.context_templates,
-                    "requests": [r.to_dict() for r in requests]}
-        if not session.config.nse_family:
-            identity["edited_weights"] = edited_weights_sha256(session)
-        digest = sha256_bytes(json.dumps(identity, sort_keys=True, default=list).encode())
-        return self.folder / f"{digest[:32]}.safetensors"
+        """Where the targets of ``requests`` as the session's next round are kept; ``None`` for UltraEdit."""
+        return self._path(session, requests, len(session.rounds))
 
     def load(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
-        """The stored targets of ``requests``, or ``None`` when there are none (or the method has none)."""
-        path = self.path(session, requests)
-        return ValueResult.from_tensors(load_file(path)) if path is not None and path.is_file() else None
+        """The stored targets of ``requests`` as the next round, or ``None`` when there are none (or the method
+        has none)."""
+        for path in (self.path(session, requests), self._weights_keyed_path(session, requests)):
+            if path is not None and path.is_file():
+                return ValueResult.from_tensors(load_file(path))
+        return None
 
     def compute(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
         """The stored targets of ``requests``, computed and stored first when missing (or waited for, while another
@@ -194,8 +192,58 @@ class ValueStore:
         if path is None:
             return None
         if not path.is_file():
-            self._fill(session, requests, path, wait=True)
+            legacy = self._weights_keyed_path(session, requests)
+            if legacy is not None and legacy.is_file():  # an older log: keep its targets under the current key
+                with atomic_path(path) as tmp:
+                    shutil.copyfile(legacy, tmp)
+            else:
+                self._fill(session, requests, path, wait=True)
         return ValueResult.from_tensors(load_file(path))
+
+    def record(self, session: EditSession) -> int:
+        """Store the targets of the rounds ``session`` has made (where it knows them) under their keys, so that
+        a replay finds them: a session edited without this store, or whose log was keyed by the weights' bits.
+        Returns how many files it added."""
+        added = 0
+        for index, report in enumerate(session.rounds):
+            targets = session.value_targets(index + 1)
+            path = self._path(session, [r.request for r in report.requests], index)
+            if targets is not None and path is not None and not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    save_file(targets.to_tensors(), tmp)
+                added += 1
+        return added
+
+    def _path(self, session: EditSession, requests: Sequence[EditRequest], earlier: int) -> Path | None:
+        """Where the targets of ``requests`` as round ``earlier + 1`` of ``session`` are kept."""
+        if not session.config.computes_values:
+            return None
+        identity = self._identity(session, requests)
+        if not session.config.nse_family and earlier:  # round 1 starts from the base model, in the identity
+            trajectory = session.trajectory_sha256(earlier)
+            if trajectory is None:  # an earlier round's targets are unknown: only the weights say where it is
+                return self._weights_keyed_path(session, requests) if earlier == len(session.rounds) else None
+            identity["earlier_rounds"] = trajectory
+        return self._file(identity)
+
+    def _weights_keyed_path(self, session: EditSession, requests: Sequence[EditRequest]) -> Path | None:
+        """Where logs before :meth:`EditSession.trajectory_sha256` kept a round's targets: keyed by the bits of
+        the edit layers' weights (``None`` for the methods whose targets do not depend on them)."""
+        if not session.config.computes_values or session.config.nse_family:
+            return None
+        return self._file({**self._identity(session, requests), "edited_weights": edited_weights_sha256(session)})
+
+    @staticmethod
+    def _identity(session: EditSession, requests: Sequence[EditRequest]) -> dict:
+        session.prepare(progress=False, statistics=False)
+        return {"model": session.stats_spec.model_fingerprint, "dtype": str(session.model.dtype),
+                "settings": session.config.value_settings(), "templates": session.context_templates,
+                "requests": [r.to_dict() for r in requests]}
+
+    def _file(self, identity: dict) -> Path:
+        digest = sha256_bytes(json.dumps(identity, sort_keys=True, default=list).encode())
+        return self.folder / f"{digest[:32]}.safetensors"
 
     def compute_unclaimed(self, session: EditSession, requests: Sequence[EditRequest]) -> bool:
         """Compute and store the targets of ``requests`` unless they are stored or another process is computing
@@ -286,8 +334,9 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
         progress: progress bars inside each round.
         probes: what each round's own report scores (``session.edit``'s ``probes``: ``"all"`` or ``"rewrite"``).
         state_dir: save the session and the run's progress here after every round, and resume from them.
-        values: NSE and NSE-null: take each round's value targets from this store (computing and storing
-            them when missing, waiting for them while a helper computes them).
+        values: take each round's value targets from this store (computing and storing them when missing,
+            waiting for them while a helper computes them); the rounds already made are recorded in it
+            (:meth:`ValueStore.record`).
         label: the run's name in results and plots (default: the method), for one method with other settings.
 
     Raises:
@@ -304,6 +353,8 @@ def run_sequential(session: EditSession, requests: Sequence[EditRequest], batch:
     running_options = dataclasses.replace(options or EvalOptions(), fluency_records=0)
     texts = perplexity_texts(suite, skip=suite_examples) if suite else []
     done = sum(len(r) for r in schedule[: len(session.rounds)])
+    if values is not None and session.rounds and (added := values.record(session)):
+        logger.info("%d earlier rounds' value targets added to %s", added, values.folder)
 
     def measure_point_if_due() -> None:
         # The last round's point is read off the final evaluation below, which measures the same edits.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -69,7 +70,7 @@ from nse_hub.errors import (
     RequestError,
     VersionNotFoundError,
 )
-from nse_hub.fingerprint import model_sha256
+from nse_hub.fingerprint import model_sha256, tensor_sha256
 from nse_hub.hub import PushedRound, PushOptions, locate_saved_edit, push_versions, tag_name
 from nse_hub.io import atomic_write_text, folder_lock
 from nse_hub.lineage import HistoryDiff, MergePlan, Side, Version, diff_versions, plan_merge, probe_diff, report_digest
@@ -384,6 +385,30 @@ class EditSession:
         self._check_lengths(parsed)
         self.prepare(progress, statistics=False)  # the value step needs the context templates only
         return round_values(self._round_inputs(), parsed, self.value_optimizer, progress)
+
+    def value_targets(self, round: int) -> ValueResult | None:
+        """The value targets round ``round`` (1-based) wrote toward, or ``None`` where they are not known (a
+        round saved without them, or UltraEdit's)."""
+        index = resolve_round(round, len(self.rounds), first=1) - 1
+        saved = self._values[index] if index < len(self._values) else None
+        return ValueResult.from_tensors(saved) if saved is not None else None
+
+    def trajectory_sha256(self, rounds: int | None = None) -> str | None:
+        """Fingerprint of what the edit layers' weights after the first ``rounds`` rounds (default: all) follow
+        from besides the base model: the settings (:meth:`EditConfig.changed_settings`), the context templates
+        and each round's requests and value targets. Unlike the weights' bits, it does not depend on the thread
+        count or hardware that solved the rounds. ``None`` where a round's targets are not known."""
+        rounds = len(self.rounds) if rounds is None else rounds
+        digest = hashlib.sha256(json.dumps({"settings": self.config.changed_settings(),
+                                            "templates": self.context_templates}, sort_keys=True).encode())
+        for index in range(rounds):
+            targets = self._values[index] if index < len(self._values) else None
+            if targets is None:
+                return None
+            requests = [r.request.to_dict() for r in self.rounds[index].requests]
+            digest.update(json.dumps(requests, sort_keys=True).encode())
+            tensor_sha256(targets["targets"], digest)
+        return digest.hexdigest()
 
     def _check_values_fit(self, parsed: list[EditRequest], values: ValueResult) -> None:
         if not self.config.computes_values:

@@ -39,6 +39,13 @@ def test_saves_and_loads_itself(tmp_path: Path) -> None:
         EditConfig.from_pretrained(tmp_path / "nowhere")
 
 
+def test_changed_settings_name_what_an_edit_follows_from_not_how_it_is_computed() -> None:
+    config = EditConfig(method="alphaedit", layers=(2, 3, 4), L2=30.0, batch_size=4, lean=True, preset="x")
+    assert config.changed_settings() == {"method": "alphaedit", "layers": [2, 3, 4], "L2": 30.0}
+    assert EditConfig(method="alphaedit", layers=(2, 3, 4), L2=30.0).changed_settings() == config.changed_settings()
+    assert EditConfig().changed_settings() == {}
+
+
 def test_reads_a_reference_hparams_file(tmp_path: Path) -> None:
     (tmp_path / "Llama3-8B.json").write_text(json.dumps(REFERENCE))
     config = EditConfig.from_reference(tmp_path / "Llama3-8B.json", method="nse")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import FIXTURES, TINY_HPARAMS
 from filelock import FileLock
+from safetensors.torch import save_file
 
 from nse_hub import EditSession, load_requests
 from nse_hub.errors import ConfigError
@@ -136,6 +138,48 @@ def test_a_run_that_lost_its_session_replays_alphaedit_rounds_from_the_store(tin
     other_solve = run(store, L2=3.0)  # round 1 starts from the same weights, round 2 from other ones
     assert calls == [1] and len(list(store.folder.glob("*.safetensors"))) == 3
     assert store.load(other_solve, REQUESTS[:2]) is None  # the weights moved: round 1's targets no longer apply
+
+
+def test_a_replay_log_does_not_depend_on_the_bits_of_the_weights_and_older_logs_still_replay(
+        tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def run(values: ValueStore | None) -> EditSession:
+        session = EditSession.from_pretrained(str(tiny_dir), device="cpu", method="alphaedit", **TINY_HPARAMS,
+                                              layers=(1, 2))
+        run_sequential(session, REQUESTS, 2, running=False, options=EvalOptions(generation=False), probes="rewrite",
+                       values=values)
+        return session
+
+    unlogged = run(None)
+    log = ValueStore(tmp_path / "log")
+    assert log.record(unlogged) == 2 and log.record(unlogged) == 0  # a session edited without a log seeds one
+    first, second = schedule_rounds(REQUESTS, 2)
+
+    # The same run's log as nse-hub kept it before: later rounds keyed by the bits of the weights before them.
+    older = ValueStore(tmp_path / "older")
+    writer = EditSession.from_pretrained(str(tiny_dir), device="cpu", method="alphaedit", **TINY_HPARAMS,
+                                         layers=(1, 2))
+    for requests in (first, second):
+        targets = log.load(writer, requests)
+        older.folder.mkdir(exist_ok=True)
+        save_file(targets.to_tensors(), older._weights_keyed_path(writer, requests))
+        writer.edit(requests, values=targets, probes="rewrite")
+    assert log.path(writer, first) != older._weights_keyed_path(writer, first)
+
+    optimise = EditSession.compute_values
+    calls: list[int] = []
+    monkeypatch.setattr(EditSession, "compute_values", lambda self, *a, **k: calls.append(1) or optimise(self, *a, **k))
+    replayed = run(older)  # found by the weights' bits, and kept under the current keys as well
+    assert calls == [] and len(list(older.folder.glob("*.safetensors"))) == 4
+    # Other bits (another thread count or machine): the current keys still find every round.
+    monkeypatch.setattr("nse_hub.sequential.edited_weights_sha256", lambda session: os.urandom(16).hex())
+    for store in (log, older):
+        again = run(store)
+        assert calls == []
+        for layer in (1, 2):
+            assert torch.equal(again.deltas.cumulative(layer).dense(), unlogged.deltas.cumulative(layer).dense())
+            assert torch.equal(replayed.deltas.cumulative(layer).dense(), unlogged.deltas.cumulative(layer).dense())
+    assert unlogged.trajectory_sha256(1) != unlogged.trajectory_sha256() == replayed.trajectory_sha256()
+    assert unlogged.value_targets(2) is not None
 
 
 def test_value_targets_computed_ahead_are_shared_by_the_nse_family_and_change_nothing(tiny_dir: Path,
