@@ -180,10 +180,10 @@ class ValueStore:
     def load(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
         """The stored targets of ``requests`` as the next round, or ``None`` when there are none (or the method
         has none)."""
-        for path in (self.path(session, requests), self._weights_keyed_path(session, requests)):
-            if path is not None and path.is_file():
-                return ValueResult.from_tensors(load_file(path))
-        return None
+        path = self.path(session, requests)
+        if path is not None and not path.is_file():  # perhaps in a log keyed the older way
+            path = self._weights_keyed_path(session, requests)
+        return ValueResult.from_tensors(load_file(path)) if path is not None and path.is_file() else None
 
     def compute(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
         """The stored targets of ``requests``, computed and stored first when missing (or waited for, while another
