@@ -398,7 +398,7 @@ class EditSession:
         from besides the base model: the settings (:meth:`EditConfig.changed_settings`), the context templates
         and each round's requests and value targets. Unlike the weights' bits, it does not depend on the thread
         count or hardware that solved the rounds. ``None`` where a round's targets are not known."""
-        rounds = len(self.rounds) if rounds is None else rounds
+        rounds = resolve_round(rounds, len(self.rounds))
         digest = hashlib.sha256(json.dumps({"settings": self.config.changed_settings(),
                                             "templates": self.context_templates}, sort_keys=True).encode())
         for index in range(rounds):
