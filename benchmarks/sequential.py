@@ -137,8 +137,8 @@ def keep_earlier_results(path: Path, base: Evaluation | None, runs: list[Sequent
             settings[key] = earlier["settings"][key]
     if kept:
         print(f"kept from {path}: {', '.join(run.name for run in kept)} (their saved state is gone)")
-    if base is None and earlier.get("base") and _protocol(earlier["settings"]) == _protocol(settings):
-        base = Evaluation(**earlier["base"])
+    if base is None and (reused := _same_protocol_base(earlier, settings)):
+        base = Evaluation(**reused)
     return base, kept
 
 
@@ -152,7 +152,11 @@ def earlier_base(path: Path, settings: dict) -> dict | None:
     it takes as long as several rounds)."""
     if not path.is_file():
         return None
-    earlier = json.loads(path.read_text())
+    return _same_protocol_base(json.loads(path.read_text()), settings)
+
+
+def _same_protocol_base(earlier: dict, settings: dict) -> dict | None:
+    """The unedited evaluation of the results ``earlier``, if measured with the protocol of ``settings``."""
     return earlier.get("base") if _protocol(earlier["settings"]) == _protocol(settings) else None
 
 
