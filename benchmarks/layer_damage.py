@@ -23,7 +23,6 @@ import torch
 from nse_hub import EditSession
 from nse_hub.ability import perplexity, perplexity_texts
 from nse_hub.io import atomic_write_json
-from nse_hub.offload import read_tensor, write_tensor
 from nse_hub.sequential import SESSION_DIR
 
 SUITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue_eval" / "dataset"
@@ -32,25 +31,8 @@ OUT = Path(__file__).resolve().parent / "results" / "layer-damage"
 
 def perplexity_with(session: EditSession, edited_layers: set[int], texts: list[str]) -> float:
     """The perplexity of ``texts`` with only ``edited_layers`` edited; the session's weights are restored after."""
-    edited = edited_weights(session)
-    try:
-        set_edited(session, edited_layers, edited)
+    with session.deltas.only(edited_layers):
         return perplexity(session.model, session.tokenizer, session.layout, texts)
-    finally:
-        set_edited(session, set(edited), edited)
-
-
-def edited_weights(session: EditSession) -> dict[int, torch.Tensor]:
-    """A copy of the edit layers' weights as the session's edits leave them."""
-    return {layer: read_tensor(session.model, f"{session.layout.projection_name(layer)}.weight").clone()
-            for layer in session.config.layers}
-
-
-def set_edited(session: EditSession, edited_layers: set[int], edited: dict[int, torch.Tensor]) -> None:
-    """Give ``edited_layers`` their ``edited`` weights and the other edit layers their original ones."""
-    for layer, weight in edited.items():
-        write_tensor(session.model, f"{session.layout.projection_name(layer)}.weight",
-                     weight if layer in edited_layers else session.deltas.originals[layer])
 
 
 @torch.no_grad()
@@ -70,15 +52,11 @@ def layer_keys(session: EditSession, layer: int, texts: list[str]) -> torch.Tens
 def key_shift(session: EditSession, layer: int, texts: list[str]) -> dict[str, float]:
     """What ``layer``'s update does to ``texts`` on the original model's keys and on the keys the other layers'
     updates leave; the session's weights are restored after."""
-    edited = edited_weights(session)
-    delta = (edited[layer] - session.deltas.originals[layer]).float()
-    try:
-        set_edited(session, set(), edited)
+    delta = session.deltas.cumulative(layer).dense()  # d_model × d_ff, as the keys are d_ff wide
+    with session.deltas.only([]):
         original = layer_keys(session, layer, texts)
-        set_edited(session, set(edited) - {layer}, edited)
+    with session.deltas.only(set(session.config.layers) - {layer}):
         shifted = layer_keys(session, layer, texts)
-    finally:
-        set_edited(session, set(edited), edited)
     on_original, on_shifted = (float((keys @ delta.T).pow(2).sum()) for keys in (original, shifted))
     return {"update_on_original_keys": on_original, "update_on_shifted_keys": on_shifted,
             "ratio": on_shifted / on_original,
@@ -93,8 +71,6 @@ def main() -> None:
     args = parser.parse_args()
     saved = args.state / SESSION_DIR if (args.state / SESSION_DIR).is_dir() else args.state
     session = EditSession.from_pretrained(str(saved), device="cpu")
-    if session.deltas.unmerged:
-        parser.error("the session's deltas are applied unmerged (a bfloat16/float16 model): not supported here")
     layers = list(session.config.layers)
     texts = perplexity_texts(SUITE)
     out = OUT / f"{args.state.name}.json"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -226,15 +226,39 @@ class WeightDeltas:
         as a merge or the saved adapter of that version; unmerged (bfloat16/float16 models), the projections
         add that version's ``ΔW x`` in float32, as the saved adapter of that version does under ``peft``.
         """
+        with self._version(self.layers, upto):
+            yield
+
+    @contextmanager
+    def only(self, layers: Iterable[int], upto: int | None = None) -> Iterator[None]:
+        """Run the model with the edits of ``layers`` alone, the other edit layers on their original weights.
+
+        Which layer's update does what (an ablation): ``only([])`` is :meth:`original`, ``only(deltas.layers)``
+        the edited model. ``upto`` limits the edits to rounds ``1..upto`` as in :meth:`at_round`. The model is
+        restored after, merged or unmerged.
+        """
+        kept = set(layers)
+        if not kept <= set(self.layers):
+            raise ConfigError(f"layers {sorted(kept - set(self.layers))} are not edit layers of this session "
+                              f"(its edit layers are {list(self.layers)}): name some of those")
+        with self._version(kept, upto):
+            yield
+
+    @contextmanager
+    def _version(self, kept: Iterable[int], upto: int | None) -> Iterator[None]:
+        """The edits of rounds ``1..upto`` on the layers ``kept``; the other edit layers unedited."""
+        kept = set(kept)
         if self.unmerged:
             current = dict(self._applied)
-            self._applied.update({layer: self._unmerged_delta(layer, upto) for layer in self.layers})
+            self._applied.update({layer: self._unmerged_delta(layer, upto) if layer in kept else None
+                                  for layer in self.layers})
             try:
                 yield
             finally:
                 self._applied = current
             return
-        with self._weights({layer: self.edited_weight(layer, upto) for layer in self.layers}):
+        with self._weights({layer: self.edited_weight(layer, upto) if layer in kept else self.originals[layer]
+                            for layer in self.layers}):
             yield
 
     @contextmanager

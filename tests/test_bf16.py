@@ -185,3 +185,26 @@ def test_one_live_session_per_bf16_model() -> None:
     second = WeightDeltas(model, layout, [1])
     assert torch.equal(layout.projection(model, 1)(x), torch.nn.functional.linear(x, second.originals[1]))
     assert len(layout.projection(model, 1)._forward_hooks) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_only_some_layers_edited_merged_and_unmerged(dtype: torch.dtype) -> None:
+    model = tiny_model().to(dtype)
+    layout = ModelLayout.detect(model)
+    deltas = WeightDeltas(model, layout, [1, 2])
+    for layer in (1, 2):
+        deltas.add(layer, Factors(torch.randn(32, 2), torch.randn(2, 64)))
+    deltas.commit_round()
+    x = torch.randn(3, 64, dtype=dtype)
+    outputs = {layer: layout.projection(model, layer)(x) for layer in (1, 2)}
+    with deltas.original():
+        unedited = {layer: layout.projection(model, layer)(x) for layer in (1, 2)}
+    assert not torch.equal(outputs[1], unedited[1]) and not torch.equal(outputs[2], unedited[2])
+    with deltas.only([1]):
+        assert torch.equal(layout.projection(model, 1)(x), outputs[1])
+        assert torch.equal(layout.projection(model, 2)(x), unedited[2])
+    with deltas.only([]):
+        assert all(torch.equal(layout.projection(model, layer)(x), unedited[layer]) for layer in (1, 2))
+    assert all(torch.equal(layout.projection(model, layer)(x), outputs[layer]) for layer in (1, 2))  # restored
+    with pytest.raises(ConfigError, match=r"layers \[3\] are not edit layers"), deltas.only([1, 3]):
+        pass
