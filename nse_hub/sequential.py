@@ -180,10 +180,8 @@ class ValueStore:
     def load(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
         """The stored targets of ``requests`` as the next round, or ``None`` when there are none (or the method
         has none)."""
-        path = self.path(session, requests)
-        if path is not None and not path.is_file():  # perhaps in a log keyed the older way
-            path = self._weights_keyed_path(session, requests)
-        return ValueResult.from_tensors(load_file(path)) if path is not None and path.is_file() else None
+        path = self._stored(session, requests)
+        return ValueResult.from_tensors(load_file(path)) if path is not None else None
 
     def compute(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
         """The stored targets of ``requests``, computed and stored first when missing (or waited for, while another
@@ -191,14 +189,21 @@ class ValueStore:
         path = self.path(session, requests)
         if path is None:
             return None
-        if not path.is_file():
-            legacy = self._weights_keyed_path(session, requests)
-            if legacy is not None and legacy.is_file():  # an older log: keep its targets under the current key
-                with atomic_path(path) as tmp:
-                    shutil.copyfile(legacy, tmp)
-            else:
-                self._fill(session, requests, path, wait=True)
+        stored = self._stored(session, requests)
+        if stored is None:
+            self._fill(session, requests, path, wait=True)
+        elif stored != path:  # an older log: keep its targets under the current key
+            with atomic_path(path) as tmp:
+                shutil.copyfile(stored, tmp)
         return ValueResult.from_tensors(load_file(path))
+
+    def _stored(self, session: EditSession, requests: Sequence[EditRequest]) -> Path | None:
+        """The file holding the targets of ``requests`` as the next round: under the current key, else under the
+        key of logs written before :meth:`EditSession.trajectory_sha256`; ``None`` where neither exists."""
+        path = self.path(session, requests)
+        if path is not None and not path.is_file():
+            path = self._weights_keyed_path(session, requests)
+        return path if path is not None and path.is_file() else None
 
     def record(self, session: EditSession) -> int:
         """Store the targets of the rounds ``session`` has made (where it knows them) under their keys, so that
