@@ -66,4 +66,4 @@ test-studio: setup
 	$(PY) -m pytest -q -s -m studio tests/test_studio.py
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .ruff_cache nse-hub-demo
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .ruff_cache nse-hub-demo nse-hub-demo-*

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from nse_hub.errors import ConfigError, NSEHubError
 console = Console(width=None if sys.stdout.isatty() else 140)
 
 DEMO_REQUESTS = files("nse_hub") / "data" / "demo_requests.jsonl"
+DEMO_FOLDER = "nse-hub-demo"
 
 
 def _hparams(pairs: Sequence[str]) -> dict[str, Any]:
@@ -100,6 +102,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from nse_hub.stats import sufficient_stat_samples
 
     requests = load_requests(Path(str(DEMO_REQUESTS)))
+    out = _demo_folder(args.out)  # checked before any work: a taken folder must not cost the whole demo
     session = EditSession.from_pretrained(args.model, device=args.device)
     # A newcomer's first edit waits mostly on the one-time statistics pass: measure the 10 tokens per neuron the
     # edited layers need, not the 20,480-token floor the presets were tuned with (SmolLM2: 240 samples, not 320).
@@ -114,12 +117,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       highlight=False)
     prompts = [r.text for r in requests]
     before = generate_greedy(session.model, session.tokenizer, prompts, max_new_tokens=6)
-    _edit_rounds(session, requests, len(requests), Path(args.out))
+    _edit_rounds(session, requests, len(requests), out)
     after = generate_greedy(session.model, session.tokenizer, prompts, max_new_tokens=6)
     for prompt, old, new in zip(prompts, before, after):
         console.print(f"[bold]{prompt}[/bold]\n  before: {old.strip()!r}\n  after:  {new.strip()!r}")
-    console.print(f"Saved the edited model as PEFT adapters in {args.out}")
+    console.print(f"Saved the edited model as PEFT adapters in {out}")
     return 0
+
+
+def _demo_folder(asked: str | None) -> Path:
+    """Where the demo saves: ``asked``, refused at once if it holds a saved edit; by default the first of
+    ``nse-hub-demo``, ``nse-hub-demo-2``, ... that holds none, so that running the demo again keeps earlier runs."""
+    from nse_hub.checkpoint import is_checkpoint
+
+    if asked is not None:
+        if is_checkpoint(asked):
+            raise ConfigError(f"{asked} already holds a saved edit; the demo never writes over one: pass another "
+                              "--out, or leave --out out to save in the next free nse-hub-demo folder")
+        return Path(asked)
+    candidates = (Path(DEMO_FOLDER if n == 1 else f"{DEMO_FOLDER}-{n}") for n in itertools.count(1))
+    return next(folder for folder in candidates if not is_checkpoint(folder))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -549,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job end to end on the embedded default model")
     demo.add_argument("--model", default="smollm2-135m")
-    demo.add_argument("--out", default="nse-hub-demo")
+    demo.add_argument("--out", help=f"the folder to save in (default: {DEMO_FOLDER}, or {DEMO_FOLDER}-2, ... when "
+                                    "an earlier run saved there)")
     demo.add_argument("--device")
     demo.set_defaults(func=cmd_demo)
     return parser

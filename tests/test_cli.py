@@ -7,7 +7,7 @@ import pytest
 from conftest import FIXTURES
 
 from nse_hub.checkpoint import read_meta
-from nse_hub.cli import main
+from nse_hub.cli import _demo_folder, main
 from nse_hub.errors import MemoryPlanWarning
 
 
@@ -91,7 +91,7 @@ def test_eval_record_rewrites_only_the_card_and_the_state(tiny_dir: Path, tmp_pa
 
 
 def test_demo_measures_the_statistics_its_layers_need_and_shows_the_sampling(tiny_dir: Path, tmp_path: Path,
-                                                                             capsys) -> None:
+                                                                             capsys, monkeypatch) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(tiny_dir), "--out", str(out), "--device", "cpu"]) == 0
     captured = capsys.readouterr()
@@ -99,3 +99,11 @@ def test_demo_measures_the_statistics_its_layers_need_and_shows_the_sampling(tin
     # d_ff 64: 10 samples of 64 tokens give the 10 tokens per neuron (the presets' floor would be 320 samples).
     assert config.mom2_n_samples == 10 and "First run" in captured.out
     assert "sampling text" in captured.err and "second moments" in captured.err
+    # Again: into the same folder it stops before any work and keeps the edit; by default it takes the next folder.
+    saved = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["demo", "--model", str(tiny_dir), "--out", str(out), "--device", "cpu"]) != 0
+    assert "already holds a saved edit" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == saved
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nse-hub-demo").symlink_to(out)
+    assert _demo_folder(None) == Path("nse-hub-demo-2")
