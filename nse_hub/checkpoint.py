@@ -374,6 +374,14 @@ def _open_current(folder: Path) -> SessionMeta | None:
     return read_meta(folder) if is_checkpoint(folder) else None
 
 
+def check_writable(folder: str | Path, reports: list[RoundReport], known_digest: str | None = None) -> None:
+    """Raise now the :class:`ConcurrentWriteError` that :func:`write_checkpoint` would raise for a writer with
+    history ``reports`` (rounds it adds later continue it), so that a caller can refuse before its edits, not
+    after them. Reads only ``session.json``."""
+    folder = Path(folder)
+    _check_not_overwriting(folder, read_meta(folder) if is_checkpoint(folder) else None, reports, known_digest)
+
+
 def _check_not_overwriting(folder: Path, current: SessionMeta | None, reports: list[RoundReport],
                            known_digest: str | None) -> None:
     """Refuse to replace a history this writer has not seen (another writer's save would be lost silently)."""

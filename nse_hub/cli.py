@@ -70,6 +70,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _edit_rounds(session: Any, requests: list, batch_size: int, out: Path | None) -> None:
     from nse_hub.requests import one_round
 
+    if out is not None:
+        session.check_can_save(out)  # a folder that holds another edit is refused before the edits, not after
     # Every round is checked before the first is edited: a conflict in round 5 must not leave rounds 1-4 saved.
     batches = [one_round(requests[start:start + batch_size], source=f"round {len(session.rounds) + k + 1}",
                          start=start) for k, start in enumerate(range(0, len(requests), batch_size))]
@@ -102,7 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from nse_hub.stats import sufficient_stat_samples
 
     requests = load_requests(Path(str(DEMO_REQUESTS)))
-    out = _demo_folder(args.out)  # checked before any work: a taken folder must not cost the whole demo
+    out = _demo_folder(args.out)
     session = EditSession.from_pretrained(args.model, device=args.device)
     # A newcomer's first edit waits mostly on the one-time statistics pass: measure the 10 tokens per neuron the
     # edited layers need, not the 20,480-token floor the presets were tuned with (SmolLM2: 240 samples, not 320).
@@ -126,14 +128,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_folder(asked: str | None) -> Path:
-    """Where the demo saves: ``asked``, refused at once if it holds a saved edit; by default the first of
-    ``nse-hub-demo``, ``nse-hub-demo-2``, ... that holds none, so that running the demo again keeps earlier runs."""
+    """Where the demo saves: ``asked``, else the first of ``nse-hub-demo``, ``nse-hub-demo-2``, ... that holds no
+    saved edit, so that running the demo again keeps earlier runs (an ``asked`` folder holding one is refused
+    before the edit, like every command's, by :meth:`EditSession.check_can_save`)."""
     from nse_hub.checkpoint import is_checkpoint
 
     if asked is not None:
-        if is_checkpoint(asked):
-            raise ConfigError(f"{asked} already holds a saved edit; the demo never writes over one: pass another "
-                              "--out, or leave --out out to save in the next free nse-hub-demo folder")
         return Path(asked)
     candidates = (Path(DEMO_FOLDER if n == 1 else f"{DEMO_FOLDER}-{n}") for n in itertools.count(1))
     return next(folder for folder in candidates if not is_checkpoint(folder))

@@ -50,6 +50,7 @@ from nse_hub.checkpoint import (
     CARD_FILE,
     RoundData,
     SessionMeta,
+    check_writable,
     read_meta,
     read_reports,
     read_round,
@@ -619,6 +620,16 @@ class EditSession:
             adapter_metadata={"layers": list(self.config.layers)}, tokenizer=self.tokenizer,
             known_digest=self._known_digests.get(folder))
         return compression
+
+    def check_can_save(self, save_directory: str | Path) -> None:
+        """Raise now, before any further edit, the error :meth:`save_pretrained` would raise there: the folder holds
+        a saved edit that is not this session's history (another session's, or one this session has not read).
+
+        Raises:
+            ConcurrentWriteError: save to another folder, or load that one and continue from it.
+        """
+        folder = Path(save_directory).resolve()
+        check_writable(folder, self.rounds, self._known_digests.get(folder))
 
     def save_card(self, save_directory: str | Path, repo_id: str | None = None) -> None:
         """Rewrite only the model card and session state of this session's saved edit (adapters untouched).

@@ -102,7 +102,9 @@ def test_demo_measures_the_statistics_its_layers_need_and_shows_the_sampling(tin
     # Again: into the same folder it stops before any work and keeps the edit; by default it takes the next folder.
     saved = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert main(["demo", "--model", str(tiny_dir), "--out", str(out), "--device", "cpu"]) != 0
-    assert "already holds a saved edit" in capsys.readouterr().out
+    refusal = capsys.readouterr().out
+    assert "holds a saved edit" in refusal and "Nothing was written" in refusal
+    assert "Round 1" in captured.out and "Round 1" not in refusal  # refused before the edit, not after it
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == saved
     monkeypatch.chdir(tmp_path)
     (tmp_path / "nse-hub-demo").symlink_to(out)

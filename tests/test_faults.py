@@ -156,6 +156,9 @@ def test_a_second_writer_cannot_silently_replace_another_history(three_rounds) -
     second = EditSession.from_pretrained(str(folder), device="cpu")
     first.edit(REQUESTS[3], progress=False)
     first.save_pretrained(folder)
+    first.check_can_save(folder)  # its own history: no refusal
+    with pytest.raises(ConcurrentWriteError, match="not this session's history"):
+        second.check_can_save(folder)  # refused before its edit, as its save is after it
     second.edit(REQUESTS[0], progress=False)
     with pytest.raises(ConcurrentWriteError, match="not this session's history"):
         second.save_pretrained(folder)
