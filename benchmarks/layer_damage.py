@@ -24,6 +24,7 @@ from nse_hub import EditSession
 from nse_hub.ability import perplexity, perplexity_texts
 from nse_hub.io import atomic_write_json
 from nse_hub.sequential import SESSION_DIR
+from nse_hub.tracing import read_input
 
 SUITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue_eval" / "dataset"
 OUT = Path(__file__).resolve().parent / "results" / "layer-damage"
@@ -39,13 +40,9 @@ def perplexity_with(session: EditSession, edited_layers: set[int], texts: list[s
 def layer_keys(session: EditSession, layer: int, texts: list[str]) -> torch.Tensor:
     """The inputs of ``layer``'s edited projection at every token of ``texts``, one row each."""
     rows: list[torch.Tensor] = []
-    module = session.model.get_submodule(session.layout.projection_name(layer))
-    hook = module.register_forward_hook(lambda _, args, __: rows.append(args[0].reshape(-1, args[0].shape[-1])))
-    try:
+    with read_input(session.layout.projection(session.model, layer), lambda x: rows.append(x.reshape(-1, x.shape[-1]))):
         for text in texts:
             session.model(session.tokenizer(text, return_tensors="pt").input_ids)
-    finally:
-        hook.remove()
     return torch.cat(rows).float()
 
 
