@@ -180,7 +180,7 @@ class ValueStore:
     def load(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
         """The stored targets of ``requests`` as the next round, or ``None`` when there are none (or the method
         has none)."""
-        path = self._stored(session, requests)
+        path = self._stored(session, requests, self.path(session, requests))
         return ValueResult.from_tensors(load_file(path)) if path is not None else None
 
     def compute(self, session: EditSession, requests: Sequence[EditRequest]) -> ValueResult | None:
@@ -189,7 +189,7 @@ class ValueStore:
         path = self.path(session, requests)
         if path is None:
             return None
-        stored = self._stored(session, requests)
+        stored = self._stored(session, requests, path)
         if stored is None:
             self._fill(session, requests, path, wait=True)
         elif stored != path:  # an older log: keep its targets under the current key
@@ -197,10 +197,9 @@ class ValueStore:
                 shutil.copyfile(stored, tmp)
         return ValueResult.from_tensors(load_file(path))
 
-    def _stored(self, session: EditSession, requests: Sequence[EditRequest]) -> Path | None:
-        """The file holding the targets of ``requests`` as the next round: under the current key, else under the
+    def _stored(self, session: EditSession, requests: Sequence[EditRequest], path: Path | None) -> Path | None:
+        """The file holding the targets of ``requests`` as the next round: ``path`` (their current key), else the
         key of logs written before :meth:`EditSession.trajectory_sha256`; ``None`` where neither exists."""
-        path = self.path(session, requests)
         if path is not None and not path.is_file():
             path = self._weights_keyed_path(session, requests)
         return path if path is not None and path.is_file() else None
