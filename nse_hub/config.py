@@ -144,6 +144,13 @@ class EditConfig:
         "win does not, and edits without a true target are judged too. AlphaEdit with NAS's anchor, L2 100 and 3 "
         "retries on SmolLM2, 1000 CounterFact edits: 'greedy' gave generation-based ES 66.3 at perplexity 1.49×, "
         "'wins' 45.3 at 1.24× (benchmarks/README.md).")
+    leak_decay: float = _setting(
+        0.0, "Every method with C (not UltraEdit): after each round, take this fraction of every edit layer's "
+        "cumulative update off along its top leak directions, the output directions u maximising uᵀΔW C ΔWᵀu "
+        "(where the update moves the corpus' outputs most): a rank-leak_directions part of the round's own "
+        "adapter. The edits share a small common part of their value shifts that the rounds write coherently; "
+        "held-out text reads it. 0: off.")
+    leak_directions: int = _setting(1, "With leak_decay: how many top leak directions per layer it shrinks.")
     norm_anchor: bool = _setting(
         False, "NAS norm anchoring (arXiv 2602.02543), any method: each value's MLP-output part is rescaled to "
         "the anchor norm, the mean ‖v*‖ of the session's first round (computed on the original weights).")
@@ -241,6 +248,13 @@ class EditConfig:
             out.append(f"retry_failed must be zero or positive (extra passes per round), got {self.retry_failed}")
         elif self.retry_failed and not self.computes_values:
             out.append("retry_failed needs value targets to write again; UltraEdit has none: leave it at 0")
+        if not 0 <= self.leak_decay < 1:
+            out.append(f"leak_decay must be in [0, 1) (the fraction taken off per round), got {self.leak_decay}")
+        elif self.leak_decay and not self.uses_second_moments:
+            out.append("leak_decay finds its directions with the corpus statistics C; UltraEdit has none: "
+                       "leave it at 0")
+        if self.leak_directions < 1:
+            out.append(f"leak_directions must be at least 1, got {self.leak_directions}")
         if self.retry_criterion not in RETRY_CRITERIA:
             out.append(f"retry_criterion must be one of {RETRY_CRITERIA}, got {self.retry_criterion!r}")
         for name in ("v_num_grad_steps", "max_iterations", "mom2_n_samples", "mom2_sample_length", "batch_size"):

@@ -475,7 +475,8 @@ def phase_key_memory(s: PlanShape) -> tuple[int, str]:
 def phase_saving(s: PlanShape) -> tuple[int, str]:
     if s.device != "cpu":  # saving reads everything to the host
         return _steady(s), "nothing on the device beyond what it holds"
-    rank = s.edits * (s.config.update_passes + s.config.retry_failed)
+    decay_rank = s.config.leak_directions if s.config.leak_decay else 0
+    rank = s.edits * (s.config.update_passes + s.config.retry_failed) + decay_rank
     written = 2 * s.layers * (rank * (s.d_model + s.d_ff) * 4 + s.d_ff * s.edits * 4)  # tensors + serialised
     return _steady(s) + written, f"adapter factors and keys {gib(written)} GiB (tensors and their bytes)"
 

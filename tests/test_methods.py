@@ -21,6 +21,8 @@ from nse_hub.algorithm.rounds import (
 from nse_hub.algorithm.update import (
     SingularSystemError,
     alphaedit_update,
+    leak_decay_update,
+    leak_directions,
     neuron_update,
     null_space,
     solve_general,
@@ -30,7 +32,7 @@ from nse_hub.algorithm.update import (
 from nse_hub.algorithm.values import ValueResult
 from nse_hub.architectures import ModelLayout
 from nse_hub.config import METHODS, EditConfig
-from nse_hub.deltas import KeyMemory, WeightDeltas
+from nse_hub.deltas import Factors, KeyMemory, WeightDeltas
 from nse_hub.requests import load_requests
 from nse_hub.scoring import target_text
 from nse_hub.tokens import continuation_ids, encode, pad_id
@@ -90,7 +92,10 @@ def test_methods_and_their_settings_are_validated() -> None:
                          ({"v_stop_most_probable": "yes"}, "v_stop_most_probable must be true or false"),
                          ({"retry_failed": -1}, "retry_failed must be zero or positive"),
                          ({"method": "ultraedit", "retry_failed": 1}, "UltraEdit has none"),
-                         ({"retry_criterion": "argmax"}, "retry_criterion must be one of")]:
+                         ({"retry_criterion": "argmax"}, "retry_criterion must be one of"),
+                         ({"leak_decay": 1.0}, "leak_decay must be in"),
+                         ({"method": "ultraedit", "leak_decay": 0.1}, "UltraEdit has none"),
+                         ({"leak_directions": 0}, "leak_directions must be at least 1")]:
         with pytest.raises(ValueError, match=message):
             EditConfig(**bad)
 
@@ -190,6 +195,45 @@ def test_greedy_retries_write_again_the_edits_greedy_decoding_does_not_write() -
     retried = engine("alphaedit", L2=0.01, retry_failed=1, retry_criterion="greedy")
     outcome = run_round(retried, requests, values=values)
     assert outcome.kept == [[True] * 4, missed]
+
+
+def test_leak_decay_shrinks_the_top_leak_directions_and_nothing_else() -> None:
+    d_model, d_ff, rank, fraction = 6, 14, 4, 0.25
+    g = torch.Generator().manual_seed(0)
+    total = Factors(torch.randn(d_model, rank, generator=g), torch.randn(rank, d_ff, generator=g))
+    second_moment = random_psd(d_ff, 3 * d_ff, seed=2).float()
+    delta = total.dense().double()
+    leak = delta @ second_moment.double() @ delta.T
+    for count in (1, 2):
+        directions = leak_directions(delta, second_moment, count)
+        assert torch.allclose(directions.T @ directions, torch.eye(count, dtype=torch.float64), atol=1e-10)
+        # the largest Rayleigh quotients of ΔW C ΔWᵀ: the output directions the corpus' outputs move along most
+        expected = torch.linalg.eigvalsh(leak).flip(0)[:count]
+        assert torch.allclose(torch.diag(directions.T @ leak @ directions), expected, rtol=1e-8)
+        update = leak_decay_update(total, second_moment, fraction, count)
+        assert update.rank == count
+        after = delta + update.dense().double()
+        assert torch.allclose(directions.T @ after, (1 - fraction) * directions.T @ delta, atol=1e-5)
+        rest = torch.eye(d_model, dtype=torch.float64) - directions @ directions.T
+        assert torch.allclose(rest @ after, rest @ delta, atol=1e-5)
+
+
+def test_a_round_with_leak_decay_ends_shrinking_the_cumulative_update() -> None:
+    requests = REQUESTS[:4]
+    plain = engine("alphaedit", L2=0.01)
+    values = round_values(plain, requests)
+    run_round(plain, requests, values=values)
+    decayed = engine("alphaedit", L2=0.01, leak_decay=0.5)
+    run_round(decayed, requests, values=values)
+    for layer in (1, 2):
+        written = plain.deltas.cumulative(layer)
+        directions = leak_directions(written.dense(), plain.second_moments[layer], 1)
+        factors = decayed.deltas.cumulative(layer)
+        assert factors.rank == 4 + 1  # still one exact low-rank delta: the decay adds one rank per direction
+        assert torch.allclose(directions.T @ factors.dense().double(),
+                              0.5 * directions.T @ written.dense().double(), atol=1e-4)
+        weight = decayed.layout.projection(decayed.model, layer).weight
+        assert torch.equal(weight, decayed.deltas.originals[layer] + factors.dense())
 
 
 @pytest.mark.parametrize("lean", [True, False])

@@ -73,14 +73,15 @@ def test_an_nse_null_round_keeps_nses_values_and_filter_and_writes_in_the_null_s
     assert CARD_METHODS["nse_null"][0] == "NSE-null"
 
 
-@pytest.mark.parametrize(("mu", "omega", "mpes", "retries", "criterion"),
-                         [(0.0, 1.0, False, 0, "wins"), (50.0, 3.0, True, 2, "greedy"), (0.0, 1.0, False, 2, "wins")])
+@pytest.mark.parametrize(("mu", "omega", "mpes", "retries", "criterion", "decay"),
+                         [(0.0, 1.0, False, 0, "wins", 0.0), (50.0, 3.0, True, 2, "greedy", 0.1),
+                          (0.0, 1.0, False, 2, "wins", 0.0)])
 def test_an_nse_null_session_names_the_method_and_its_settings_in_its_card(tiny_dir, tmp_path, mu, omega,
-                                                                           mpes, retries, criterion) -> None:
+                                                                           mpes, retries, criterion, decay) -> None:
     session = EditSession.from_pretrained(str(tiny_dir), method="nse_null", device="cpu",
                                           nullspace_mom2_weight=mu, key_memory_weight=omega,
                                           v_stop_most_probable=mpes, retry_failed=retries, retry_criterion=criterion,
-                                          **TINY_HPARAMS)
+                                          leak_decay=decay, **TINY_HPARAMS)
     session.edit(REQUESTS[:2], progress=False)
     session.save_pretrained(tmp_path / "saved")
     card = " ".join((tmp_path / "saved" / "README.md").read_text().split())
@@ -92,7 +93,10 @@ def test_an_nse_null_session_names_the_method_and_its_settings_in_its_card(tiny_
     assert (f"{retried} did not yet win on their rewrite prompt" in card) == (bool(retries) and criterion == "wins")
     assert (f"{retried} greedy decoding did not yet write after their rewrite prompt" in card) == (
         bool(retries) and criterion == "greedy")
+    assert ("Each round ended by taking 0.1 of every edit layer's cumulative update off along its 1 top leak "
+            "direction" in card) == bool(decay)
     config = EditSession.from_pretrained(str(tmp_path / "saved"), device="cpu").config
+    assert config.leak_decay == decay
     assert (config.method, config.nullspace_mom2_weight, config.key_memory_weight) == ("nse_null", mu, omega)
     assert config.retry_criterion == criterion
     assert config.v_stop_most_probable is mpes and config.retry_failed == retries

@@ -30,7 +30,9 @@ round. With ``norm_anchor`` (NAS), each value's
 MLP-output part is rescaled to the anchor norm before any update (:func:`anchor_values`). With
 ``retry_failed``, up to that many more passes write again the requests whose new target does not yet win on
 their rewrite prompt (``retry_criterion`` "greedy": is not yet what greedy decoding writes there), the round's other
-requests' keys guarded in the solve as if an earlier round wrote them.
+requests' keys guarded in the solve as if an earlier round wrote them. With ``leak_decay``, the round ends by
+taking that fraction of each layer's cumulative update off along its top leak directions
+(:func:`~nse_hub.algorithm.update.leak_decay_update`), as a rank-``leak_directions`` part of its own adapter.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from nse_hub.algorithm.ultraedit import bound_norm, editing_features, pseudo_val
 from nse_hub.algorithm.update import (
     NullSpace,
     alphaedit_update,
+    leak_decay_update,
     neuron_update,
     null_space,
     null_space_lean,
@@ -430,6 +433,12 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
         kept = torch.nonzero(failing).squeeze(1).tolist()
         guarded = torch.nonzero(~failing).squeeze(1).tolist()
         _write_layers(inputs, probe, targets, kept, guarded, clock, selected, nullspace_dims)
+    if config.leak_decay:
+        with clock.phase("solve"):
+            for layer in layers:
+                inputs.deltas.add(layer, leak_decay_update(inputs.deltas.cumulative(layer),
+                                                           inputs.second_moments[layer], config.leak_decay,
+                                                           config.leak_directions))
     with clock.phase("keys"):
         final_keys, final, _ = probe.read(layers)
     for layer in layers:

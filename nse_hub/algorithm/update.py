@@ -17,8 +17,9 @@ import torch
 from nse_hub.deltas import PROMOTE_ROWS, Factors, LayerMemory, promote_into
 from nse_hub.errors import SingularSystemError
 
-__all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "neuron_update", "null_space", "null_space_lean",
-           "projected_neuron_update", "select_neurons", "solve_general", "solve_spd", "through_post_norm"]
+__all__ = ["NullSpace", "SingularSystemError", "alphaedit_update", "leak_decay_update", "leak_directions",
+           "neuron_update", "null_space", "null_space_lean", "projected_neuron_update", "select_neurons",
+           "solve_general", "solve_spd", "through_post_norm"]
 
 #: The key memory as a solve takes it: a float64 matrix (the float64 path) or a layer's lean view.
 MemoryLike = torch.Tensor | LayerMemory
@@ -325,6 +326,35 @@ def projected_neuron_update(keys: torch.Tensor, residual: torch.Tensor, space: N
     a = torch.zeros(keys.shape[1], keys.shape[0], dtype=sub.A.dtype, device=device)
     a[:, index] = sub.A
     return Factors(sub.B, a)
+
+
+def leak_directions(delta: torch.Tensor, second_moment: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` output directions through which ``delta`` changes the corpus' outputs most.
+
+    ``delta`` (``ΔW``, ``d_model × d_ff``) moves the projection's output for a key ``k`` by ``ΔW k``; over the
+    corpus behind ``C = E[k kᵀ]`` that change has second moment ``ΔW C ΔWᵀ``. Its top eigenvectors (float64
+    ``d_model × count`` orthonormal columns, largest first) are where the update leaks into text it was not
+    written for the most.
+    """
+    d = delta.double()
+    leak = d @ (second_moment.to(d.device, torch.float64) @ d.T)
+    vectors = torch.linalg.eigh((leak + leak.T) / 2).eigenvectors
+    return vectors[:, -count:].flip(1).contiguous()
+
+
+def leak_decay_update(total: Factors, second_moment: torch.Tensor, fraction: float, count: int = 1) -> Factors:
+    """The update that takes ``fraction`` of ``total`` (a layer's cumulative ``ΔW``) off along its ``count`` top
+    leak directions ``U`` (:func:`leak_directions`): ``−fraction · U Uᵀ ΔW``, rank ``count``.
+
+    After it, ``Uᵀ (ΔW + update) = (1 − fraction) Uᵀ ΔW`` and every output direction orthogonal to ``U`` is
+    unchanged. The edits of many rounds share a small common part of their value shifts, which the rounds add up
+    coherently along the keys every subject shares (their mean): the cumulative update's top leak direction
+    grows with the number of edits, where each edit's own part grows with its square root, and held-out text
+    reads it (benchmarks/README.md, "A common direction the rounds over-write").
+    """
+    delta = total.dense()
+    directions = leak_directions(delta, second_moment, count)
+    return Factors((-fraction * directions).to(delta.dtype), (directions.T.to(delta.dtype) @ delta))
 
 
 def through_post_norm(norm: torch.nn.Module, outputs: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
