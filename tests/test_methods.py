@@ -236,6 +236,13 @@ def test_a_round_with_leak_decay_ends_shrinking_the_cumulative_update() -> None:
         assert torch.equal(weight, decayed.deltas.originals[layer] + factors.dense())
 
 
+def test_leak_decay_leaves_a_round_that_wrote_nothing_alone() -> None:
+    inputs = engine("nse", alpha=2.9, upper_bound=3.0, leak_decay=0.5)  # NSE's filter keeps no request
+    outcome = run_round(inputs, REQUESTS[:2])
+    assert outcome.kept == [[False, False]]
+    assert all(inputs.deltas.cumulative(layer) is None for layer in (1, 2))
+
+
 @pytest.mark.parametrize("lean", [True, False])
 def test_guarded_keys_join_the_weighted_key_memory(lean: bool) -> None:
     inputs = engine("alphaedit", key_memory_weight=2.0, lean=lean)

@@ -436,9 +436,10 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
     if config.leak_decay:
         with clock.phase("solve"):
             for layer in layers:
-                inputs.deltas.add(layer, leak_decay_update(inputs.deltas.cumulative(layer),
-                                                           inputs.second_moments[layer], config.leak_decay,
-                                                           config.leak_directions))
+                total = inputs.deltas.cumulative(layer)
+                if total is not None:  # nothing written to this layer yet (every request filtered or skipped)
+                    inputs.deltas.add(layer, leak_decay_update(total, inputs.second_moments[layer],
+                                                               config.leak_decay, config.leak_directions))
     with clock.phase("keys"):
         final_keys, final, _ = probe.read(layers)
     for layer in layers:
