@@ -34,7 +34,8 @@ from safetensors.torch import load_file
 
 from nse_hub import EditSession
 from nse_hub.ability import perplexity, perplexity_texts
-from nse_hub.algorithm.update import leak_decay_update
+from nse_hub.algorithm.rounds import decay_leaks
+from nse_hub.algorithm.values import ValueResult
 from nse_hub.evaluation import EvalOptions, measure_requests
 from nse_hub.io import atomic_write_json
 from nse_hub.sequential import SESSION_DIR
@@ -85,8 +86,8 @@ def value_coherence(folder: Path) -> dict:
     1/n for n unrelated shifts), and the cosines between different rounds' mean shifts."""
     means, shares = [], []
     for path in sorted(folder.glob("*.safetensors")):
-        stored = load_file(path)
-        shifts = (stored["targets"] - stored["hidden"]).double()
+        stored = ValueResult.from_tensors(load_file(path))
+        shifts = (stored.targets - stored.hidden).double()
         mean = shifts.mean(0)
         shares.append(float(mean.pow(2).sum() / shifts.pow(2).sum(1).mean()))
         means.append(mean / mean.norm())
@@ -95,14 +96,6 @@ def value_coherence(folder: Path) -> dict:
     between = between[between < 0.9]  # the same round stored under two keys (a log's old and new key) is not two
     return {"rounds": len(shares), "mean_shift_share": [min(shares), statistics.median(shares), max(shares)],
             "cosine_between_rounds": [float(between.min()), float(between.median()), float(between.max())]}
-
-
-def with_decay(session: EditSession, moments: dict[int, torch.Tensor], fraction: float, directions: int) -> None:
-    """Shrink every edit layer's cumulative update as ``leak_decay`` does, as a pending round (discard it after)."""
-    if fraction:
-        for layer in session.config.layers:
-            session.deltas.add(layer, leak_decay_update(session.deltas.cumulative(layer), moments[layer], fraction,
-                                                        directions))
 
 
 def main() -> None:
@@ -139,7 +132,8 @@ def main() -> None:
     rows = {(row["decay"], row["directions"]): row for row in result.get("decay", [])}
     for fraction in args.decay:
         tic = time.perf_counter()
-        with_decay(session, moments, fraction, args.directions)
+        if fraction:  # as leak_decay's step, a pending round, discarded below
+            decay_leaks(session.deltas, moments, fraction, args.directions)
         metrics = measure_requests(session.model, session.tokenizer, session.layout, sample,
                                    EvalOptions(generation=True))
         row = {"decay": fraction, "directions": args.directions, "sample": len(sample),

@@ -379,7 +379,7 @@ def check_writable(folder: str | Path, reports: list[RoundReport], known_digest:
     history ``reports`` (rounds it adds later continue it), so that a caller can refuse before its edits, not
     after them. Reads only ``session.json``."""
     folder = Path(folder)
-    _check_not_overwriting(folder, read_meta(folder) if is_checkpoint(folder) else None, reports, known_digest)
+    _check_not_overwriting(folder, _open_current(folder), reports, known_digest)
 
 
 def _check_not_overwriting(folder: Path, current: SessionMeta | None, reports: list[RoundReport],

@@ -435,11 +435,7 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
         _write_layers(inputs, probe, targets, kept, guarded, clock, selected, nullspace_dims)
     if config.leak_decay:
         with clock.phase("solve"):
-            for layer in layers:
-                total = inputs.deltas.cumulative(layer)
-                if total is not None:  # nothing written to this layer yet (every request filtered or skipped)
-                    inputs.deltas.add(layer, leak_decay_update(total, inputs.second_moments[layer],
-                                                               config.leak_decay, config.leak_directions))
+            decay_leaks(inputs.deltas, inputs.second_moments, config.leak_decay, config.leak_directions)
     with clock.phase("keys"):
         final_keys, final, _ = probe.read(layers)
     for layer in layers:
@@ -450,6 +446,15 @@ def run_round(inputs: RoundInputs, requests: Sequence[EditRequest],
         residual_before = residual_after
     return RoundOutcome(values, final_keys, residual_before, residual_after, kept_per_pass, selected,
                         dict(clock.seconds), nullspace_dims, **nas, optimized=optimized)
+
+
+def decay_leaks(deltas: WeightDeltas, second_moments: dict[int, torch.Tensor], fraction: float, count: int) -> None:
+    """``leak_decay``'s step: take ``fraction`` of every edit layer's cumulative update off along its ``count`` top
+    leak directions (:func:`~nse_hub.algorithm.update.leak_decay_update`), added to the round in progress."""
+    for layer in deltas.layers:
+        total = deltas.cumulative(layer)
+        if total is not None:  # nothing written to this layer yet (every request filtered or skipped)
+            deltas.add(layer, leak_decay_update(total, second_moments[layer], fraction, count))
 
 
 def _write_layers(inputs: RoundInputs, probe: KeyProbe, targets: torch.Tensor, kept: list[int],
